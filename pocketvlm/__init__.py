@@ -1,0 +1,2 @@
+"""pocketvlm: small vision-language models on the machines people carry."""
+__version__ = "0.1.0"
