@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Build llama.cpp's CPU tools (llama-bench, llama-completion, llama-perplexity, llama-mtmd-cli,
+# llama-quantize) as the reference point for pocketvlm's benchmarks.
+#
+# The source comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp, .git included,
+# under vendor/llama.cpp), because PyPI is the only place this project may fetch from.
+# Nothing is built or copied into the repo: everything lives under $LLAMACPP_HOME
+# (default ~/.cache/pocketvlm/llama.cpp).
+#
+# Usage: bash benchmarks/build_llamacpp.sh            # idempotent: skips work when binaries exist
+#        LLAMACPP_JOBS=4 bash benchmarks/build_llamacpp.sh
+#        LLAMACPP_FORCE=1 bash benchmarks/build_llamacpp.sh   # rebuild from scratch
+set -euo pipefail
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+HOME_DIR="${LLAMACPP_HOME:-$HOME/.cache/pocketvlm/llama.cpp}"
+JOBS="${LLAMACPP_JOBS:-2}"
+SRC="$HOME_DIR/src"
+BUILD="$HOME_DIR/build"
+BIN="$BUILD/bin"
+INFO="$HOME_DIR/BUILD-INFO.txt"
+# llama-cli needs the whole server (and its web UI) since 2025; llama-completion is the classic
+# prompt->text tool and is all the benchmarks need.
+TARGETS=(llama-bench llama-perplexity llama-completion llama-quantize llama-mtmd-cli)
+
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    if [[ -x "$here/.venv/bin/python" ]]; then PY="$here/.venv/bin/python"; else PY=python3; fi
+fi
+
+# --- CPU features -> ggml flags. GGML_NATIVE=OFF so that -march=native cannot switch on AMX:
+# AMX kernels die with SIGILL on these VMs even where cpuinfo lists the amx flags.
+flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
+CMAKE_FLAGS=(
+    -DCMAKE_BUILD_TYPE=Release
+    -DBUILD_SHARED_LIBS=OFF
+    -DGGML_NATIVE=OFF
+    -DGGML_CPU_ALL_VARIANTS=OFF
+    -DGGML_BACKEND_DL=OFF
+    -DGGML_CUDA=OFF
+    -DGGML_METAL=OFF
+    -DGGML_VULKAN=OFF
+    -DGGML_SSE42="$(has sse4_2)"
+    -DGGML_AVX="$(has avx)"
+    -DGGML_AVX2="$(has avx2)"
+    -DGGML_FMA="$(has fma)"
+    -DGGML_F16C="$(has f16c)"
+    -DGGML_BMI2="$(has bmi2)"
+    -DGGML_AVX_VNNI="$(has avx_vnni)"
+    -DGGML_AVX512="$(has avx512f)"
+    -DGGML_AVX512_VBMI="$(has avx512vbmi)"
+    -DGGML_AVX512_VNNI="$(has avx512_vnni)"
+    -DGGML_AVX512_BF16="$(has avx512_bf16)"
+    -DGGML_AMX_TILE=OFF
+    -DGGML_AMX_INT8=OFF
+    -DGGML_AMX_BF16=OFF
+    -DLLAMA_CURL=OFF
+    -DLLAMA_OPENSSL=OFF
+    -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_BUILD_EXAMPLES=OFF
+    -DLLAMA_BUILD_SERVER=OFF
+    -DLLAMA_BUILD_APP=OFF
+    -DLLAMA_BUILD_TOOLS=ON
+)
+FLAGS_LINE="${CMAKE_FLAGS[*]}"
+
+all_built() {
+    for t in "${TARGETS[@]}"; do [[ -x "$BIN/$t" ]] || return 1; done
+}
+
+if [[ "${LLAMACPP_FORCE:-0}" != 1 ]] && all_built && [[ -f "$INFO" ]] \
+        && grep -qxF "cmake_flags: $FLAGS_LINE" "$INFO" \
+        && grep -qxF "llama_cpp_python: $VERSION" "$INFO"; then
+    echo "llama.cpp tools already built ($(grep '^llama_cpp_commit' "$INFO"))"
+    echo "binaries: $BIN"
+    exit 0
+fi
+# A build for another CPU (e.g. with AVX-512 copied onto an AVX2-only VM) would die with SIGILL:
+# when the flags differ from what this CPU wants, start over.
+if [[ -f "$INFO" ]] && ! grep -qxF "cmake_flags: $FLAGS_LINE" "$INFO"; then
+    echo "previous build used other flags; rebuilding"
+    rm -rf "$BUILD"
+fi
+if [[ "${LLAMACPP_FORCE:-0}" == 1 ]]; then rm -rf "$BUILD"; fi
+
+mkdir -p "$HOME_DIR"
+if [[ ! -f "$SRC/.version" ]] || [[ "$(cat "$SRC/.version")" != "$VERSION" ]]; then
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    echo "downloading llama-cpp-python==$VERSION sdist from PyPI"
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp"
+    tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
+    rm -rf "$SRC" "$BUILD"
+    mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$SRC"
+    echo "$VERSION" >"$SRC/.version"
+fi
+
+commit="$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)"
+count="$(git -C "$SRC" rev-list --count HEAD 2>/dev/null || echo unknown)"
+
+start=$(date +%s)
+cmake -S "$SRC" -B "$BUILD" "${CMAKE_FLAGS[@]}" >"$HOME_DIR/cmake-configure.log" 2>&1 \
+    || { tail -40 "$HOME_DIR/cmake-configure.log"; exit 1; }
+# One target at a time, most needed first, so llama-bench is usable while the rest still compiles.
+for t in "${TARGETS[@]}"; do
+    cmake --build "$BUILD" --config Release -j "$JOBS" --target "$t"
+done
+secs=$(( $(date +%s) - start ))
+
+# The build must not carry AMX code paths: ggml reports its compiled-in CPU features.
+"$BIN/llama-bench" --help >/dev/null 2>&1 || { echo "llama-bench does not run"; exit 1; }
+
+{
+    echo "llama_cpp_python: $VERSION"
+    echo "llama_cpp_commit: $commit"
+    echo "llama_cpp_build_number: $count"
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) in ${secs}s with -j$JOBS"
+    echo "compiler: $(${CXX:-c++} --version | head -1)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+    echo "cmake_flags: $FLAGS_LINE"
+    echo "targets: ${TARGETS[*]}"
+    echo "binaries: $BIN"
+} >"$INFO"
+cat "$INFO"
+echo "binaries: $BIN"
