@@ -1,2 +1,31 @@
-"""pocketvlm: small vision-language models on the machines people carry."""
+"""pocketvlm: small vision-language models on the machines people carry.
+
+    import pocketvlm
+    model = pocketvlm.load()                       # embedded default: Qwen2.5-Coder-0.5B-Instruct
+    model.chat([{"role": "user", "content": "Hi!"}])
+"""
 __version__ = "0.1.0"
+
+from .errors import PocketVLMError  # noqa: E402
+
+
+def load(*args, **kwargs):
+    """See :func:`pocketvlm.api.load`."""
+    from .api import load as _load
+
+    return _load(*args, **kwargs)
+
+
+def __getattr__(name):  # lazy: importing pocketvlm stays cheap (no torch import until needed)
+    if name == "Engine":
+        from .serve.engine import Engine
+
+        return Engine
+    if name == "PocketModel":
+        from .api import PocketModel
+
+        return PocketModel
+    raise AttributeError(name)
+
+
+__all__ = ["load", "PocketVLMError", "Engine", "PocketModel"]

@@ -264,9 +264,16 @@ def build(fam, cfg, weights: dict[str, torch.Tensor], *, device="cpu", dtype=tor
     return model.eval().requires_grad_(False)
 
 
-def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None = None) -> Loaded:
+def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
+         quantization: str | None = None) -> Loaded:
     kind, path = resolve(source)
     dtype = parse_dtype(dtype)
     if kind == "gguf":
-        return load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    return load_hf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        loaded = load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    else:
+        loaded = load_hf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    if quantization:
+        from .quant import quantize_model
+
+        quantize_model(loaded.model, quantization)
+    return loaded

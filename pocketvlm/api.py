@@ -1,0 +1,331 @@
+"""The Python API: ``pocketvlm.load(source)`` -> :class:`PocketModel`.
+
+A PocketModel ties together a loaded model, its tokenizer and chat template, and the engine. Text and
+images are turned into token ids / embeddings here; the engine (:mod:`pocketvlm.engine.generate`) only
+sees ids and embeddings.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import loading
+from .engine.generate import Slot
+from .engine.sampling import SamplingParams
+from .errors import ContextWindowError, ImageError, TemplateError
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class Event:
+    """One step of a streamed answer: new text (possibly empty), the token, and on the last event the
+    finish reason ("stop" or "length") and the token usage."""
+
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    """A prompt ready for the engine: ``keys`` per position, ``ids`` (image positions hold the image
+    token id) and an ``embed_fn`` when image features must be spliced in."""
+
+    keys: list
+    ids: list[int]
+    embed_fn: Any = None
+    n_images: int = 0
+
+
+class StopStringFilter:
+    """Holds back text that might be the start of a stop string; cuts the text at the first stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def sampling_params(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=None):
+    return SamplingParams(temperature=float(temperature) if temperature is not None else 1.0,
+                          top_p=float(top_p) if top_p is not None else 1.0, top_k=int(top_k or 0),
+                          min_p=float(min_p or 0.0),
+                          repetition_penalty=float(repetition_penalty) if repetition_penalty is not None else 1.0,
+                          seed=seed)
+
+
+class PocketModel:
+    """A loaded model ready to chat. Thread-safety: one generation at a time per slot; the default slot
+    is guarded by a lock, the server makes a slot per concurrent request."""
+
+    def __init__(self, loaded: loading.Loaded, tokenizer, *, template: str | None = None,
+                 context_window_size: int | None = None, prefill_chunk_size: int = 512,
+                 image_processor=None, image_cache_size: int = 32):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        max_pos = getattr(self.text_config, "max_position_embeddings", DEFAULT_CONTEXT) or DEFAULT_CONTEXT
+        self.context_window_size = int(context_window_size or min(max_pos, DEFAULT_CONTEXT))
+        self.prefill_chunk_size = int(prefill_chunk_size)
+        self.template = self._pick_template(template)
+        self._slot: Slot | None = None
+        self._lock = threading.Lock()
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._image_cache_size = image_cache_size
+        self.images_encoded = 0  # how many times the vision encoder ran (observable for tests/benchmarks)
+
+    # --- facts -------------------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return getattr(self.config, "text_config", self.config)
+
+    @property
+    def is_vlm(self) -> bool:
+        return hasattr(self.model, "encode_images")
+
+    @property
+    def architecture(self) -> str:
+        return getattr(self.config, "model_type", type(self.model).__module__.rsplit(".", 1)[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def num_parameters(self) -> int:
+        seen, n = set(), 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        for b in self.model.buffers():  # quantized modules keep packed weights as buffers
+            if b.dtype in (torch.uint8, torch.int8, torch.int32) and id(b) not in seen:
+                seen.add(id(b))
+        return n
+
+    def info(self) -> dict:
+        return {
+            "source": self.loaded.source, "format": self.loaded.kind, "architecture": self.architecture,
+            "parameters": self.num_parameters(), "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device), "context_window_size": self.context_window_size,
+            "max_position_embeddings": getattr(self.text_config, "max_position_embeddings", None),
+            "vocab_size": getattr(self.text_config, "vocab_size", None),
+            "template": self.template_name, "vision": self.is_vlm,
+        }
+
+    # --- templates ---------------------------------------------------------------------------------
+    def _pick_template(self, name: str | None) -> str | None:
+        from .chat import get_template
+
+        if name:
+            self.template_name = name
+            return get_template(name)
+        self.template_name = "checkpoint" if self.tokenizer.chat_template else None
+        return self.tokenizer.chat_template
+
+    # --- low level ---------------------------------------------------------------------------------
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """fp32 logits ``[B, S, V]`` of a full forward (the parity-check hook)."""
+        ids = torch.as_tensor(input_ids, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        am = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
+        with torch.inference_mode():
+            return self.model(ids, attention_mask=am).float()
+
+    def new_slot(self) -> Slot:
+        return Slot(self.model, self.context_window_size, self.prefill_chunk_size)
+
+    @property
+    def slot(self) -> Slot:
+        if self._slot is None:
+            self._slot = self.new_slot()
+        return self._slot
+
+    def reset(self) -> None:
+        if self._slot is not None:
+            self._slot.reset()
+
+    # --- prompts -----------------------------------------------------------------------------------
+    def text_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> Prompt:
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt, add_special_tokens)
+        return Prompt(list(ids), list(ids))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list]:
+        """Render OpenAI-style messages with the chat template; returns the text and the image sources."""
+        from .chat import normalize_messages, render_chat
+
+        if self.template is None:
+            raise TemplateError(
+                "this model has no chat template; pass template=NAME (e.g. chatml, llama-2, vicuna, gemma, "
+                "phi-3, zephyr, redpajama_chat)")
+        placeholder = getattr(self.model, "image_placeholder", "<image>")
+        parts_style = getattr(self.model, "template_uses_parts", False)
+        msgs, images = normalize_messages(messages, image_placeholder=placeholder, as_parts=parts_style)
+        if images and not self.is_vlm:
+            raise ImageError(f"{self.architecture} is a text-only model: it cannot take images "
+                             "(load a vision-language model to ask about images)")
+        text = render_chat(msgs, self.template, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.tokenizer.bos_token or "", eos_token=self.tokenizer.eos_token or "")
+        return text, images
+
+    def chat_prompt(self, messages: list[dict]) -> Prompt:
+        text, images = self.render(messages)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not images:
+            return Prompt(ids, ids)
+        from .vision_prompt import build_image_prompt
+
+        return build_image_prompt(self, ids, images)
+
+    # --- generation --------------------------------------------------------------------------------
+    def run(self, prompt: Prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
+            slot: Slot | None = None, **sampling) -> Iterator[Event]:
+        """Stream :class:`Event` s for a prepared prompt. The last event has ``finish_reason`` set."""
+        from .tokenizer import StreamDecoder
+
+        params = sampling_params(**sampling)
+        if max_tokens is None or max_tokens < 1:
+            raise ContextWindowError(f"max_tokens must be >= 1 (got {max_tokens})")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        own = slot is None
+        slot = slot or self.slot
+        if own:
+            self._lock.acquire()
+        try:
+            dec = StreamDecoder(self.tokenizer)
+            filt = StopStringFilter(stops)
+            n_prompt, n_out = len(prompt.ids), 0
+            stop_ids = self.tokenizer.eos_token_ids
+            for step in slot.generate(prompt.keys, prompt.ids, params, max_tokens, stop_ids, prompt.embed_fn):
+                n_out += 1
+                finish = step.finish_reason
+                text = "" if step.token in stop_ids else filt.push(dec.push(step.token))
+                if filt.stopped:
+                    finish = "stop"
+                if finish:
+                    if not filt.stopped:
+                        text += filt.push(dec.flush()) + ("" if filt.stopped else filt.flush())
+                    yield Event(text, step.token, finish, n_prompt, n_out)
+                    return
+                yield Event(text, step.token, None, n_prompt, n_out)
+        finally:
+            if own:
+                self._lock.release()
+
+    def _collect(self, events: Iterator[Event]) -> Completion:
+        parts, tokens, last = [], [], None
+        for ev in events:
+            parts.append(ev.text)
+            tokens.append(ev.token)
+            last = ev
+        return Completion("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens, tokens)
+
+    def stream(self, prompt: str | list[int], **kw) -> Iterator[str]:
+        """Raw completion of ``prompt`` (no chat template), streamed as text pieces."""
+        for ev in self.run(self.text_prompt(prompt), **kw):
+            if ev.text:
+                yield ev.text
+
+    def generate(self, prompt: str | list[int], *, stream: bool = False, **kw):
+        """Raw completion of ``prompt``: the text (or, with ``stream=True``, an iterator of text pieces)."""
+        if stream:
+            return self.stream(prompt, **kw)
+        return self._collect(self.run(self.text_prompt(prompt), **kw)).text
+
+    def chat_stream(self, messages: list[dict], **kw) -> Iterator[str]:
+        for ev in self.run(self.chat_prompt(messages), **kw):
+            if ev.text:
+                yield ev.text
+
+    def chat(self, messages: list[dict] | str, *, stream: bool = False, **kw):
+        """Answer OpenAI-style ``messages`` (content a string or a list of text / image_url parts)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if stream:
+            return self.chat_stream(messages, **kw)
+        return self._collect(self.run(self.chat_prompt(messages), **kw)).text
+
+    def complete_chat(self, messages: list[dict], **kw) -> Completion:
+        return self._collect(self.run(self.chat_prompt(messages), **kw))
+
+
+def load_tokenizer(loaded: loading.Loaded):
+    from .tokenizer import Tokenizer
+
+    if loaded.kind == "gguf":
+        return Tokenizer.from_gguf(loaded.gguf_metadata if loaded.gguf_metadata is not None else loaded.path)
+    return Tokenizer.from_folder(loaded.path)
+
+
+def load_image_processor(loaded: loading.Loaded):
+    from .image import ImageProcessorConfig
+
+    f = Path(loaded.path) / "preprocessor_config.json"
+    if loaded.kind == "hf" and f.exists():
+        import json
+
+        return ImageProcessorConfig.from_dict(json.loads(f.read_text()))
+    default = getattr(loaded.model, "default_image_processor", None)
+    return default() if callable(default) else None
+
+
+def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
+         context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
+         quantization: str | None = None, **kw) -> PocketModel:
+    """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
+    or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct)."""
+    from .real_models import DEFAULT_MODEL
+
+    max_seq = context_window_size
+    loaded = loading.load(source or DEFAULT_MODEL, device=device, dtype=dtype, max_seq_len=max_seq,
+                          quantization=quantization, **kw)
+    tok = load_tokenizer(loaded)
+    proc = load_image_processor(loaded) if hasattr(loaded.model, "encode_images") else None
+    return PocketModel(loaded, tok, template=template, context_window_size=context_window_size,
+                       prefill_chunk_size=prefill_chunk_size, image_processor=proc)

@@ -1,0 +1,113 @@
+"""Generation on token ids and embeddings: no text, no images, no templates here.
+
+A :class:`Slot` owns one preallocated KV cache (one conversation). Each call prefills only the part of the
+prompt that differs from what the cache already holds (multi-turn chat reuses its prefix), in chunks of
+``prefill_chunk_size``, then decodes one token at a time. Generation is a generator of token ids.
+
+Prompt positions are described by ``keys``: a token id, or for an image position a hashable tag such as
+``("img", sha256, row)``, so that two different images behind the same placeholder token never share cache.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ContextWindowError
+from .sampling import SamplingParams, make_generator, sample
+
+# (start, end) -> inputs_embeds [1, end-start, hidden] for prompt positions [start, end)
+EmbedFn = Callable[[int, int], torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    token: int
+    finish_reason: str | None = None  # "stop" (EOS / stop id) or "length", set on the last token
+
+
+class Slot:
+    def __init__(self, model, context_window_size: int, prefill_chunk_size: int = 512, dtype=None, device=None,
+                 decode_step: Callable | None = None):
+        self.model = model
+        self.context_window_size = context_window_size
+        self.prefill_chunk_size = prefill_chunk_size
+        self.cache = model.make_cache(1, context_window_size, dtype=dtype, device=device)
+        self.keys: list = []  # what the cache holds, position by position
+        self.decode_step = decode_step  # optional compiled single-token step
+        p = next(model.parameters())
+        self.device = p.device
+
+    def reset(self) -> None:
+        self.keys = []
+
+    def _forward(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, start: int, logits_to_keep: int):
+        n = (ids if ids is not None else embeds).shape[1]
+        pos = torch.arange(start, start + n, device=self.device)
+        self.cache.attend_len = start + n
+        return self.model(ids, inputs_embeds=embeds, input_pos=pos, cache=self.cache, logits_to_keep=logits_to_keep)
+
+    def prefill(self, keys: Sequence, ids: Sequence[int], embed_fn: EmbedFn | None = None) -> torch.Tensor:
+        """Bring the cache to hold ``keys``; returns the fp32 logits ``[V]`` of the last prompt position."""
+        n = len(keys)
+        if n == 0:
+            raise ContextWindowError("empty prompt")
+        if n >= self.context_window_size:
+            raise ContextWindowError(
+                f"prompt has {n} tokens but the context window is {self.context_window_size} (and at least one "
+                "token must be generated); shorten the prompt or raise context_window_size")
+        common = 0
+        for a, b in zip(self.keys, keys):
+            if a != b:
+                break
+            common += 1
+        common = min(common, n - 1)  # always run at least the last position to get its logits
+        logits = None
+        start = common
+        with torch.inference_mode():
+            while start < n:
+                end = min(start + self.prefill_chunk_size, n)
+                if embed_fn is not None:
+                    embeds, chunk_ids = embed_fn(start, end), None
+                else:
+                    embeds, chunk_ids = None, torch.tensor([list(ids[start:end])], device=self.device)
+                logits = self._forward(chunk_ids, embeds, start, logits_to_keep=1)
+                start = end
+        self.keys = list(keys)
+        return logits[0, -1].float()
+
+    def decode(self, token: int) -> torch.Tensor:
+        pos = len(self.keys)
+        with torch.inference_mode():
+            if self.decode_step is not None:
+                out = self.decode_step(self, token, pos)
+            else:
+                out = self._forward(torch.tensor([[token]], device=self.device), None, pos, logits_to_keep=1)[0, -1]
+        self.keys.append(token)
+        return out.float()
+
+    def generate(self, keys: Sequence, ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
+                 stop_ids: set[int] | frozenset = frozenset(), embed_fn: EmbedFn | None = None,
+                 generator: torch.Generator | None = None) -> Iterator[StepResult]:
+        """Yield generated tokens; the last one carries ``finish_reason``. Stops on a stop id (not yielded
+        as text by callers, but yielded here with finish_reason "stop"), on ``max_new_tokens`` or at the
+        end of the context window ("length")."""
+        logits = self.prefill(keys, ids, embed_fn)
+        gen = generator or make_generator(params.seed)
+        budget = min(max_new_tokens, self.context_window_size - len(self.keys))
+        history = [k for k in keys if isinstance(k, int)]
+        for i in range(budget):
+            prev = torch.tensor(history, dtype=torch.long) if params.repetition_penalty != 1.0 else None
+            tok = sample(logits, params, gen, prev)
+            history.append(tok)
+            if tok in stop_ids:
+                yield StepResult(tok, "stop")
+                return
+            if i == budget - 1:
+                yield StepResult(tok, "length")
+                return
+            yield StepResult(tok)
+            logits = self.decode(tok)
+        if budget <= 0:
+            return

@@ -1,0 +1,74 @@
+"""Turning a rendered chat prompt with image placeholders into engine input for a VLM.
+
+Each image placeholder token in the prompt is expanded to the number of feature rows its image produces
+(``model.num_image_tokens(image_size)``). The features are computed once per distinct image (cache keyed by
+the image's content hash) and spliced into the text embeddings at those positions, as Hugging Face does
+with ``masked_scatter``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import ContextWindowError, ImageError
+from .image import image_hash, load_image, preprocess
+
+
+def encode_image(pm, img) -> tuple[str, torch.Tensor]:
+    """(content hash, features [n_tokens, hidden]) for one RGB image, from the cache when seen before."""
+    h = image_hash(img)
+    feats = pm._image_cache.get(h)
+    if feats is not None:
+        pm._image_cache.move_to_end(h)
+        return h, feats
+    if pm.image_processor is None:
+        raise ImageError("this model has no image processor configuration (preprocessor_config.json)")
+    pre = preprocess(img, pm.image_processor, dtype=pm.dtype, device=pm.device)
+    with torch.inference_mode():
+        out = pm.model.encode_images(pre.pixel_values, image_sizes=[pre.image_size])
+    feats = out[0] if isinstance(out, (list, tuple)) else out.reshape(-1, out.shape[-1])
+    pm.images_encoded += 1
+    pm._image_cache[h] = feats
+    while len(pm._image_cache) > pm._image_cache_size:
+        pm._image_cache.popitem(last=False)
+    return h, feats
+
+
+def build_image_prompt(pm, ids: list[int], images: list):
+    from .api import Prompt
+
+    image_id = pm.model.image_token_id
+    slots = [i for i, t in enumerate(ids) if t == image_id]
+    if len(slots) != len(images):
+        raise ImageError(f"the prompt has {len(slots)} image placeholder(s) for {len(images)} image(s)")
+    encoded = [encode_image(pm, load_image(src)) for src in images]
+    n_total = len(ids) - len(slots) + sum(f.shape[0] for _, f in encoded)
+    if n_total >= pm.context_window_size:
+        raise ContextWindowError(
+            f"the prompt with {len(images)} image(s) needs {n_total} tokens but the context window is "
+            f"{pm.context_window_size}; send fewer or smaller images, or raise context_window_size")
+    new_ids, keys, rows = [], [], []
+    k = 0
+    for t in ids:
+        if t != image_id:
+            new_ids.append(t)
+            keys.append(t)
+            rows.append(None)
+            continue
+        h, feats = encoded[k]
+        for r in range(feats.shape[0]):
+            new_ids.append(t)
+            keys.append(("img", h, r))
+            rows.append((k, r))
+        k += 1
+    embed = pm.model.get_input_embeddings()
+
+    def embed_fn(start: int, end: int) -> torch.Tensor:
+        chunk = torch.tensor([[0 if r is not None else t for t, r in zip(new_ids[start:end], rows[start:end])]],
+                             device=pm.device)
+        e = embed(chunk).clone()
+        for j, r in enumerate(rows[start:end]):
+            if r is not None:
+                e[0, j] = encoded[r[0]][1][r[1]].to(e.dtype)
+        return e
+
+    return Prompt(keys, new_ids, embed_fn, len(images))
