@@ -42,6 +42,11 @@ def rope_inv_freq(params: dict, dim: int, max_position_embeddings: int, max_seq_
     longrope (Phi-3 128k; the long factors are used when ``max_seq_len`` exceeds the original context,
     the short ones otherwise — fixed at build time so the KV cache stays consistent).
     """
+    with torch.device("cpu"):  # models are built on the meta device; these small tables must be real
+        return _rope_inv_freq(params, dim, max_position_embeddings, max_seq_len)
+
+
+def _rope_inv_freq(params: dict, dim: int, max_position_embeddings: int, max_seq_len: int | None):
     kind = params.get("rope_type", "default")
     theta = float(params.get("rope_theta", 10000.0))
     dim = int(dim * params.get("partial_rotary_factor", 1.0))

