@@ -1,0 +1,103 @@
+"""Sampling functions, stop strings and the KV-cache slot, on a tiny random model."""
+import pytest
+import torch
+
+from pocketvlm.api import StopStringFilter
+from pocketvlm.engine import sampling
+from pocketvlm.engine.generate import Slot
+from pocketvlm.engine.sampling import SamplingParams
+from pocketvlm.errors import ContextWindowError, SamplingError
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                                dict(min_p=1.5), dict(repetition_penalty=0.0)])
+def test_invalid_sampling_values(kw):
+    with pytest.raises(SamplingError):
+        SamplingParams(**kw)
+
+
+def test_greedy_and_filters():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert sampling.sample(logits, SamplingParams(temperature=0)) == 1
+    assert torch.isinf(sampling.top_k(logits, 2)).tolist() == [True, False, False, True]
+    probs = logits.softmax(-1)  # ~[0.09, 0.66, 0.24, 0.01]
+    kept = ~torch.isinf(sampling.top_p(logits, 0.7))
+    assert kept.tolist() == [False, True, True, False]  # 0.66 < 0.7 so the second token is needed too
+    kept = ~torch.isinf(sampling.min_p(logits, 0.3))
+    assert kept.tolist() == (probs >= 0.3 * probs.max()).tolist()
+
+
+def test_repetition_penalty_matches_hf_rule():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = sampling.repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_seed_makes_sampling_reproducible():
+    logits = torch.randn(50)
+    p = SamplingParams(temperature=1.0, seed=7)
+    a = [sampling.sample(logits, p, g) for g in [sampling.make_generator(7)] for _ in range(20)]
+    b = [sampling.sample(logits, p, g) for g in [sampling.make_generator(7)] for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_stop_string_filter_holds_back_prefixes():
+    f = StopStringFilter(["</end>"])
+    out = f.push("hello </e") + f.push("nd> more")
+    assert out == "hello " and f.stopped
+    f = StopStringFilter(["STOP"])
+    assert f.push("ST") == "" and f.push("ART") == "START" and not f.stopped
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import transformers
+
+    from pocketvlm import loading
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=128)
+    ref = transformers.Qwen2ForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny")
+    ref.save_pretrained(d)
+    return ref, loading.load(d).model
+
+
+def test_slot_greedy_equals_transformers_generate(tiny_model):
+    ref, ours = tiny_model
+    prompt = [5, 17, 42, 9, 3]
+    want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    slot = Slot(ours, context_window_size=64, prefill_chunk_size=2)  # chunked prefill on purpose
+    got = [s.token for s in slot.generate(prompt, prompt, SamplingParams(temperature=0), 12)]
+    assert got == want
+
+
+def test_slot_reuses_prefix_and_reports_finish(tiny_model):
+    _, ours = tiny_model
+    slot = Slot(ours, context_window_size=64)
+    p1 = [1, 2, 3, 4]
+    steps = list(slot.generate(p1, p1, SamplingParams(temperature=0), 3))
+    assert [s.finish_reason for s in steps] == [None, None, "length"]
+    # a second turn that extends the first: same answer as a fresh slot
+    p2 = p1 + [s.token for s in steps] + [7, 8]
+    fresh = Slot(ours, context_window_size=64)
+    a = [s.token for s in slot.generate(p2, p2, SamplingParams(temperature=0), 5)]
+    b = [s.token for s in fresh.generate(p2, p2, SamplingParams(temperature=0), 5)]
+    assert a == b
+    stop = {b[1]}
+    steps = list(Slot(ours, 64).generate(p2, p2, SamplingParams(temperature=0), 5, stop_ids=stop))
+    assert steps[-1].finish_reason == "stop" and len(steps) == 2
+
+
+def test_prompt_over_context_window_is_clear_error(tiny_model):
+    _, ours = tiny_model
+    slot = Slot(ours, context_window_size=16)
+    ids = list(range(16))
+    with pytest.raises(ContextWindowError, match="context window is 16"):
+        list(slot.generate(ids, ids, SamplingParams(temperature=0), 4))
+    # generation stops at the end of the window with finish_reason "length"
+    ids = list(range(12))
+    steps = list(slot.generate(ids, ids, SamplingParams(temperature=0), 100))
+    assert len(steps) == 4 and steps[-1].finish_reason == "length"
