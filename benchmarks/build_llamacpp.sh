@@ -70,8 +70,10 @@ all_built() {
     for t in "${TARGETS[@]}"; do [[ -x "$BIN/$t" ]] || return 1; done
 }
 
+src_commit="$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)"
 if [[ "${LLAMACPP_FORCE:-0}" != 1 ]] && all_built && [[ -f "$INFO" ]] \
         && grep -qxF "cmake_flags: $FLAGS_LINE" "$INFO" \
+        && grep -qxF "llama_cpp_commit: $src_commit" "$INFO" \
         && grep -qxF "llama_cpp_python: $VERSION" "$INFO"; then
     echo "llama.cpp tools already built ($(grep '^llama_cpp_commit' "$INFO"))"
     echo "binaries: $BIN"
@@ -92,13 +94,22 @@ if [[ ! -f "$SRC/.version" ]] || [[ "$(cat "$SRC/.version")" != "$VERSION" ]]; t
     echo "downloading llama-cpp-python==$VERSION sdist from PyPI"
     "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp"
     tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
+    sdist="$tmp/llama_cpp_python-$VERSION"
+    # vendor/llama.cpp/.git is a submodule pointer into the sdist's own .git/modules: make it a
+    # real git dir so that the commit (cmake's build-info, llama-bench's build_commit) survives.
+    if [[ -d "$sdist/.git/modules/vendor/llama.cpp" ]]; then
+        rm -f "$sdist/vendor/llama.cpp/.git"
+        mv "$sdist/.git/modules/vendor/llama.cpp" "$sdist/vendor/llama.cpp/.git"
+        git config --file "$sdist/vendor/llama.cpp/.git/config" --unset core.worktree || true
+    fi
     rm -rf "$SRC" "$BUILD"
-    mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$SRC"
+    mv "$sdist/vendor/llama.cpp" "$SRC"
     echo "$VERSION" >"$SRC/.version"
 fi
 
 commit="$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)"
-count="$(git -C "$SRC" rev-list --count HEAD 2>/dev/null || echo unknown)"
+# The vendored clone is shallow, so a commit count would be meaningless: record the date instead.
+commit_date="$(git -C "$SRC" log -1 --format=%cI 2>/dev/null || echo unknown)"
 
 start=$(date +%s)
 cmake -S "$SRC" -B "$BUILD" "${CMAKE_FLAGS[@]}" >"$HOME_DIR/cmake-configure.log" 2>&1 \
@@ -109,18 +120,31 @@ for t in "${TARGETS[@]}"; do
 done
 secs=$(( $(date +%s) - start ))
 
-# The build must not carry AMX code paths: ggml reports its compiled-in CPU features.
-"$BIN/llama-bench" --help >/dev/null 2>&1 || { echo "llama-bench does not run"; exit 1; }
+# Check that the binaries run here and carry no AMX (tile) instructions, and no AVX-512 (zmm)
+# code when this CPU lacks it: either would be a SIGILL waiting to happen.
+"$BIN/llama-bench" --help >/dev/null 2>&1 || { echo "llama-bench does not run on this CPU"; exit 1; }
+isa_check="objdump not found: instruction check skipped"
+if command -v objdump >/dev/null; then
+    dis="$(objdump -d --no-show-raw-insn "$BIN/llama-bench")"
+    amx=$(grep -cwE '(ldtilecfg|tileloadd|tileloaddt1|tdpb[su][su]d|tdpbf16ps|tdpfp16ps)' <<<"$dis" || true)
+    zmm=$(grep -c '%zmm' <<<"$dis" || true)
+    if (( amx > 0 )); then echo "llama-bench contains $amx AMX instructions"; exit 1; fi
+    if [[ "$(has avx512f)" == OFF ]] && (( zmm > 0 )); then
+        echo "llama-bench uses AVX-512 ($zmm zmm instructions) but this CPU has none"; exit 1
+    fi
+    isa_check="llama-bench: $amx AMX instructions, $zmm instructions on zmm registers"
+fi
 
 {
     echo "llama_cpp_python: $VERSION"
     echo "llama_cpp_commit: $commit"
-    echo "llama_cpp_build_number: $count"
+    echo "llama_cpp_commit_date: $commit_date"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) in ${secs}s with -j$JOBS"
     echo "compiler: $(${CXX:-c++} --version | head -1)"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "cmake_flags: $FLAGS_LINE"
     echo "targets: ${TARGETS[*]}"
+    echo "isa_check: $isa_check"
     echo "binaries: $BIN"
 } >"$INFO"
 cat "$INFO"

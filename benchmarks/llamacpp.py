@@ -87,10 +87,14 @@ def run_bench(model: str | Path, threads: int = 2, n_prompt: int = 512, n_gen: i
 _FINAL_PPL = re.compile(r"Final estimate:\s*PPL\s*=\s*([0-9.]+)\s*\+/-\s*([0-9.]+)")
 
 
+_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     ppl: float
     stderr: float
+    n_chunks: int  # windows scored; each scores its second ctx/2 tokens
     log: str
 
 
@@ -122,7 +126,8 @@ def run_perplexity(model: str | Path, text_file: str | Path, ctx: int = 512, thr
     if out.returncode != 0:
         raise RuntimeError(f"llama-perplexity failed ({out.returncode}): {log.strip()[-2000:]}")
     ppl, err = parse_perplexity_output(log)
-    return PerplexityResult(ppl, err, log)
+    chunks_match = _CHUNKS.search(log)
+    return PerplexityResult(ppl, err, int(chunks_match.group(1)) if chunks_match else -1, log)
 
 
 # Real English prose that every CPython install carries: the language reference's topic texts
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(Python {sys.version_info.major}.{sys.version_info.minor}), {text.stat().st_size} bytes")
         ppl = run_perplexity(model, text, ctx=args.ctx, threads=args.threads,
                              chunks=args.chunks or None)
-        print(f"perplexity ctx={args.ctx} chunks={args.chunks or 'all'}: {ppl.ppl:.4f} ± {ppl.stderr:.4f}")
+        print(f"perplexity ctx={args.ctx} chunks={ppl.n_chunks}: {ppl.ppl:.4f} ± {ppl.stderr:.4f}")
     return 0
 
 
