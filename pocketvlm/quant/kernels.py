@@ -1,0 +1,93 @@
+"""PyTorch's low-bit CPU kernels and the bookkeeping they need.
+
+* ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zeros)`` computes
+  ``x @ W.T`` with ``W[n, k] = (code - 8) * scale[g, n] + zero[g, n]`` for codes 0..15, group 32/64/
+  128/256. ``x``, scales and zeros must share one dtype; it is only fast with bfloat16 (fp32 and fp16
+  activations measured 10-40x slower here), so callers cast to bf16 and back.
+* ``aten._convert_weight_to_int4pack_for_cpu(codes int32 [N, K], 1)`` -> uint8 ``[N, K/2]`` in a
+  kernel-specific nibble order (N must be a multiple of 16, K of the group).
+
+The packed order is not documented, so :func:`unpack_int4_cpu` learns it by packing index patterns
+with the kernel's own packer (once per shape, cached) and inverts it. The packer works on blocks of
+32 rows (16 for a final odd block); tests check that assumption on several shapes.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+_aten = torch.ops.aten
+_PACK_CHUNK_ROWS = 4096  # pack big matrices in row chunks to bound the int32 temporary
+
+
+def cpu_int4_supported(n: int, k: int, group: int) -> bool:
+    """Whether the CPU int4 kernel can take a ``[n, k]`` weight with this group size."""
+    return (
+        hasattr(_aten, "_weight_int4pack_mm_for_cpu")
+        and n % 16 == 0 and group in (32, 64, 128, 256) and k % group == 0
+    )
+
+
+def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
+    """codes ``[N, K]`` (0..15, any int dtype) -> the CPU kernel's packed uint8 ``[N, K/2]``."""
+    n = codes.shape[0]
+    chunks = [
+        _aten._convert_weight_to_int4pack_for_cpu(codes[i : i + _PACK_CHUNK_ROWS].to(torch.int32).contiguous(), 1)
+        for i in range(0, n, _PACK_CHUNK_ROWS)
+    ]
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+@lru_cache(maxsize=64)
+def _nibble_source(rows: int, k: int) -> torch.Tensor:
+    """For a ``[rows, k]`` block: the flat source index of every nibble of its packed bytes
+    (nibble order: byte 0 low, byte 0 high, byte 1 low, ...)."""
+    idx = torch.arange(rows * k, dtype=torch.int64)
+    src = torch.zeros(rows * k, dtype=torch.int64)
+    for shift in range(0, max(1, (rows * k - 1).bit_length()), 4):
+        plane = ((idx >> shift) & 15).view(rows, k).to(torch.int32)
+        p = _aten._convert_weight_to_int4pack_for_cpu(plane, 1).reshape(-1)
+        src |= torch.stack([p & 15, p >> 4], -1).reshape(-1).to(torch.int64) << shift
+    return src
+
+
+def _unpack_blocks(packed_blocks: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """uint8 ``[B, rows*k/2]`` (B packed row blocks) -> codes uint8 ``[B, rows, k]``."""
+    nib = torch.stack([packed_blocks & 15, packed_blocks >> 4], -1).reshape(packed_blocks.shape[0], rows * k)
+    src = _nibble_source(rows, k).to(packed_blocks.device)
+    out = torch.empty_like(nib)
+    out[:, src] = nib
+    return out.view(-1, rows, k)
+
+
+def unpack_int4_cpu(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_cpu`: uint8 ``[N, K/2]`` -> codes uint8 ``[N, K]``, or only the
+    given ``rows`` (a 1-D index tensor), unpacking just the 32-row blocks that hold them."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    n32 = n // 32 * 32
+    flat = packed.reshape(-1)
+    head = flat[: n32 * k // 2].view(n32 // 32, 16 * k)
+    tail = flat[n32 * k // 2 :].view(-1, 8 * k)  # at most one 16-row block
+    if rows is None:
+        parts = []
+        if n32:
+            parts.append(_unpack_blocks(head, 32, k).reshape(n32, k))
+        if n > n32:
+            parts.append(_unpack_blocks(tail, 16, k).reshape(n - n32, k))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    rows = rows.reshape(-1)
+    out = torch.empty(rows.numel(), k, dtype=torch.uint8, device=packed.device)
+    in_head = rows < n32
+    if in_head.any():
+        r = rows[in_head]
+        blocks, inv = torch.unique(r // 32, return_inverse=True)  # unpack each needed block once
+        out[in_head] = _unpack_blocks(head[blocks], 32, k)[inv, r % 32]
+    if (~in_head).any():
+        out[~in_head] = _unpack_blocks(tail, 16, k)[0, rows[~in_head] - n32]
+    return out
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scale_zeros: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` (dtype of ``scale_zeros [K/group, N, 2]``) times the packed weight -> ``[M, N]``."""
+    return _aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zeros)

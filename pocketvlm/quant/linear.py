@@ -1,0 +1,343 @@
+"""Quantized drop-ins for ``nn.Linear`` / ``nn.Embedding`` that keep weights low-bit at run time.
+
+All three ``QuantLinear`` kinds are run through one kernel, PyTorch's CPU int4 GEMV
+(``kernels.int4_mm``), by re-expressing their codes *exactly* as int4 codes with
+``w = (c - 8) * S + Z`` per kernel group ("kernel codes"):
+
+* :class:`Int4Linear` - MLC q4*_1 (``(q - 7) * s`` = ``(q - 8) * s + s``: Z = S) and GGUF
+  Q4_0/Q4_1/Q4_K (their own S, Z per 32 weights, see ``gguf_blocks.int4_codes``).
+* :class:`Int8Linear` - group-wise int8 (MLC q8f16_1, GGUF Q8_0/Q5_0): the unsigned code
+  ``u = c + 128 = 16h + l`` splits into two 4-bit halves, so ``c * s = [(h-8)*16s + 8s] + [(l-8)*s]``:
+  one int4 call on a ``[2N, K]`` weight and ``y[:, :N] + y[:, N:]``. ``aten._weight_int8pack_mm``
+  only has per-output-channel scales (requantizing to those loses accuracy, dequantizing per call
+  was 3-5x slower in benchmarks/kernels.py), and this reads the same 1 byte per weight.
+* :class:`Int3Linear` - MLC q3f16_1, group 40, which the kernel does not support (32/64/128/256):
+  each 40-code group is placed in a 64-wide kernel group padded with zero weights, the activation
+  is scattered the same way, and ``(q - 3) * s = ((q + 5) - 8) * s`` (Z = 0, so rounding the scale
+  to bf16 cannot shift a zero weight). Exact, but it reads
+  64/40 of an int4 weight (0.8 B/weight) instead of 0.375.
+
+Precision: the kernel needs scales in the activation dtype and is only fast in bfloat16, so
+activations are cast to bf16 and S, Z are rounded to bf16 for the kernel (codes stay exact);
+the result is cast back to the input dtype.
+
+Prefill: a GEMV kernel is the wrong tool for many tokens. With ``M >= dense_min_tokens`` rows the
+module dequantizes its weight to ``compute_dtype`` (bf16) and calls ``F.linear`` (a dense GEMM);
+the default threshold is measured in benchmarks/kernels.py. On non-CPU devices, or shapes the
+kernel cannot take (out_features not a multiple of 16), the dense path is always used.
+
+Storage: on CPU ``qweight`` is converted lazily (first forward) into the kernel's packed layout,
+replacing the plain one, so weights are held once. ``state_dict()`` always returns the plain,
+device-independent layout (4-bit: two codes per byte; 8-bit: int8 codes; 3-bit: ten per int32)
+and loading accepts it, so a converted model saves with safetensors and loads without requantizing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import QuantizationError
+from . import formats, kernels
+
+#: Token count from which the dense (dequantize + GEMM) path beats the int4 GEMV kernel.
+#: Measured with benchmarks/kernels.py on the 2-core Xeon (see the report); override per module.
+DENSE_MIN_TOKENS = 32
+
+
+class QuantLinear(nn.Module):
+    """Base class: the ``nn.Linear`` call contract (``in_features``, ``out_features``, ``bias``) over
+    low-bit codes. Subclasses say how their stored form maps to kernel codes."""
+
+    kernel_group = 32
+    mode: str = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
+                 device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.k_padded = formats.padded_in_features(in_features, group_size)
+        self.dense_min_tokens = DENSE_MIN_TOKENS
+        self.compute_dtype = torch.bfloat16
+        self._layout = "plain"  # or "cpu": qweight holds kernels.pack_int4_cpu(kernel codes)
+        self.register_buffer("_scale_zeros", None, persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._register_state_dict_hook(QuantLinear._plain_state_hook)
+
+    # ----- per-kind mapping, implemented by subclasses --------------------------------------------
+    def _kernel_codes(self, qweight: torch.Tensor) -> torch.Tensor:  # plain -> uint8 [N', K']
+        raise NotImplementedError
+
+    def _plain_from_kernel_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel_scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:  # float32 [N', G'] each
+        raise NotImplementedError
+
+    def _to_kernel_x(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, K']
+        return F.pad(x, (0, self.k_padded - self.in_features)) if self.k_padded != self.in_features else x
+
+    def _fold_rows(self, y: torch.Tensor) -> torch.Tensor:  # [..., N'] -> [..., N] (kernel rows -> out rows)
+        return y
+
+    def _fold_cols(self, w: torch.Tensor) -> torch.Tensor:  # [.., K'] -> [.., in]
+        return w[..., : self.in_features]
+
+    # ----- layout --------------------------------------------------------------------------------
+    def _kernel_ok(self, device: torch.device) -> bool:
+        n, k = self.kernel_rows, self.kernel_cols
+        return device.type == "cpu" and kernels.cpu_int4_supported(n, k, self.kernel_group)
+
+    def _codes_now(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Kernel codes (all, or the given kernel rows) from whichever layout is held."""
+        if self._layout == "cpu":
+            return kernels.unpack_int4_cpu(self.qweight, rows)
+        codes = self._kernel_codes(self.qweight)
+        return codes if rows is None else codes[rows]
+
+    def _to_plain(self) -> None:
+        if self._layout == "cpu":
+            self.qweight = self._plain_from_kernel_codes(kernels.unpack_int4_cpu(self.qweight))
+            self._layout = "plain"
+
+    def _prepare_kernel(self) -> None:
+        """Repack ``qweight`` for the CPU kernel (once) and cache bf16 ``[G', N', 2]`` scale/zero."""
+        if self._layout != "cpu":
+            self.qweight = kernels.pack_int4_cpu(self._kernel_codes(self.qweight))
+            self._layout = "cpu"
+        if self._scale_zeros is None or self._scale_zeros.device != self.qweight.device:
+            s, z = self._kernel_scale_zero()
+            self._scale_zeros = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+    @staticmethod
+    def _plain_state_hook(module, state_dict, prefix, local_metadata):
+        if module._layout == "cpu":
+            state_dict[prefix + "qweight"] = module._plain_from_kernel_codes(kernels.unpack_int4_cpu(module.qweight))
+        return state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._layout == "cpu":  # loading brings the plain layout; drop the packed one first
+            self.qweight = torch.empty(self.plain_shape, dtype=self.plain_dtype, device=self.qweight.device)
+            self._layout = "plain"
+        self._scale_zeros = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._to_plain()  # the CPU layout means nothing elsewhere; repacked lazily on use
+        self._scale_zeros = None
+        return super()._apply(fn, recurse)
+
+    # ----- compute ---------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight ``[out, in]`` (or only ``rows``), computed in float32 from codes and the
+        stored (not bf16-rounded) scales."""
+        krows = None if rows is None else self._kernel_rows_for(rows)
+        codes = self._codes_now(krows)
+        s, z = self._kernel_scale_zero()
+        if krows is not None:
+            s, z = s[krows], z[krows]
+        g = self.kernel_group
+        w = self._group_dequant(codes.view(codes.shape[0], -1, g).float(), s.unsqueeze(-1), z.unsqueeze(-1))
+        w = w.view(codes.shape[0], -1)
+        if rows is None:
+            w = self._fold_rows(w.t()).t()
+        else:
+            w = w.view(len(self._kernel_row_parts), rows.numel(), -1).sum(0)
+        return self._fold_cols(w).to(dtype)
+
+    _kernel_row_parts = (0,)
+
+    def _group_dequant(self, c, s, z):
+        return (c - 8) * s + z
+
+    def _kernel_rows_for(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.reshape(-1)
+        return torch.cat([rows + p * self.out_features for p in self._kernel_row_parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise QuantizationError(
+                f"{type(self).__name__} expects inputs with last dim {self.in_features}, got {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] < self.dense_min_tokens and self._kernel_ok(x.device):
+            self._prepare_kernel()
+            xk = self._to_kernel_x(x2.to(torch.bfloat16)).contiguous()
+            y = self._fold_rows(kernels.int4_mm(xk, self.qweight, self.kernel_group, self._scale_zeros).float())
+        else:
+            cd = self.compute_dtype if x.device.type == "cpu" else x.dtype
+            y = F.linear(x2.to(cd), self.dequantize(cd))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode}")
+
+
+class Int4Linear(QuantLinear):
+    """4-bit codes, group 32. ``zeros is None``: MLC symmetric ``(q - 7) * s``; otherwise affine
+    ``(q - 8) * scales + zeros`` (GGUF Q4_0/Q4_1/Q4_K)."""
+
+    def __init__(self, in_features, out_features, bias=True, *, mode="q4f16_1", affine=False,
+                 group_size=32, scale_dtype=torch.float16, device=None, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, group_size, device, dtype)
+        if group_size != 32:
+            raise QuantizationError(f"Int4Linear supports group size 32, got {group_size}")
+        self.mode = mode
+        self.kernel_rows, self.kernel_cols = out_features, self.k_padded
+        self.plain_shape, self.plain_dtype = (out_features, self.k_padded // 2), torch.uint8
+        g = self.k_padded // group_size
+        self.register_buffer("qweight", torch.zeros(self.plain_shape, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, g, dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, g, dtype=scale_dtype, device=device) if affine else None)
+
+    def _kernel_codes(self, qweight):
+        return formats.unpack_4bit(qweight)
+
+    def _plain_from_kernel_codes(self, codes):
+        return formats.pack_4bit(codes)
+
+    def _kernel_scale_zero(self):
+        s = self.scales.float()
+        return s, (s if self.zeros is None else self.zeros.float())
+
+    def _group_dequant(self, c, s, z):
+        # MLC's own formula, (q - 7) * s: identical to the kernel's (q - 8) * s + s in exact
+        # arithmetic, and bit-exact in float32 even for q4f32_1's fp32 scales
+        return (c - 7) * s if self.zeros is None else (c - 8) * s + z
+
+
+class Int8Linear(QuantLinear):
+    """Signed int8 codes ``c`` with ``w = c * scale`` per group of 32 (for MLC q8f16_1, ``c = q - 127``)."""
+
+    _kernel_row_parts = (0, 1)
+
+    def __init__(self, in_features, out_features, bias=True, *, mode="q8f16_1", group_size=32,
+                 scale_dtype=torch.float16, device=None, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, group_size, device, dtype)
+        if group_size != 32:
+            raise QuantizationError(f"Int8Linear supports group size 32, got {group_size}")
+        self.mode = mode
+        self.kernel_rows, self.kernel_cols = 2 * out_features, self.k_padded
+        self.plain_shape, self.plain_dtype = (out_features, self.k_padded), torch.int8
+        self.register_buffer("qweight", torch.zeros(self.plain_shape, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, self.k_padded // group_size,
+                                                   dtype=scale_dtype, device=device))
+
+    def _kernel_codes(self, qweight):
+        u = qweight.to(torch.int16) + 128  # 0..255
+        return torch.cat([u >> 4, u & 15]).to(torch.uint8)  # [2N, K]: high halves, then low halves
+
+    def _plain_from_kernel_codes(self, codes):
+        n = self.out_features
+        return (codes[:n].to(torch.int16) * 16 + codes[n:] - 128).to(torch.int8)
+
+    def _kernel_scale_zero(self):
+        s = self.scales.float()
+        return torch.cat([16 * s, s]), torch.cat([8 * s, torch.zeros_like(s)])
+
+    def _fold_rows(self, y):
+        n = self.out_features
+        return y[..., :n] + y[..., n:]
+
+
+class Int3Linear(QuantLinear):
+    """MLC q3f16_1: 3-bit codes, group 40, ``w = (q - 3) * scale``; stored ten codes per int32."""
+
+    kernel_group = 64
+
+    def __init__(self, in_features, out_features, bias=True, *, mode="q3f16_1", group_size=40,
+                 scale_dtype=torch.float16, device=None, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, group_size, device, dtype)
+        if group_size != 40:
+            raise QuantizationError(f"Int3Linear supports group size 40, got {group_size}")
+        self.mode = mode
+        self.n_groups = self.k_padded // 40
+        self.kernel_rows, self.kernel_cols = out_features, self.n_groups * 64
+        self.plain_shape, self.plain_dtype = (out_features, self.k_padded // 10), torch.int32
+        self.register_buffer("qweight", torch.zeros(self.plain_shape, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, self.n_groups, dtype=scale_dtype, device=device))
+
+    def _kernel_codes(self, qweight):
+        codes = formats.unpack_3bit(qweight).view(qweight.shape[0], self.n_groups, 40) + 5
+        return F.pad(codes, (0, 24), value=8).view(qweight.shape[0], -1)  # kernel code 8 = weight 0
+
+    def _plain_from_kernel_codes(self, codes):
+        q = codes.view(codes.shape[0], self.n_groups, 64)[..., :40] - 5
+        return formats.pack_3bit(q.reshape(codes.shape[0], -1))
+
+    def _kernel_scale_zero(self):
+        s = self.scales.float()
+        return s, torch.zeros_like(s)
+
+    def _to_kernel_x(self, x):
+        x = F.pad(x, (0, self.k_padded - self.in_features)).view(x.shape[0], self.n_groups, 40)
+        return F.pad(x, (0, 24)).view(x.shape[0], -1)
+
+    def _fold_cols(self, w):
+        return w.view(*w.shape[:-1], self.n_groups, 64)[..., :40].reshape(*w.shape[:-1], -1)[..., : self.in_features]
+
+
+_KINDS = {4: Int4Linear, 8: Int8Linear, 3: Int3Linear}
+
+
+def quant_linear_from_float(linear: nn.Linear, mode: str | formats.QuantMode) -> QuantLinear:
+    """Quantize an ``nn.Linear``'s weight with an MLC mode into the matching :class:`QuantLinear`."""
+    mode = formats.parse_mode(mode)
+    if not mode.quantized:
+        raise QuantizationError(f"mode {mode.name} does not quantize; cast the layer to {mode.dtype} instead")
+    w = linear.weight.detach()
+    codes, scales = formats.quantize(w, mode)
+    cls = _KINDS[mode.bits]
+    m = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode.name,
+            group_size=mode.group_size, scale_dtype=mode.torch_scale_dtype, device=w.device, dtype=w.dtype)
+    if mode.bits == 8:
+        m.qweight.copy_((codes.to(torch.int16) - mode.offset).to(torch.int8))
+    else:
+        m.qweight.copy_(formats.pack(codes, mode.bits))
+    m.scales.copy_(scales)
+    if linear.bias is not None:
+        m.bias.data.copy_(linear.bias.detach())
+    return m
+
+
+class QuantEmbedding(nn.Module):
+    """``nn.Embedding`` over a :class:`QuantLinear` holding the ``[vocab, dim]`` table: looks up only
+    the requested rows and dequantizes those. With a tied LM head, :meth:`as_lm_head` gives a
+    module that runs the same quantized table as the output projection (one copy of the weight)."""
+
+    def __init__(self, table: QuantLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.table = table
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise QuantizationError(f"embedding ids must be int32/int64, got {ids.dtype}")
+        flat = ids.reshape(-1).long()
+        if flat.numel() and (flat.min() < 0 or flat.max() >= self.num_embeddings):
+            raise QuantizationError(f"token id out of range [0, {self.num_embeddings})")
+        return self.table.dequantize(self.dtype, rows=flat).view(*ids.shape, self.embedding_dim)
+
+    def as_lm_head(self) -> "TiedQuantHead":
+        return TiedQuantHead(self)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.table.mode}"
+
+
+class TiedQuantHead(nn.Module):
+    """LM head tied to a :class:`QuantEmbedding`: holds no tensors of its own (so the state dict and
+    memory carry the table once) and calls the embedding's quantized table as a linear layer."""
+
+    def __init__(self, embedding: QuantEmbedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: avoids a duplicate state entry
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embedding.table(x)
