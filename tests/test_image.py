@@ -10,7 +10,6 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +300,185 @@ def test_validate_url_sees_the_url_and_every_redirect_target(http_server):
 
     with pytest.raises(ImageError, match="refusing to fetch.*private address"):
         load_image(base + "/img.png", validate_url=raises)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_from_dict_size_forms_unknown_keys_and_class_names():
+    c = ImageProcessorConfig.from_dict({"size": 336, "crop_size": 336, "feature_extractor_type": "CLIPFeatureExtractor",
+                                        "whatever": [1, 2]})
+    assert (c.processor_class, c.shortest_edge, c.size, c.crop_size) == ("CLIPImageProcessor", 336, None, (336, 336))
+    c = ImageProcessorConfig.from_dict({"image_processor_type": "SiglipImageProcessorFast",
+                                        "size": {"height": 384, "width": 384}})
+    assert (c.processor_class, c.size, c.shortest_edge, c.do_center_crop, c.image_mean) == (
+        "SiglipImageProcessor", (384, 384), None, False, (0.5, 0.5, 0.5))
+    c = ImageProcessorConfig.from_dict({"processor_class": "LlavaProcessor", "size": {"shortest_edge": 336},
+                                        "crop_size": {"height": 336, "width": 336}, "do_pad": True})
+    assert (c.processor_class, c.shortest_edge, c.do_pad) == ("LlavaImageProcessor", 336, True)
+    c = ImageProcessorConfig.from_dict({"image_processor_type": "LlavaOnevisionImageProcessor", "image_mean": 0.5})
+    assert c.is_anyres and c.size == (384, 384) and len(c.image_grid_pinpoints) == 36 and c.image_mean == (0.5,) * 3
+    assert c.image_grid_pinpoints[0] == (384, 384) and c.image_grid_pinpoints[-1] == (2304, 2304)
+
+
+def test_from_dict_bad_configs():
+    with pytest.raises(ConfigError, match="unsupported image processor 'Qwen2VLImageProcessor'.*CLIPImageProcessor"):
+        ImageProcessorConfig.from_dict({"image_processor_type": "Qwen2VLImageProcessor"})
+    with pytest.raises(ConfigError, match="size"):
+        ImageProcessorConfig.from_dict({"size": {"longest_edge": 10}})
+    with pytest.raises(ConfigError, match="crop_size"):
+        ImageProcessorConfig.from_dict({"crop_size": None})
+    with pytest.raises(ConfigError, match="resample"):
+        ImageProcessorConfig.from_dict({"resample": 9})
+    with pytest.raises(ConfigError, match="non-zero std"):
+        ImageProcessorConfig.from_dict({"image_std": [0.5, 0.0, 0.5]})
+
+
+def test_shortest_edge_and_best_resolution_by_hand():
+    assert shortest_edge_size(300, 451, 336) == (336, 505)  # int(336 * 451 / 300) = 505.12 -> 505
+    assert shortest_edge_size(451, 300, 336) == (505, 336)
+    grid = ImageProcessorConfig.llava_onevision().image_grid_pinpoints
+    assert select_best_resolution((300, 451), grid) == (384, 768)  # 451x300 fits whole; least waste
+    assert select_best_resolution((1, 1), grid) == (384, 384)
+    assert select_best_resolution((2000, 500), grid) == (2304, 768)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the transformers PIL-backend processors (torchvision is not installed)
+# ---------------------------------------------------------------------------------------------
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+ONEVISION_GRID = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+# preprocessor_config.json of the public checkpoints (as published on the hub).
+REAL_CONFIGS = {
+    "clip-vit-large-patch14-336": ("CLIPImageProcessorPil", {
+        "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "resample": 3, "size": 336}),
+    "siglip-so400m-patch14-384": ("SiglipImageProcessorPil", {
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5] * 3,
+        "image_processor_type": "SiglipImageProcessor", "image_std": [0.5] * 3, "processor_class": "SiglipProcessor",
+        "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"height": 384, "width": 384}}),
+    "llava-1.5-pad": ("LlavaImageProcessorPil", {
+        "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_MEAN,
+        "image_processor_type": "LlavaImageProcessor", "image_std": CLIP_STD, "processor_class": "LlavaProcessor",
+        "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 336}}),
+    "llava-onevision-qwen2-0.5b-ov-hf": ("LlavaOnevisionImageProcessorPil", {
+        "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+        "image_grid_pinpoints": ONEVISION_GRID, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "image_processor_type": "LlavaOnevisionImageProcessor", "processor_class": "LlavaOnevisionProcessor",
+        "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"height": 384, "width": 384}}),
+    # Not a published file: exercises bilinear resampling, crop larger than the resized image
+    # (zero padding), and CLIP with a fixed (height, width) resize.
+    "clip-bilinear-oddcrop": ("CLIPImageProcessorPil", {
+        "image_processor_type": "CLIPImageProcessor", "size": {"height": 200, "width": 150},
+        "crop_size": {"height": 224, "width": 131}, "resample": 2}),
+}
+
+
+def _test_images() -> dict[str, Image.Image]:
+    import skimage.data as data
+
+    astronaut = data.astronaut()
+    yy, xx = np.mgrid[0:512, 0:512]
+    alpha = ((xx + yy) * 255 // 1022).astype(np.uint8)  # transparent corner to opaque corner
+    rng = np.random.default_rng(7)
+    smooth = lambda h, w: np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+        (w, h), Image.BICUBIC))  # noqa: E731
+    chelsea = Image.fromarray(data.chelsea())
+    palette_t = chelsea.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette_t.info["transparency"] = 0
+    camera = data.camera()
+    return {
+        "astronaut": Image.fromarray(astronaut),
+        "coffee": Image.fromarray(data.coffee()),
+        "chelsea": chelsea,
+        "rocket": Image.fromarray(data.rocket()),
+        "camera_L": Image.fromarray(camera),
+        "astronaut_RGBA": Image.fromarray(np.dstack([astronaut, alpha])),
+        "logo_RGBA": Image.fromarray(data.logo()),
+        "camera_LA": Image.fromarray(np.dstack([camera, alpha])),
+        "chelsea_P": chelsea.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+        "chelsea_P_transparency": palette_t,
+        "coffee_CMYK": Image.fromarray(data.coffee()).convert("CMYK"),
+        "wide_60x900": Image.fromarray(smooth(60, 900)),
+        "tall_900x60": Image.fromarray(smooth(900, 60)),
+        "tiny_1x1": Image.new("RGB", (1, 1), (200, 10, 90)),
+        "tiny_2x3": Image.fromarray(rng.integers(0, 256, (2, 3, 3), dtype=np.uint8)),
+    }
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return _test_images()
+
+
+@pytest.fixture(scope="module")
+def hf_processors(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    out = {}
+    for name, (cls_name, cfg) in REAL_CONFIGS.items():
+        d = tmp_path_factory.mktemp(name)
+        (d / "preprocessor_config.json").write_text(json.dumps(cfg))
+        hf = getattr(transformers, cls_name).from_pretrained(str(d))
+        assert hf.backend == "pil"
+        out[name] = (hf, ImageProcessorConfig.from_dict(json.loads((d / "preprocessor_config.json").read_text())))
+    return out
+
+
+@pytest.mark.parametrize("config_name", list(REAL_CONFIGS))
+def test_parity_with_transformers(config_name, test_images, hf_processors):
+    hf, ours_cfg = hf_processors[config_name]
+    for image_name, img in test_images.items():
+        ref = hf(img.copy(), return_tensors="np")
+        ours = preprocess(img.copy(), ours_cfg)
+        ref_px = ref["pixel_values"][0]
+        if ours_cfg.is_anyres:  # [batch, n_tiles, 3, H, W] and (height, width)
+            assert tuple(int(v) for v in ref["image_sizes"][0]) == ours.image_size, image_name
+        else:  # [batch, 3, H, W]
+            ref_px = ref_px[None]
+        assert ours.image_size == (img.height, img.width)
+        assert tuple(ours.pixel_values.shape) == ref_px.shape, (config_name, image_name)
+        assert ours.pixel_values.dtype == torch.float32
+        diff = np.abs(ours.pixel_values.numpy() - ref_px).max()
+        assert diff <= 1e-5, (config_name, image_name, diff)
+
+
+def test_anyres_tiles_shape_and_content(test_images):
+    cfg = ImageProcessorConfig.from_dict(REAL_CONFIGS["llava-onevision-qwen2-0.5b-ov-hf"][1])
+    out = preprocess(test_images["chelsea"], cfg)  # 451 wide x 300 tall -> best (384, 768): 1 x 2 tiles
+    assert tuple(out.pixel_values.shape) == (3, 3, 384, 384) and out.image_size == (300, 451)
+    # Fitted into 384 x 768 by height: 384 tall, ceil(451 * 384/300) = 578 wide, centred with
+    # (768 - 578) / 2 = 95 black columns each side; black normalizes to -1 with mean = std = 0.5.
+    left, right = out.pixel_values[1], out.pixel_values[2]
+    assert (left[:, :, :95] == -1).all() and not (left[:, :, 95] == -1).all()
+    assert (right[:, :, 384 - 95 :] == -1).all() and not (right[:, :, 384 - 96] == -1).all()
+    assert not (out.pixel_values[0] == -1).all(dim=(0, 1)).any()  # the whole-image view has no padding
+
+
+def test_dtype_and_device_options(test_images):
+    out = preprocess(test_images["tiny_2x3"], ImageProcessorConfig.siglip(64), dtype=torch.bfloat16, device="cpu")
+    ref = preprocess(test_images["tiny_2x3"], ImageProcessorConfig.siglip(64))
+    assert out.pixel_values.dtype == torch.bfloat16 and out.pixel_values.device.type == "cpu"
+    torch.testing.assert_close(out.pixel_values.float(), ref.pixel_values, atol=1e-2, rtol=0)
+
+
+def test_llava_pad_uses_truncated_mean_colour():
+    # 2 tall x 8 wide black image: after expand-to-square the top/bottom bands are CLIP mean * 255, truncated.
+    cfg = ImageProcessorConfig(processor_class="LlavaImageProcessor", shortest_edge=8, crop_size=(8, 8), do_pad=True,
+                               do_normalize=False)
+    px = preprocess(np.zeros((2, 8, 3), np.uint8), cfg).pixel_values[0]
+    assert torch.allclose(px[:, 0, 0] * 255, torch.tensor([122.0, 116.0, 104.0]), atol=1e-4)
+    assert torch.allclose(px[:, 4, 4], torch.zeros(3))
+
+
+def test_preprocess_applies_no_pixel_limit_to_an_image_already_in_memory():
+    big = Image.new("RGB", (9000, 8000), (0, 0, 0))  # 72 MP, over load_image's default limit
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(big)
+    out = preprocess(big, ImageProcessorConfig.siglip(32))
+    assert out.image_size == (8000, 9000) and tuple(out.pixel_values.shape) == (1, 3, 32, 32)

@@ -26,7 +26,14 @@ named transformers processor class), or with ``.clip(336)``, ``.siglip(384)``, `
 ``preprocess(image, config, dtype=torch.float32, device=None) -> PreprocessedImage``
     ``image`` is anything ``load_image`` accepts. Returns ``pixel_values`` [n_tiles, 3, H, W]
     (n_tiles is 1 except for LLaVA-OneVision's anyres tiling, where tile 0 is the whole image)
-    and ``image_size`` = the (height, width) of the loaded RGB image.
+    and ``image_size`` = the (height, width) of the loaded RGB image. The image goes through
+    ``load_image`` (so EXIF orientation and RGB conversion always apply) with its default limits,
+    except that a PIL image or array passed in is not held to ``max_pixels``: load with your own
+    limits first, then pass the PIL image.
+
+Building blocks, each a pure function on HWC uint8 arrays unless said: ``shortest_edge_size``,
+``resize``, ``center_crop``, ``expand_to_square``, ``rescale`` and ``normalize`` (to float32),
+``select_best_resolution``, ``resize_and_pad_for_tiling``, ``anyres_tiles``, ``onevision_pinpoints``.
 
 The transforms reproduce the transformers 5 PIL backend (``*ImageProcessorPil``) number for
 number: pillow does the resampling on uint8 pixels, rescale is done in float64 then cast to
@@ -51,6 +58,7 @@ from pocketvlm.image.process import (
     center_crop,
     expand_to_square,
     normalize,
+    onevision_pinpoints,
     preprocess,
     rescale,
     resize,
@@ -72,6 +80,7 @@ __all__ = [
     "image_hash",
     "load_image",
     "normalize",
+    "onevision_pinpoints",
     "preprocess",
     "rescale",
     "resize",

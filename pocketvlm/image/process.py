@@ -320,8 +320,16 @@ def preprocess(
     """Load ``image`` (anything ``load_image`` takes) and turn it into the vision encoder's input.
 
     The image is always converted to RGB (the encoders take 3 channels), whatever ``do_convert_rgb`` says.
+    A PIL image or array is the caller's already, so the pixel limit is not applied to it; other
+    sources get ``load_image``'s default limits.
     """
-    arr = np.asarray(load_image(image))  # [H, W, 3] uint8
+    if isinstance(image, Image.Image):
+        img = load_image(image, max_pixels=max(image.width * image.height, 1))
+    elif isinstance(image, np.ndarray):
+        img = load_image(image, max_pixels=max(image.size, 1))
+    else:
+        img = load_image(image)
+    arr = np.asarray(img)  # [H, W, 3] uint8
     h, w = arr.shape[:2]
     c = config
     if c.is_anyres:
