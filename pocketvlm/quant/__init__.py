@@ -1,0 +1,52 @@
+"""pocketvlm.quant: weight quantization and the low-bit kernels that run it.
+
+Public API
+----------
+Modes (``formats``), MLC LLM's names and math (symmetric group quantization, no zero point)::
+
+    MODES, QuantMode, parse_mode(name)          # q0f32 q0f16 q0bf16 q4f16_1 q4f32_1 q3f16_1 q8f16_1
+    quantize(w, mode) -> (codes uint8 [out, in_pad], scales [out, groups])
+    dequantize(codes, scales, mode, in_features=None, dtype=float32)
+    pack_4bit / unpack_4bit, pack_3bit / unpack_3bit (10 codes per int32), pack / unpack
+
+GGUF blocks (``gguf_blocks``), from ``GGUFReader`` tensors (``.data``, ``.tensor_type``, ``.shape``)::
+
+    torch_shape(gguf_shape)                     # GGUF dims are innermost-first: reversed
+    dequantize_gguf(data, ggml_type, torch_shape, dtype=float32)
+        # F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K, bit-equal to gguf.quants
+
+Modules (``linear``), drop-ins with the ``nn.Linear`` / ``nn.Embedding`` call contract::
+
+    QuantLinear (Int4Linear, Int8Linear, Int3Linear): .dequantize(dtype, rows=None)
+    quant_linear_from_float(linear, mode)
+    QuantEmbedding(table).as_lm_head() -> TiedQuantHead (one quantized tensor, two uses)
+    DENSE_MIN_TOKENS                            # from this many rows, dequantize + dense GEMM
+
+Whole models (``apply``)::
+
+    quantize_model(model, mode, *, skip=None, overrides=None, embeddings=False) -> {name: mode}
+    build_quantized(model, record)              # empty quantized skeleton for load_state_dict
+    gguf_linear(data, ggml_type, gguf_shape, *, bias=None, dtype=float32, name="") -> (module, mode)
+    gguf_embedding(data, ggml_type, gguf_shape, *, dtype=float32, name="") -> (module, mode)
+
+``state_dict()`` of quantized modules holds plain tensors (packed ints + scales [+ zeros]) that
+safetensors can save; ``build_quantized(model, record)`` then ``load_state_dict`` restores them.
+Kernel notes (bf16 activations, the int8-as-two-int4 and int3-as-int4 re-expressions, the prefill
+switch) are in :mod:`pocketvlm.quant.linear`; measurements in ``benchmarks/kernels.py``.
+"""
+from .apply import DEFAULT_SKIP, GGUF_INT4, build_quantized, gguf_embedding, gguf_linear, quantize_model
+from .formats import (
+    MODES, QuantMode, dequantize, pack, pack_3bit, pack_4bit, parse_mode, quantize, unpack, unpack_3bit, unpack_4bit,
+)
+from .gguf_blocks import dequantize_gguf, torch_shape
+from .linear import (
+    DENSE_MIN_TOKENS, Int3Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, TiedQuantHead,
+    quant_linear_from_float,
+)
+
+__all__ = [
+    "MODES", "QuantMode", "parse_mode", "quantize", "dequantize", "pack", "unpack", "pack_4bit", "unpack_4bit",
+    "pack_3bit", "unpack_3bit", "dequantize_gguf", "torch_shape", "QuantLinear", "Int4Linear", "Int8Linear",
+    "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "DENSE_MIN_TOKENS",
+    "quantize_model", "build_quantized", "gguf_linear", "gguf_embedding", "DEFAULT_SKIP", "GGUF_INT4",
+]

@@ -1,0 +1,224 @@
+"""Quantizing a built model (a layer swap, as gpt-fast does) and rebuilding one from its record.
+
+Policy (``quantize_model`` defaults):
+  * ``nn.Linear`` layers are quantized with ``mode``; ``nn.Embedding`` only with ``embeddings=True``.
+  * Modules whose name contains ``vision_tower`` stay unquantized: the vision encoder runs once per
+    image (compute-bound, not bandwidth-bound) and is quality-sensitive.
+  * The projector (``multi_modal_projector`` / ``mm_projector``) also stays in the activation dtype:
+    it is tiny (a few MB) and every image token passes through it.
+  * ``overrides`` win over both: ``{"*vision_tower*": "q8f16_1"}`` quantizes the vision tower anyway;
+    a value of ``None``/"none" keeps a matching module unquantized.
+  * A tied LM head (``lm_head.weight is embed_tokens.weight``) becomes a :class:`TiedQuantHead` over the
+    quantized embedding when embeddings are quantized (one copy of the table); otherwise it is
+    quantized on its own (a second, low-bit copy: decode reads it every token).
+
+Patterns are ``fnmatch`` globs on the module name (``"*vision_tower*"``, ``"model.layers.0.*"``).
+The returned record ``{module name: mode}`` is what config.json stores; :func:`build_quantized` turns
+a freshly built model into the matching empty quantized skeleton so ``load_state_dict`` (strict) on
+a saved quantized state dict works without requantizing.
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Callable, Iterable, Mapping
+
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import nn
+
+from ..errors import QuantizationError
+from . import formats, gguf_blocks
+from .linear import Int3Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, TiedQuantHead, quant_linear_from_float
+
+DEFAULT_SKIP = ("*vision_tower*", "*multi_modal_projector*", "*mm_projector*")
+#: Storage of GGUF Q4_0/Q4_1/Q4_K kept on the int4 kernel: fp32 scale and zero per 32 weights.
+GGUF_INT4 = "q4f32_gguf"
+TIED_PREFIX = "tied:"
+
+Skip = Callable[[str, nn.Module], bool] | Iterable[str] | None
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _mode_for(name, module, mode, skip, overrides) -> str | None:
+    for pattern, m in (overrides or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return None if m in (None, "none") else formats.parse_mode(m).name
+    if _matches(name, DEFAULT_SKIP):
+        return None
+    if callable(skip):
+        if skip(name, module):
+            return None
+    elif skip is not None and _matches(name, [skip] if isinstance(skip, str) else skip):
+        return None
+    return mode.name
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _embedding_table(emb: nn.Embedding) -> nn.Linear:
+    lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
+    lin.weight = emb.weight
+    return lin
+
+
+def quantize_model(model: nn.Module, mode: str, *, skip: Skip = None,
+                   overrides: Mapping[str, str | None] | None = None, embeddings: bool = False) -> dict[str, str]:
+    """Swap the model's ``nn.Linear`` (and, with ``embeddings=True``, ``nn.Embedding``) layers for
+    quantized ones in place. Returns ``{module name: mode}`` for every module changed; ``q0*`` modes
+    only cast weights to their dtype."""
+    mode = formats.parse_mode(mode)
+    record: dict[str, str] = {}
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    embedded: dict[int, tuple[str, QuantEmbedding]] = {}  # id(weight) -> quantized embedding
+    for name, mod in targets:  # embeddings first, so a tied head can find its table
+        if not isinstance(mod, nn.Embedding) or not embeddings:
+            continue
+        m = _mode_for(name, mod, mode, skip, overrides)
+        if m is None:
+            continue
+        mm = formats.parse_mode(m)
+        if mm.quantized:
+            new = QuantEmbedding(quant_linear_from_float(_embedding_table(mod), mm), dtype=mod.weight.dtype)
+            embedded[id(mod.weight)] = (name, new)
+            _set(model, name, new)
+        else:
+            mod.to(mm.torch_dtype)
+        record[name] = m
+    for name, mod in targets:
+        if not isinstance(mod, nn.Linear):
+            continue
+        if id(mod.weight) in embedded and mod.bias is None:
+            emb_name, emb = embedded[id(mod.weight)]
+            _set(model, name, emb.as_lm_head())
+            record[name] = TIED_PREFIX + emb_name
+            continue
+        m = _mode_for(name, mod, mode, skip, overrides)
+        if m is None:
+            continue
+        mm = formats.parse_mode(m)
+        if mm.quantized:
+            _set(model, name, quant_linear_from_float(mod, mm))
+        else:
+            mod.to(mm.torch_dtype)
+        record[name] = m
+    return record
+
+
+def _empty_quant_linear(in_f: int, out_f: int, bias: bool, mode: str, device, dtype) -> QuantLinear:
+    if mode == GGUF_INT4:
+        return Int4Linear(in_f, out_f, bias, mode=mode, affine=True, scale_dtype=torch.float32, device=device, dtype=dtype)
+    mm = formats.parse_mode(mode)
+    cls = {4: Int4Linear, 8: Int8Linear, 3: Int3Linear}[mm.bits]
+    return cls(in_f, out_f, bias, mode=mm.name, group_size=mm.group_size, scale_dtype=mm.torch_scale_dtype,
+               device=device, dtype=dtype)
+
+
+def _is_quantized_mode(mode: str) -> bool:
+    return mode == GGUF_INT4 or formats.parse_mode(mode).quantized
+
+
+def build_quantized(model: nn.Module, record: Mapping[str, str]) -> nn.Module:
+    """Replace the modules named in ``record`` (from :func:`quantize_model` or GGUF loading) by empty
+    quantized modules of the right shapes, ready for ``load_state_dict`` of a saved quantized model.
+    Works on a model built on the meta device (use ``load_state_dict(..., assign=True)`` then)."""
+    tied = {}
+    for name, mode in sorted(record.items(), key=lambda kv: kv[1].startswith(TIED_PREFIX)):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError as e:
+            raise QuantizationError(f"quantization record names {name!r}, which the model does not have") from e
+        if mode.startswith(TIED_PREFIX):
+            emb = tied.get(mode[len(TIED_PREFIX):])
+            if emb is None:
+                raise QuantizationError(f"{name} is tied to {mode[len(TIED_PREFIX):]!r}, which is not a quantized embedding")
+            _set(model, name, emb.as_lm_head())
+            continue
+        if not _is_quantized_mode(mode):
+            mod.to(formats.parse_mode(mode).torch_dtype)
+            continue
+        w = mod.weight
+        if isinstance(mod, nn.Embedding):
+            table = _empty_quant_linear(mod.embedding_dim, mod.num_embeddings, False, mode, w.device, w.dtype)
+            new = QuantEmbedding(table, dtype=w.dtype)
+            tied[name] = new
+        elif isinstance(mod, nn.Linear):
+            new = _empty_quant_linear(mod.in_features, mod.out_features, mod.bias is not None, mode, w.device, w.dtype)
+        else:
+            raise QuantizationError(f"{name} is a {type(mod).__name__}; only Linear and Embedding can be quantized")
+        _set(model, name, new)
+    return model
+
+
+# ----- GGUF tensors -----------------------------------------------------------------------------------
+
+_EXACT_INT8 = (T.Q8_0, T.Q5_0)
+_INT4 = (T.Q4_0, T.Q4_1, T.Q4_K)
+
+
+def gguf_linear(data, ggml_type, gguf_shape, *, bias: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32, name: str = "") -> tuple[nn.Module, str]:
+    """One GGUF weight (``tensor.data``, ``tensor.tensor_type``, ``tensor.shape`` from ``GGUFReader``)
+    -> ``(module, mode)`` with the ``nn.Linear`` call contract:
+
+    * Q4_0/Q4_1/Q4_K -> :class:`Int4Linear` (mode ``q4f32_gguf``), exact codes on the int4 kernel.
+    * Q8_0 -> :class:`Int8Linear` (mode ``q8f16_1`` storage: int8 codes, fp16 scales), exact.
+    * Q5_0 -> the same 8-bit storage, exact but larger (warns).
+    * other quantized types (Q6_K, Q5_1, Q2_K, Q3_K, Q5_K) -> dequantized and requantized to
+      q8f16_1 (warns: not bit-exact, error below half an 8-bit step per 32-weight group).
+    * F32/F16/BF16 -> ``nn.Linear`` in ``dtype`` (mode ``q0...`` of that dtype).
+    """
+    t = gguf_blocks._as_type(ggml_type)
+    shape = gguf_blocks.torch_shape(gguf_shape)
+    if len(shape) != 2:
+        raise QuantizationError(f"{name or 'GGUF tensor'}: a Linear weight must be 2-D, got shape {shape}")
+    out_f, in_f = shape
+    if bias is not None and bias.shape != (out_f,):
+        raise QuantizationError(f"{name}: bias shape {tuple(bias.shape)} does not match out_features {out_f}")
+    if t in _INT4:
+        codes, scale, zero = gguf_blocks.int4_codes(data, t, shape)
+        m = Int4Linear(in_f, out_f, bias is not None, mode=GGUF_INT4, affine=True, scale_dtype=torch.float32, dtype=dtype)
+        m.qweight.copy_(formats.pack_4bit(codes))
+        m.scales.copy_(scale)
+        m.zeros.copy_(zero)
+        mode = GGUF_INT4
+    elif t in _EXACT_INT8:
+        if t is T.Q5_0:
+            warnings.warn(f"{name or 'tensor'}: GGUF Q5_0 has no 5-bit kernel; stored as exact 8-bit codes "
+                          "(q8f16_1 storage, ~1.06 instead of 0.69 bytes/weight)", stacklevel=2)
+        codes, scale = gguf_blocks.int8_codes(data, t, shape)
+        m = Int8Linear(in_f, out_f, bias is not None, mode="q8f16_1", dtype=dtype)
+        m.qweight.copy_(codes)
+        m.scales.copy_(scale.to(torch.float16))  # came from fp16 fields: lossless
+        mode = "q8f16_1"
+    elif t in (T.F32, T.F16, T.BF16):
+        m = nn.Linear(in_f, out_f, bias is not None, dtype=dtype)
+        with torch.no_grad():
+            m.weight.copy_(gguf_blocks.dequantize_gguf(data, t, shape, dtype))
+        mode = {torch.float32: "q0f32", torch.float16: "q0f16", torch.bfloat16: "q0bf16"}[dtype]
+    else:
+        warnings.warn(f"{name or 'tensor'}: GGUF {t.name} has no low-bit kernel here; requantized to "
+                      "q8f16_1 (8-bit, group 32) - close to but not bit-identical with the file", stacklevel=2)
+        lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+        lin.weight = nn.Parameter(gguf_blocks.dequantize_gguf(data, t, shape), requires_grad=False)
+        m = quant_linear_from_float(lin, "q8f16_1")
+        mode = "q8f16_1"
+    if bias is not None:
+        m.bias.data.copy_(bias.to(m.bias.dtype))
+    return m, mode
+
+
+def gguf_embedding(data, ggml_type, gguf_shape, *, dtype: torch.dtype = torch.float32,
+                   name: str = "") -> tuple[nn.Module, str]:
+    """A GGUF token-embedding table ``[vocab, dim]`` -> ``(QuantEmbedding or nn.Embedding, mode)``;
+    the same rules as :func:`gguf_linear`. For a tied LM head use ``module.as_lm_head()``."""
+    table, mode = gguf_linear(data, ggml_type, gguf_shape, dtype=dtype, name=name)
+    if isinstance(table, QuantLinear):
+        return QuantEmbedding(table, dtype=dtype), mode
+    return nn.Embedding.from_pretrained(table.weight.detach(), freeze=True), mode
