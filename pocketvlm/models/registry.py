@@ -17,6 +17,8 @@ FAMILIES = {
     "llava": "llava",
     "llava_onevision": "llava_onevision",
     "mobilevlm": "mobilevlm",
+    "clip_vision_model": "clip",
+    "siglip_vision_model": "siglip",
 }
 
 # Architectures that are the same as a family above under another name.
