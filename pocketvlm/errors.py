@@ -51,3 +51,11 @@ class PackageError(PocketVLMError, ValueError):
 
 class DeviceError(PocketVLMError, ValueError):
     """An unknown device name or a device value that cannot be used."""
+
+
+class RequestError(PocketVLMError, ValueError):
+    """A malformed chat request: missing or mistyped fields, unsupported options (server and Engine API)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image over the configured byte or pixel limit (the server answers 413)."""

@@ -1,0 +1,366 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) and the web chat page.
+
+    pocketvlm serve MODEL [MODEL...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...
+
+Endpoints: ``POST /v1/chat/completions`` (streaming with Server-Sent Events), ``GET /v1/models``,
+``GET /health``, and the chat page at ``/``. Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. Generation runs in the :class:`~.engine.Engine`'s
+scheduler threads, so the event loop only moves bytes.
+
+Safe defaults: binds 127.0.0.1; remote image URLs are refused unless ``--allow-remote-images`` (then public
+http(s) hosts only); local image paths are refused unless inside ``--allowed-image-dir``; request bodies and
+decoded image sizes are capped. fastapi/uvicorn are imported only when the server is built, so the CLI stays
+quick for the other commands.
+"""
+import asyncio
+import hmac
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..errors import (ContextWindowError, ImageError, ImageTooLargeError, ModelNotFoundError, PocketVLMError,
+                      RequestError, SamplingError)
+from . import schemas
+from .engine import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SLOTS, Engine, model_id_for
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+def error_response_for(e: BaseException) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error body) for an exception raised while handling a request."""
+    param = getattr(e, "param", None)
+    msg = str(e) or type(e).__name__
+    if isinstance(e, ImageTooLargeError):
+        return 413, schemas.error_body(msg, param=param, code="image_too_large")
+    if isinstance(e, ModelNotFoundError):
+        return 404, schemas.error_body(msg, param="model", code="model_not_found")
+    if isinstance(e, ContextWindowError):
+        return 400, schemas.error_body(msg, param=param or "messages", code="context_length_exceeded")
+    if isinstance(e, ImageError):
+        return 400, schemas.error_body(msg, param=param or "messages", code="invalid_image")
+    if isinstance(e, (RequestError, SamplingError)):
+        return 400, schemas.error_body(msg, param=param, code="invalid_value" if isinstance(e, SamplingError) else None)
+    if isinstance(e, PocketVLMError):
+        return 400, schemas.error_body(msg, param=param)
+    return 500, schemas.error_body(f"internal error: {type(e).__name__}: {msg}", "server_error")
+
+
+def _sse(obj) -> bytes:
+    data = obj.model_dump() if isinstance(obj, schemas.OpenAIObject) else obj
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The FastAPI application serving ``engine``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.staticfiles import StaticFiles
+
+    app = FastAPI(title="pocketvlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None):
+        return JSONResponse(schemas.error_body(message, type_, param, code), status_code=status, headers=headers)
+
+    def auth_error(request: Request):
+        if not api_key:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            return None
+        what = "no API key was given" if not header else "the API key is not valid"
+        return err(401, f"{what}: send 'Authorization: Bearer <key>' with the key the server was started with",
+                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return err(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return err(400, f"invalid request: {exc.errors()}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": engine.model_ids,
+                "schedulers": {m: s.stats() for m, s in engine.schedulers.items()}}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        if (e := auth_error(request)) is not None:
+            return e
+        return schemas.model_list([(m, {"vision": pm.is_vlm, "context_window": pm.context_window_size})
+                                   for m, pm in engine.pocket_models.items()], engine.created)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        if (e := auth_error(request)) is not None:
+            return e
+        if model_id not in engine.pocket_models:
+            return err(404, f"model {model_id!r} is not served here", param="model", code="model_not_found")
+        pm = engine.pocket_models[model_id]
+        return {"id": model_id, "object": "model", "created": engine.created, "owned_by": "pocketvlm",
+                "vision": pm.is_vlm, "context_window": pm.context_window_size}
+
+    async def next_item(q: asyncio.Queue, request: Request, job):
+        """The next (kind, value) from the worker; cancels the job if the client went away meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(q.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise asyncio.CancelledError() from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        if (e := auth_error(request)) is not None:
+            return e
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as ex:
+            return err(400, f"the request body is not valid JSON ({ex})", code="invalid_json")
+        job = None
+        try:
+            req = schemas.parse_chat_request(body)
+            prepared = await run_in_threadpool(engine.prepare, req)  # image fetch/decode: off the event loop
+            loop = asyncio.get_running_loop()
+            q: asyncio.Queue = asyncio.Queue()
+
+            def deliver(kind, value):
+                loop.call_soon_threadsafe(q.put_nowait, (kind, value))
+
+            job = engine.submit(req, prepared, deliver)
+            kind, value = await next_item(q, request, job)  # prefill errors become a proper status code
+            if kind == "error":
+                raise value
+        except BaseException as ex:
+            if job is not None:
+                job.cancel()
+            if isinstance(ex, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
+            status, body = error_response_for(ex)
+            return JSONResponse(body, status_code=status)
+        model = prepared[0]
+
+        if not req.stream:
+            parts = [value.text]
+            try:
+                while not value.finish_reason:
+                    kind, value = await next_item(q, request, job)
+                    if kind == "error":
+                        status, body = error_response_for(value)
+                        return JSONResponse(body, status_code=status)
+                    parts.append(value.text)
+            finally:
+                job.cancel()
+            return schemas.completion(schemas.new_id(), model, "".join(parts), value.finish_reason,
+                                      value.prompt_tokens, value.completion_tokens).model_dump()
+
+        async def events(value=value):
+            cid, created, usage = schemas.new_id(), int(time.time()), req.include_usage
+            try:
+                yield _sse(schemas.chunk(cid, model, created, {"role": "assistant", "content": ""},
+                                         include_usage=usage))
+                while True:
+                    if value.text:
+                        yield _sse(schemas.chunk(cid, model, created, {"content": value.text}, include_usage=usage))
+                    if value.finish_reason:
+                        yield _sse(schemas.chunk(cid, model, created, {}, value.finish_reason, include_usage=usage))
+                        if usage:
+                            yield _sse(schemas.chunk(cid, model, created, None, include_usage=True,
+                                                     usage_=schemas.usage(value.prompt_tokens,
+                                                                          value.completion_tokens)))
+                        yield b"data: [DONE]\n\n"
+                        return
+                    kind, value = await q.get()  # a client that leaves cancels this task: see finally
+                    if kind == "error":
+                        yield _sse(error_response_for(value)[1])
+                        return
+            finally:
+                job.cancel()  # frees the slot at the worker's next turn if the answer was not finished
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return BodyLimit(app, max_body_bytes)
+
+
+class BodyLimit:
+    """ASGI middleware: answer 413 to request bodies over ``limit`` bytes (by Content-Length, or counted
+    while reading a chunked body) before the application sees them."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = int(limit)
+
+    def __getattr__(self, name):  # expose the wrapped FastAPI app's attributes (state, routes, ...)
+        return getattr(self.app, name)
+
+    async def _reply(self, send, status: int, message: str, code: str) -> None:
+        body = json.dumps(schemas.error_body(message, code=code)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_big = f"the request body is over the limit of {self.limit:,} bytes (--max-body-bytes); send smaller images"
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    n = int(v)
+                except ValueError:
+                    return await self._reply(send, 400, "invalid Content-Length header", "invalid_request")
+                if n > self.limit:
+                    return await self._reply(send, 413, too_big, "request_too_large")
+        chunks, total = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            total += len(chunk)
+            if total > self.limit:
+                return await self._reply(send, 413, too_big, "request_too_large")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later reads see the client's disconnect
+
+        await self.app(scope, replay, send)
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+class ServerThread:
+    """Run an app under uvicorn in a background thread (tests, notebooks): ``with ServerThread(app) as s:``
+    then use ``s.url``. ``port=0`` picks a free port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, name="pocketvlm-uvicorn", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def register_cli(sub) -> None:
+    from ..cli import add_model_options
+    from ..real_models import DEFAULT_MODEL
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    p.add_argument("model", nargs="*", default=None,
+                   help=f"models to serve: HF folders or repo ids, .gguf files, package folders, built-in names "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--model-id", action="append", default=None,
+                   help="name clients use for each model, in order (default: the folder or file name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $POCKETVLM_API_KEY if set)")
+    p.add_argument("--allowed-image-dir", default=None, help="allow local image paths, only inside this folder")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (public hosts only; never loopback or private addresses)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
+    p.add_argument("--slots", type=int, default=DEFAULT_SLOTS, help="concurrent generations per model")
+    p.add_argument("--log-level", default="info")
+    add_model_options(p)
+    p.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(a) -> int:
+    import os
+
+    from ..api import load
+    from ..real_models import DEFAULT_MODEL
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise RequestError("the server needs fastapi and uvicorn: pip install 'pocketvlm[serve]'") from None
+    sources = a.model or [DEFAULT_MODEL]
+    ids = a.model_id or []
+    if len(ids) > len(sources):
+        raise RequestError(f"{len(ids)} --model-id values for {len(sources)} model(s)")
+    ids = ids + [model_id_for(s) for s in sources[len(ids):]]
+    if len(set(ids)) != len(ids):
+        raise RequestError(f"two models share an id ({', '.join(ids)}); name them with --model-id")
+    if a.slots < 1 or a.max_body_bytes < 1 or a.max_image_pixels < 1 or a.max_image_bytes < 1:
+        raise RequestError("--slots and the --max-* limits must be >= 1")
+    if a.allowed_image_dir and not Path(a.allowed_image_dir).is_dir():
+        raise RequestError(f"--allowed-image-dir {a.allowed_image_dir!r} is not a folder")
+    api_key = a.api_key or os.environ.get("POCKETVLM_API_KEY") or None
+    models = {}
+    for mid, src in zip(ids, sources):
+        print(f"loading {src} as {mid!r} ...", file=sys.stderr, flush=True)
+        models[mid] = load(src, device=a.device, dtype=a.dtype, quantization=a.quantization,
+                           context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
+                           template=a.template)
+    engine = Engine(models, slots=a.slots, allow_remote_images=a.allow_remote_images, allow_local_images=False,
+                    allowed_image_dir=a.allowed_image_dir, max_image_pixels=a.max_image_pixels,
+                    max_image_bytes=a.max_image_bytes)
+    app = create_app(engine, api_key=api_key, max_body_bytes=a.max_body_bytes)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: listening on {a.host} without --api-key: anyone who can reach this address can use "
+              "the models", file=sys.stderr)
+    print(f"pocketvlm: serving {', '.join(ids)} at http://{a.host}:{a.port} (web chat at /, API at /v1)",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    finally:
+        engine.close()
+    return 0
