@@ -209,20 +209,30 @@ def _metadata_from_reader(reader) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece vocabulary: every way to cut a token into two
-    vocabulary pieces, best-scored token first (then longer left piece, then longer right piece),
-    pieces of one token ordered by their ids. Same ordering as transformers' converter, so both
-    tokenizers merge in the same order."""
-    merges = []
-    for token, score in scores.items():
-        local = []
-        for i in range(1, len(token)):
-            left, right = token[:i], token[i:]
-            if left in vocab and right in vocab:
-                local.append((left, right, score))
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(m[0], m[1]) for m in merges]
+    vocabulary pieces, best-scored token first, then longer left piece, then longer right piece,
+    ties in token order. This is the ordering transformers' converter produces, so both tokenizers
+    merge in the same order. (Its extra per-token sort by piece ids never decides anything: the
+    cuts of one token all differ in left length.)"""
+    lefts, rights, keys_score, keys_left, keys_right, keys_order = [], [], [], [], [], []
+    for order, (token, score) in enumerate(scores.items()):
+        n = len(token)
+        for i in range(1, n):
+            left = token[:i]
+            if left in vocab:
+                right = token[i:]
+                if right in vocab:
+                    lefts.append(left)
+                    rights.append(right)
+                    keys_score.append(score)
+                    keys_left.append(i)
+                    keys_right.append(n - i)
+                    keys_order.append(order)
+    if not lefts:
+        return []
+    # np.lexsort is stable and sorts by the last key first.
+    perm = np.lexsort((np.asarray(keys_order), -np.asarray(keys_right), -np.asarray(keys_left),
+                       -np.asarray(keys_score, dtype=np.float64)))
+    return [(lefts[k], rights[k]) for k in perm.tolist()]
 
 
 def _spm_backend(tokens: list[str], scores, style: str) -> _Backend:
