@@ -53,6 +53,7 @@ class Prompt:
     ids: list[int]
     embed_fn: Any = None
     n_images: int = 0
+    stop_ids: set | None = None  # None: the tokenizer's EOS ids
 
 
 class StopStringFilter:
@@ -168,6 +169,12 @@ class PocketModel:
         self.template_name = "checkpoint" if self.tokenizer.chat_template else None
         return self.tokenizer.chat_template
 
+    @property
+    def chat_stop_ids(self) -> set[int]:
+        from .chat import stop_token_ids
+
+        return stop_token_ids(self.tokenizer, self.template)
+
     # --- low level ---------------------------------------------------------------------------------
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
         """fp32 logits ``[B, S, V]`` of a full forward (the parity-check hook)."""
@@ -205,8 +212,9 @@ class PocketModel:
                 "this model has no chat template; pass template=NAME (e.g. chatml, llama-2, vicuna, gemma, "
                 "phi-3, zephyr, redpajama_chat)")
         placeholder = getattr(self.model, "image_placeholder", "<image>")
-        parts_style = getattr(self.model, "template_uses_parts", False)
-        msgs, images = normalize_messages(messages, image_placeholder=placeholder, as_parts=parts_style)
+        # The family says whether its template iterates over content parts (LLaVA-OneVision's does).
+        fmt = "parts" if getattr(self.model, "template_uses_parts", False) else "string"
+        msgs, images = normalize_messages(messages, image_placeholder=placeholder, content_format=fmt)
         if images and not self.is_vlm:
             raise ImageError(f"{self.architecture} is a text-only model: it cannot take images "
                              "(load a vision-language model to ask about images)")
@@ -217,8 +225,11 @@ class PocketModel:
     def chat_prompt(self, messages: list[dict]) -> Prompt:
         text, images = self.render(messages)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        if self.tokenizer.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids  # the template did not write the BOS this tokenizer always starts with
         if not images:
-            return Prompt(ids, ids)
+            return Prompt(ids, ids, stop_ids=self.chat_stop_ids)
         from .vision_prompt import build_image_prompt
 
         return build_image_prompt(self, ids, images)
@@ -241,7 +252,7 @@ class PocketModel:
             dec = StreamDecoder(self.tokenizer)
             filt = StopStringFilter(stops)
             n_prompt, n_out = len(prompt.ids), 0
-            stop_ids = self.tokenizer.eos_token_ids
+            stop_ids = prompt.stop_ids if prompt.stop_ids is not None else self.tokenizer.eos_token_ids
             for step in slot.generate(prompt.keys, prompt.ids, params, max_tokens, stop_ids, prompt.embed_fn):
                 n_out += 1
                 finish = step.finish_reason

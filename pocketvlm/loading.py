@@ -184,14 +184,9 @@ def gguf_metadata(reader) -> dict[str, Any]:
 
 def gguf_tensor_to_torch(t) -> torch.Tensor:
     """Dequantize one GGUF tensor to fp32 in PyTorch's [out, in] layout."""
-    try:
-        from .quant.gguf_blocks import dequantize_tensor
-    except ImportError:  # numpy fallback from the gguf package
-        import gguf
-        import numpy as np
+    from .quant.gguf_blocks import dequantize_gguf, torch_shape
 
-        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)))
-    return dequantize_tensor(t)
+    return dequantize_gguf(t.data, t.tensor_type, torch_shape(t.shape))
 
 
 def map_gguf_names(names, table: dict[str, str]) -> dict[str, str]:

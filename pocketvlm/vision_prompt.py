@@ -71,4 +71,4 @@ def build_image_prompt(pm, ids: list[int], images: list):
                 e[0, j] = encoded[r[0]][1][r[1]].to(e.dtype)
         return e
 
-    return Prompt(keys, new_ids, embed_fn, len(images))
+    return Prompt(keys, new_ids, embed_fn, len(images), stop_ids=pm.chat_stop_ids)
