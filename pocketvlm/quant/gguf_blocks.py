@@ -15,6 +15,8 @@ The ``*_codes`` helpers return integer codes plus float32 scale/zero per 32-weig
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
@@ -180,11 +182,18 @@ def _as_type(ggml_type) -> T:
     return t
 
 
+def _from_numpy(arr: np.ndarray) -> torch.Tensor:
+    """Zero-copy view of a (possibly read-only, memory-mapped) array; pocketvlm never writes to it."""
+    arr = np.ascontiguousarray(arr).reshape(-1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
+
+
 def _raw_bytes(data, ggml_type: T, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor's blocks as uint8 ``[n_blocks, bytes_per_block]``, checking the byte count."""
     bs, nbytes = BLOCKS[ggml_type]
-    arr = np.ascontiguousarray(data)
-    raw = torch.from_numpy(arr.reshape(-1).view(np.uint8))
+    raw = _from_numpy(np.asarray(data).view(np.uint8))
     n = int(np.prod(shape)) if shape else 1
     if shape and shape[-1] % bs:
         raise CorruptWeightsError(
@@ -202,11 +211,11 @@ def dequantize_gguf(data, ggml_type, shape, dtype: torch.dtype = torch.float32) 
     t = _as_type(ggml_type)
     shape = tuple(int(s) for s in shape)
     if t is T.F32:
-        return torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.float32)).reshape(shape).to(dtype)
+        return _from_numpy(np.asarray(data).view(np.float32)).reshape(shape).to(dtype)
     if t is T.F16:
-        return torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.float16)).reshape(shape).to(dtype)
+        return _from_numpy(np.asarray(data).view(np.float16)).reshape(shape).to(dtype)
     if t is T.BF16:
-        raw = torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.int16))
+        raw = _from_numpy(np.asarray(data).view(np.int16))
         return raw.view(torch.bfloat16).reshape(shape).to(dtype)
     blocks = _raw_bytes(data, t, shape)
     return _DECODERS[t](blocks).reshape(shape).to(dtype)
