@@ -26,6 +26,11 @@ MIXED = (
     "Trailing spaces   \n   leading spaces and a lone tab\t\n"
     "Weird: \u200b zero-width, \u00a0 nbsp, combining e\u0301, fullwidth ＡＢＣ１２３, ellipsis… “quotes” — dash\n"
     "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call> [multimodal] <start_of_image>\n"
+    "हिन्दी पाठ, ภาษาไทยไม่มีช่องว่าง, Tiếng Việt có dấu, עִבְרִית עם ניקוד, ﷽, Ⅻ ½ ① ℃ ™\n"
+    "class Foo(Base):\n\tdef __init__(self, x=None, *args, **kw):\n\t\tself.x = x or {'a': [1, 2.5e-3]}\n"
+    "SELECT id, name FROM users WHERE age >= 18 AND email LIKE '%@example.com' ORDER BY id DESC;\n"
+    "    \n\n\n\n      \t\t  \n"
+    "URLs: https://example.com/path?q=1&r=two#frag  mail: someone@example.org  path: C:\\Users\\me\n"
 )
 MIXED = MIXED * 2 + "  final line without newline ends here 😀"
 PIECES = [MIXED] + MIXED.split("\n") + ["", " ", "  ", "\n", " leading", "😀", "<|im_start|>", "<start_of_turn>"]
@@ -199,6 +204,62 @@ def test_synthetic_llama_gguf_matches_transformers(spm_gguf):
     dec = StreamDecoder(mine)
     chunks = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(chunks) == mine.decode(ids) and not any("\ufffd" in c for c in chunks)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma3"])
+def test_synthetic_sentencepiece_variants_match_transformers(arch, tmp_path):
+    """Phi-3 (prefix "▁" from the normalizer) and Gemma (spaces normalized, multi-space tokens
+    spelled with real spaces, merges in file order) on a tiny vocabulary."""
+    from transformers import AutoTokenizer
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES + ["<|eot|>", "  ", "   "]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))] + [0.0, -50.0, -51.0]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES) + [3, 1, 1]
+    path = _write_gguf(tmp_path / f"{arch}.gguf", arch, tokens, scores, types)
+    mine = Tokenizer.from_gguf(path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for t in ["hello world", " hello  world", "   the   thing", "x = (1 + 2)", "héllo 😀", "a\nb", "", "  ", "<|eot|>hi"]:
+        for special in (True, False):
+            assert mine.encode(t, add_special_tokens=special) == hf(t, add_special_tokens=special).input_ids, t
+        ids = mine.encode(t, add_special_tokens=False)
+        assert mine.decode(ids) == hf.decode(ids), t
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "default"])
+def test_synthetic_byte_level_gguf_matches_transformers(pre, tmp_path):
+    """gpt2-type vocabularies with the split regex named by tokenizer.ggml.pre (or GPT-2's own)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from pocketvlm.tokenizer import _byte_alphabet
+
+    alphabet = [_byte_alphabet()[b] for b in range(256)]
+    merges = ["Ġ t", "Ġt h", "h e", "Ġth e", "l l", "e ll", "h ell", "hell o", "Ġ w", "o r", "Ġw or", "l d",
+              "Ġwor ld", "1 2", "12 3", "Ġ Ġ", "ĊĊ Ċ", "Ċ Ċ"]
+    tokens = alphabet + [m.replace(" ", "") for m in merges] + ["<|endoftext|>", "<|im_end|>", "<think>"]
+    path = tmp_path / f"bpe-{pre}.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 3) + [3, 3, 4])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 3)
+    w.add_eos_token_id(len(tokens) - 2)
+    w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    mine = Tokenizer.from_gguf(path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for t in ["hello world", "12345 1234567 hello   world\n\n\n  x", "it's THE'S we'll", "<think>the<|im_end|>",
+              "héllo 😀 中文", "  ", ""]:
+        for special in (True, False):
+            assert mine.encode(t, add_special_tokens=special) == hf(t, add_special_tokens=special).input_ids, t
+        ids = mine.encode(t)
+        assert mine.decode(ids) == hf.decode(ids)
+    assert not mine.add_bos_token and mine.eos_token_ids == {len(tokens) - 2}
 
 
 def test_gguf_reader_object_gives_same_tokenizer(spm_gguf):
