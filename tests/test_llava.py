@@ -4,6 +4,7 @@ processors, checkpoint layouts, cached decode after an image prefill. Pixel valu
 pocketvlm.image.preprocess and are fed to both models."""
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 
@@ -84,6 +85,7 @@ def llava_models(tmp_path_factory):
     return get
 
 
+@functools.lru_cache(maxsize=1)
 def _llava_processor():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -97,8 +99,9 @@ def _llava_processor():
                                        vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen2", "phi3"])
-@pytest.mark.parametrize("names", [["square"], ["wide"], ["tall", "tiny"], ["wide", "square"]])
+@pytest.mark.parametrize("text,names", [
+    ("llama", ["square"]), ("llama", ["wide"]), ("llama", ["tall", "tiny"]), ("llama", ["wide", "square"]),
+    ("qwen2", ["tall"]), ("qwen2", ["tiny", "wide"]), ("phi3", ["square"]), ("phi3", ["wide", "tall"])])
 def test_llava_logits(llava_models, text, names):
     hf, ours = llava_models(text)
     imgs = [_image(SIZES[n], i) for i, n in enumerate(names)]
@@ -298,3 +301,66 @@ def test_onevision_bad_inputs(onevision):
         llava_onevision.Config.from_dict(d)
     with pytest.raises(ConfigError, match="vision_aspect_ratio"):
         llava_onevision.Config.from_dict({**d, "image_grid_pinpoints": PINPOINTS, "vision_aspect_ratio": "pad"})
+
+
+# --- MobileVLM (no transformers implementation: checked against an explicit composition) ---------------
+
+@pytest.fixture(scope="module", params=["ldpnet", "ldpnetv2"])
+def mobilevlm(request, tmp_path_factory):
+    from pocketvlm.models.projectors import build_projector
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp(f"mobilevlm_{request.param}")
+    vcfg = {k: v for k, v in CLIP.items() if k != "model_type"}
+    tower = _randomize(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vcfg)), 6).eval()
+    tower.save_pretrained(root / "clip")  # mm_vision_tower names this local folder, as their code allows
+    text = _randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT["llama"])), 7).eval()
+    proj = _randomize(build_projector(request.param, 32, 32), 8).eval()
+    weights = dict(text.state_dict())
+    weights |= {"model.vision_tower.vision_tower.vision_model." + k: v for k, v in tower.state_dict().items()}
+    weights |= {"model.mm_projector." + k: v for k, v in proj.state_dict().items()}
+    d = root / "mobilevlm"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
+    cfg = {**text.config.to_dict(), "model_type": "mobilevlm", "architectures": ["MobileLlamaForCausalLM"],
+           "mm_vision_tower": str(root / "clip"), "mm_projector_type": request.param, "mm_hidden_size": 32,
+           "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "vision_tower_type": "clip",
+           "image_aspect_ratio": "pad", "use_mm_proj": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return tower, text, proj, loading.load(d).model
+
+
+def test_mobilevlm_logits_equal_composition(mobilevlm):
+    tower, text, proj, ours = mobilevlm
+    imgs = [_image(SIZES["wide"], 0), _image(SIZES["tiny"], 1)]
+    pcfg = ours.default_image_processor()
+    assert pcfg.do_pad and pcfg.crop_size == (32, 32)
+    pv = torch.cat([preprocess(im, pcfg).pixel_values for im in imgs])
+    n = ours.num_image_tokens()
+    pre, mid, post = [3, 4, 5], [6, 7], [8, 9]
+    ids = torch.tensor([pre + [-200] * n + mid + [-200] * n + post])
+    with torch.no_grad():
+        feats = proj(tower(pv, output_hidden_states=True).hidden_states[-2][:, 1:])  # the original's encode_images
+        assert feats.shape[1] == n
+        emb = text.get_input_embeddings()
+        # the original replaces each single -200 with the image's feature rows
+        ref_emb = torch.cat([emb(torch.tensor(pre)), feats[0], emb(torch.tensor(mid)), feats[1],
+                             emb(torch.tensor(post))])[None]
+        ref = text(inputs_embeds=ref_emb).logits
+        got = ours(ids, pixel_values=pv)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_mobilevlm_config():
+    from pocketvlm.models import mobilevlm
+
+    base_cfg = {**TEXT["llama"], "model_type": "mobilevlm", "mm_projector_type": "ldpnetv2"}
+    real = mobilevlm.Config.from_dict({**base_cfg, "mm_vision_tower": "openai/clip-vit-large-patch14-336"})
+    assert (real.vision_config.image_size, real.vision_config.patch_size, real.vision_config.num_hidden_layers) \
+        == (336, 14, 24)
+    with pytest.raises(ConfigError, match="unknown MobileVLM vision tower"):
+        mobilevlm.Config.from_dict({**base_cfg, "mm_vision_tower": "someone/other-tower"})
+    with pytest.raises(ConfigError, match="mm_vision_tower"):
+        mobilevlm.Config.from_dict(base_cfg)
+    with pytest.raises(ConfigError, match="mm_vision_select_feature"):
+        mobilevlm.Config.from_dict({**base_cfg, "vision_config": CLIP, "mm_vision_select_feature": "mtcv-2"})
