@@ -1,0 +1,112 @@
+"""The ``convert``, ``package`` and ``fit`` subcommands (registered by :func:`register_cli`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import PackageError
+from .bundle import fmt_bytes, table
+
+
+def register_cli(sub) -> None:
+    from ..quant import MODES
+
+    modes = ", ".join(MODES)
+    p = sub.add_parser("convert", help="quantize a model into a package folder (config, weights, tokenizer, manifest)")
+    p.add_argument("source", help="HF folder or repo id, .gguf file, or built-in name")
+    p.add_argument("--quantization", "-q", required=True, help=f"MLC mode: {modes}")
+    p.add_argument("-o", "--output", required=True, help="package folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--dtype", default=None, help="dtype of tensors kept in float (default: the mode's)")
+    p.add_argument("--context-window-size", type=int, default=None, help="for the manifest's memory estimate")
+    p.add_argument("--prefill-chunk-size", type=int, default=512)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("package", help="convert the models of a package config into one bundle folder")
+    p.add_argument("config", help="package config JSON: {device, model_list: [{model, model_id, quantization}]}")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_package)
+
+    p = sub.add_parser("fit", help="do these models (together) fit a device's memory?")
+    p.add_argument("models", nargs="*", help="package folders or model sources (estimated without loading weights)")
+    p.add_argument("--device", default=None, help="device name or usable GB (e.g. iphone-13, 3.5)")
+    p.add_argument("--all-devices", action="store_true", help="check every known device")
+    p.add_argument("--quantization", "-q", default="q4f16_1", help="mode for sources and --params (default q4f16_1)")
+    p.add_argument("--params", action="append", type=float, default=[],
+                   help="a size-only model of this many parameters (e.g. 2.5e9); repeatable")
+    p.add_argument("--context-window-size", type=int, default=None)
+    p.add_argument("--prefill-chunk-size", type=int, default=512)
+    p.add_argument("--dtype", default="float32", help="run dtype the estimate assumes")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(fn=cmd_fit)
+
+
+def cmd_convert(a) -> int:
+    from .convert import convert
+    from .files import read_manifest
+
+    out = convert(a.source, a.quantization, a.output, overwrite=a.overwrite, dtype=a.dtype,
+                  context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size)
+    m = read_manifest(out)
+    p = m["parameters"]
+    print(f"wrote {out}: {m['quantization']}, {p['total'] / 1e6:.1f}M parameters ({p['quantized'] / 1e6:.1f}M quantized, "
+          f"{p['vision'] / 1e6:.1f}M vision), {fmt_bytes(m['bytes_on_disk'])} on disk, "
+          f"estimated {fmt_bytes(m['memory']['bytes']['total'])} to run")
+    return 0
+
+
+def cmd_package(a) -> int:
+    from .bundle import package, summary_table
+
+    print(summary_table(package(a.config, a.output, overwrite=a.overwrite)))
+    return 0
+
+
+def cmd_fit(a) -> int:
+    from . import devices
+    from .memory import estimate_source
+
+    if not a.models and not a.params:
+        raise PackageError("name at least one model (package folder or source) or --params N")
+    if not a.device and not a.all_devices:
+        raise PackageError("pass --device NAME (or a number of GB) or --all-devices")
+    rows = [estimate_source(m, a.quantization, a.context_window_size, a.prefill_chunk_size, a.dtype) for m in a.models]
+    from .memory import params_estimate
+
+    rows += [{"model": f"{n:.3g} params", "quantization": a.quantization, "bytes": params_estimate(n, a.quantization)}
+             for n in a.params]
+    total = sum(r["bytes"]["total"] for r in rows)
+    targets = list(devices.DEVICES.values()) if a.all_devices else [devices.get_device(a.device)]
+    results = [devices.fit(total, d) for d in targets]
+    if a.json:
+        print(json.dumps({"models": rows, "total_bytes": total, "devices": results}, indent=2))
+        return 0
+    t = [("model", "quant", "weights", "kv cache", "activations", "vision", "runtime", "total")]
+    for r in rows:
+        b = r["bytes"]
+        t.append((r["model"], r["quantization"], fmt_bytes(b["weights"] + b["kernel_cache"]), fmt_bytes(b["kv_cache"]),
+                  fmt_bytes(b["activations"]), fmt_bytes(b["vision"]), fmt_bytes(b["runtime"]), fmt_bytes(b["total"])))
+    print("\n".join(table(t)))
+    if len(rows) > 1:
+        print(f"all models together: {fmt_bytes(total)} (runtime counted once per model: separate processes)")
+    print()
+    d = [("device", "RAM", "usable share", "usable", "needed", "fits")]
+    for f, dev in zip(results, targets):
+        d.append((dev.label, f"{dev.ram_gb:g} GB", f"{dev.share:.0%}", fmt_bytes(f["usable_bytes"]),
+                  fmt_bytes(f["needed_bytes"]), "yes" if f["fits"] else "NO"))
+    print("\n".join(table(d)))
+    return 0 if all(f["fits"] for f in results) or a.all_devices else 1
+
+
+def main(argv=None) -> int:  # pragma: no cover - `pocketvlm` is the entry point; this is for debugging
+    ap = argparse.ArgumentParser(prog="pocketvlm")
+    register_cli(ap.add_subparsers(dest="command", required=True))
+    a = ap.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Memory estimate of running a model with pocketvlm: weights + KV cache + activations + vision + runtime.
+
+All terms are bytes for batch 1, computed from the config and quantization mode without loading weights
+(the model is built on the meta device with the quantized modules the mode gives):
+
+* ``weights``: every tensor of the quantized state dict at its stored size (codes, scales), float
+  tensors at the run dtype; plus ``kernel_cache``: on CPU a quantized layer is repacked for the int4
+  kernel the first time it runs and caches bf16 scale/zero pairs (4 bytes per kernel group; 3-bit
+  layers grow from 0.375 to 0.5 bytes/weight in 64-wide kernel groups).
+* ``kv_cache``: the preallocated cache, ``layers x 2 x kv_heads x context x head_dim x dtype`` (the
+  family's own ``make_cache`` built on meta, so every family's layout counts).
+* ``activations``: the largest of one decoder layer at ``prefill_chunk_size`` tokens: the residual
+  stream, q/k/v, the MLP intermediates, and for quantized layers the dense prefill path's transient
+  dequantized weight (float32 codes, scaled copy, bf16 result: ~13 bytes/weight of the largest layer).
+  Attention scores (``heads x chunk x context`` float32) are counted as PyTorch's math SDPA path
+  would hold them. The logits are for the kept positions only (the engine keeps one).
+* ``vision``: the encoder at the largest image tiling: ``tiles x tokens x hidden`` states, the MLP
+  intermediate, attention scores ``tiles x heads x tokens^2``, the projector output.
+* ``runtime``: Python + torch + pocketvlm imports + tokenizer (measured: see ``RUNTIME_BYTES``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import registry
+
+#: Resident set of ``python -c "import torch, pocketvlm.api, pocketvlm.quant, tokenizers"`` on the
+#: dev machine (Linux x86-64, torch 2.13 CPU): 236 MB peak, measured with ru_maxrss
+#: (tests/test_memory.py::test_runtime_overhead re-measures it and prints the value).
+RUNTIME_BYTES = 240 * 1024 ** 2
+#: Tokenizer in memory per byte of tokenizer.json (Qwen2.5's 7 MB file: ~60 MB resident, measured).
+TOKENIZER_FACTOR = 9
+#: Bytes per weight held while the dense prefill path dequantizes one quantized layer (see docstring).
+DEQUANT_BYTES_PER_WEIGHT = 13
+DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def _dtype(d) -> torch.dtype:
+    from ..loading import parse_dtype
+
+    return parse_dtype(d)
+
+
+def mode_record(model: nn.Module, mode: str) -> dict[str, str]:
+    """The ``{module: mode}`` record quantize_model(model, mode, embeddings=True) would give, computed
+    without quantizing anything (quick on a meta model)."""
+    from ..quant import parse_mode, quantize_model
+
+    m = parse_mode(mode)
+    if not m.quantized:
+        return {}
+    names: list[str] = []
+    # quantize_model asks ``skip`` about exactly the modules it would quantize with ``mode``: note them, skip all.
+    quantize_model(model, m.name, embeddings=True, skip=lambda n, mod: names.append(n) or True)
+    record = {n: m.name for n in names}
+    mods = dict(model.named_modules())
+    emb_by_weight = {id(mods[n].weight): n for n in names if isinstance(mods[n], nn.Embedding)}
+    for n in names:  # a head sharing an embedding's table runs that quantized table (TiedQuantHead)
+        mod = mods[n]
+        if isinstance(mod, nn.Linear) and mod.bias is None and id(mod.weight) in emb_by_weight:
+            record[n] = "tied:" + emb_by_weight[id(mod.weight)]
+    return record
+
+
+def meta_model(config: dict, mode: str | None, context_window_size: int | None = None):
+    """(model on meta with quantized modules, family, Config) for an HF config dict."""
+    from ..quant import build_quantized
+
+    fam = registry.family(config["model_type"])
+    cfg = fam.Config.from_dict(config)
+    with torch.device("meta"):
+        model = fam.Model(cfg, max_seq_len=context_window_size)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    record = (config.get("quantization") or {}).get("modules")
+    if record is None:
+        record = mode_record(model, mode) if mode else {}
+    if record:
+        build_quantized(model, record)
+    return model, fam, cfg
+
+
+def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> tuple[int, int]:
+    """(weights, kernel_cache) bytes of a (meta or real) model run in ``dtype`` on ``device``."""
+    from ..quant import QuantLinear, kernels
+
+    a = DTYPE_BYTES[dtype]
+    scale_keys = set()
+    kernel = 0
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            scale_keys.update(f"{n}.scales", f"{n}.zeros")
+            if device == "cpu" and kernels.cpu_int4_supported(m.kernel_rows, m.kernel_cols, m.kernel_group):
+                packed = m.kernel_rows * m.kernel_cols // 2
+                groups = m.kernel_cols // m.kernel_group
+                kernel += packed - m.qweight.numel() * m.qweight.element_size() + groups * m.kernel_rows * 2 * 2
+    seen, total = set(), 0
+    for k, t in list(model.state_dict(keep_vars=True).items()):
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.is_floating_point() and k not in scale_keys:
+            total += t.numel() * a
+        else:
+            total += t.numel() * t.element_size()
+    return total, kernel
+
+
+def _text_cfg(cfg):
+    return getattr(cfg, "text_config", cfg)
+
+
+def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, chunk: int) -> int:
+    from ..quant import QuantEmbedding, QuantLinear, TiedQuantHead
+
+    t = _text_cfg(cfg)
+    a = DTYPE_BYTES[dtype]
+    P = min(chunk, context)
+    H, I = t.hidden_size, t.intermediate_size
+    nh, nkv, d = t.num_attention_heads, getattr(t, "n_kv_heads", t.num_attention_heads), getattr(t, "dim_head", H // t.num_attention_heads)
+    residual = 4 * P * H * a
+    qkv = 2 * P * (nh + 2 * nkv) * d * a
+    scores = nh * P * context * 4 + P * context  # fp32 scores + bool mask
+    mlp = P * I * (3 * a + 2 * 2)  # gate, up, product in dtype; bf16 outputs of the quantized matmuls
+    transient = 0
+    skip = set()
+    for m in model.modules():
+        if isinstance(m, QuantEmbedding):
+            skip.add(id(m.table))
+        elif isinstance(m, TiedQuantHead):
+            skip.add(id(m._embedding.table))
+    from ..quant import DENSE_MIN_TOKENS
+
+    if P >= DENSE_MIN_TOKENS:
+        sizes = [m.kernel_rows * m.kernel_cols for n, m in model.named_modules()
+                 if isinstance(m, QuantLinear) and id(m) not in skip and "vision_tower" not in n]
+        transient = DEQUANT_BYTES_PER_WEIGHT * max(sizes, default=0)
+    logits = t.vocab_size * (4 + a)
+    embed_rows = P * H * DEQUANT_BYTES_PER_WEIGHT
+    return residual + max(qkv + scores, mlp + transient) + logits + embed_rows
+
+
+def vision_bytes(model: nn.Module, cfg, dtype: torch.dtype, tiles: int | None) -> tuple[int, int]:
+    """(vision activation bytes, tiles) at ``tiles`` (default: the largest tiling the model allows)."""
+    v = getattr(cfg, "vision_config", None)
+    if v is None:
+        return 0, 0
+    if tiles is None:  # anyres: the base tile + the largest grid of image_grid_pinpoints
+        pins = getattr(cfg, "image_grid_pinpoints", None)
+        tiles = max(p[0] * p[1] for p in pins) // (v.image_size ** 2) + 1 if pins else 1
+    a = DTYPE_BYTES[dtype]
+    n = (v.image_size // v.patch_size) ** 2
+    hv, iv, heads = v.hidden_size, v.intermediate_size, v.num_attention_heads
+    text_h = _text_cfg(cfg).hidden_size
+    states = tiles * n * hv * a * 4
+    mlp = tiles * n * iv * a * 2
+    scores = tiles * heads * n * n * 4
+    proj = tiles * n * (hv + 2 * text_h) * a
+    pixels = tiles * 3 * v.image_size ** 2 * 4
+    return states + max(mlp, scores) + proj + pixels, tiles
+
+
+def estimate_memory(config, mode: str | None = None, context_window_size: int | None = None,
+                    prefill_chunk_size: int = 512, *, dtype="float32", device: str = "cpu",
+                    image_tiles: int | None = None, tokenizer_bytes: int = 0,
+                    runtime_bytes: int = RUNTIME_BYTES) -> dict[str, int]:
+    """Bytes needed to run the model an HF ``config`` dict describes, quantized with ``mode`` (or the
+    package's recorded ``"quantization"``), at ``context_window_size`` (default: min(model, 4096)).
+    ``tokenizer_bytes``: size of tokenizer.json (its in-memory form is counted ~9x)."""
+    dtype = _dtype(dtype)
+    model, fam, cfg = meta_model(config, mode, context_window_size)
+    t = _text_cfg(cfg)
+    ctx = int(context_window_size or min(getattr(t, "max_position_embeddings", 4096) or 4096, 4096))
+    weights, kernel = weight_bytes(model, dtype, device)
+    kv = model.make_cache(1, ctx, dtype=dtype, device="meta").nbytes
+    act = activation_bytes(model, cfg, dtype, ctx, prefill_chunk_size)
+    vis, _ = vision_bytes(model, cfg, dtype, image_tiles)
+    out = {"weights": weights, "kernel_cache": kernel, "kv_cache": kv, "activations": act, "vision": vis,
+           "runtime": runtime_bytes + TOKENIZER_FACTOR * tokenizer_bytes}
+    out["total"] = sum(out.values())
+    return out
+
+
+def estimate_package(folder, *, config: dict | None = None, context_window_size: int | None = None,
+                     prefill_chunk_size: int = 512, dtype="float32", device="cpu", image_tiles=None) -> dict:
+    """The estimate for a package folder plus the settings it assumed (stored in manifest.json)."""
+    import json
+
+    folder = Path(folder)
+    config = config or json.loads((folder / "config.json").read_text())
+    tok = folder / "tokenizer.json"
+    est = estimate_memory(config, None, context_window_size, prefill_chunk_size, dtype=dtype, device=device,
+                          image_tiles=image_tiles, tokenizer_bytes=tok.stat().st_size if tok.exists() else 0)
+    return {"bytes": est, "context_window_size": context_window_size, "prefill_chunk_size": prefill_chunk_size,
+            "dtype": str(_dtype(dtype)).replace("torch.", ""), "device": device}
+
+
+def params_estimate(params: float, mode: str, *, runtime_bytes: int = RUNTIME_BYTES) -> dict[str, int]:
+    """A size-only estimate: ``params`` weights at the mode's bytes/weight, plus the runtime. No KV cache
+    or activations (the architecture is unknown): a lower bound."""
+    from ..quant import parse_mode
+
+    w = int(math.ceil(params * parse_mode(mode).bytes_per_weight))
+    out = {"weights": w, "kernel_cache": 0, "kv_cache": 0, "activations": 0, "vision": 0, "runtime": runtime_bytes}
+    out["total"] = sum(out.values())
+    return out
+
+
+def source_config(source) -> tuple[dict, int]:
+    """(HF config dict, tokenizer.json bytes or an estimate) of a model source, without reading weights."""
+    from .. import loading
+
+    kind, path = loading.resolve(source)
+    if kind == "hf":
+        tok = Path(path) / "tokenizer.json"
+        return loading.read_config(Path(path)), tok.stat().st_size if tok.exists() else 0
+    reader = loading.gguf_reader(path)
+    meta = loading.gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    d = registry.gguf_family(arch).gguf_config(meta, arch)
+    d.setdefault("tie_word_embeddings", "output.weight" not in {t.name for t in reader.tensors})
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    merges = meta.get("tokenizer.ggml.merges") or []
+    # tokenizer.json spells each token about twice (vocab + merges); ~2 bytes of JSON per character
+    return d, 2 * sum(len(t) + 8 for t in tokens) + sum(len(m) + 6 for m in merges)
+
+
+def estimate_source(model, mode: str, context_window_size=None, prefill_chunk_size: int = 512,
+                    dtype="float32") -> dict:
+    """{"model", "quantization", "bytes"} for a package folder (its recorded quantization) or a source
+    quantized with ``mode`` (estimated from the config alone)."""
+    from .convert import is_package
+    from .files import read_manifest
+
+    if is_package(model):
+        m = read_manifest(Path(model))
+        est = estimate_package(model, context_window_size=context_window_size,
+                               prefill_chunk_size=prefill_chunk_size, dtype=dtype)
+        return {"model": str(model), "quantization": m.get("quantization"), "bytes": est["bytes"]}
+    config, tok = source_config(model)
+    config.pop("quantization", None)
+    est = estimate_memory(config, mode, context_window_size, prefill_chunk_size, dtype=dtype, tokenizer_bytes=tok)
+    return {"model": str(model), "quantization": mode, "bytes": est}
