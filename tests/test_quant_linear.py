@@ -1,0 +1,234 @@
+"""QuantLinear / QuantEmbedding against dequantized-weight matmuls; quantize_model; save/load.
+
+Tolerance: the kernel path runs bfloat16 activations and bf16-rounded scales (codes exact), so its
+output is compared with ``x.bfloat16().float() @ W_hat.T`` (W_hat = exact float32 dequantization)
+at relative L2 error < 1e-2 (bf16 has an 8-bit mantissa: 2^-8 ~ 4e-3 per rounding).
+"""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pocketvlm.errors import QuantizationError
+from pocketvlm.quant import formats, kernels
+from pocketvlm.quant.apply import build_quantized, quantize_model
+from pocketvlm.quant.linear import (
+    Int3Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, TiedQuantHead, quant_linear_from_float,
+)
+
+MODES = ["q4f16_1", "q4f32_1", "q8f16_1", "q3f16_1"]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 4864])
+def test_cpu_int4_layout_roundtrip(n):
+    """The kernel's packed nibble order is learnt and inverted; rows can be unpacked selectively."""
+    codes = torch.randint(0, 16, (n, 96), dtype=torch.uint8)
+    packed = kernels.pack_int4_cpu(codes)
+    assert torch.equal(kernels.unpack_int4_cpu(packed), codes)
+    rows = torch.tensor([n - 1, 0, 17 % n, n - 1])
+    assert torch.equal(kernels.unpack_int4_cpu(packed, rows), codes[rows])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(64, 96), (48, 100), (40, 64)])  # 100: padded; 40 rows: no kernel
+def test_quant_linear_matches_dequantized_matmul(mode, shape):
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    lin = nn.Linear(in_f, out_f)
+    q = quant_linear_from_float(lin, mode)
+    codes, scales = formats.quantize(lin.weight, mode)
+    w_hat = formats.dequantize(codes, scales, mode, in_f)
+    assert (q.in_features, q.out_features, q.bias is not None) == (in_f, out_f, True)
+    assert torch.equal(q.dequantize(), w_hat)  # exact, before and after the kernel repack
+    x = torch.randn(2, 3, in_f)
+    y = q(x)  # few tokens: the int4 kernel (when the shape allows)
+    assert y.shape == (2, 3, out_f) and y.dtype == x.dtype
+    ref = x.bfloat16().float() @ w_hat.t() + lin.bias
+    assert _rel(y, ref) < 1e-2
+    assert q._layout == ("cpu" if q.kernel_rows % 16 == 0 else "plain")  # int8 runs 2*out rows
+    assert torch.equal(q.dequantize(), w_hat)
+    rows = torch.tensor([out_f - 1, 0, 3])
+    assert torch.equal(q.dequantize(rows=rows), w_hat[rows])
+    xd = torch.randn(q.dense_min_tokens + 1, in_f)  # prefill: dense path
+    assert _rel(q(xd), xd.bfloat16().float() @ w_hat.t() + lin.bias) < 1e-2
+
+
+def test_kernel_path_and_dense_path_agree():
+    torch.manual_seed(1)
+    q = quant_linear_from_float(nn.Linear(128, 64, bias=False), "q4f16_1")
+    x = torch.randn(8, 128)
+    y_kernel = q(x)
+    q.dense_min_tokens = 1
+    assert _rel(q(x), y_kernel) < 1e-2
+
+
+def test_bf16_activations_stay_bf16():
+    q = quant_linear_from_float(nn.Linear(64, 32), "q8f16_1")
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert q(x).dtype == torch.bfloat16
+
+
+def test_quant_linear_bad_input_shape():
+    q = quant_linear_from_float(nn.Linear(64, 32), "q4f16_1")
+    with pytest.raises(QuantizationError, match="last dim 64"):
+        q(torch.randn(2, 63))
+    with pytest.raises(QuantizationError, match="does not quantize"):
+        quant_linear_from_float(nn.Linear(64, 32), "q0f16")
+    with pytest.raises(QuantizationError, match="group size"):
+        Int4Linear(64, 32, group_size=64)
+
+
+@pytest.mark.parametrize("cls,mode", [(Int4Linear, "q4f16_1"), (Int8Linear, "q8f16_1"), (Int3Linear, "q3f16_1")])
+def test_state_dict_plain_layout_roundtrip(tmp_path, cls, mode):
+    torch.manual_seed(2)
+    q = quant_linear_from_float(nn.Linear(100, 48), mode)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q(torch.randn(1, 100))  # repacks for the kernel
+    after = q.state_dict()
+    assert before.keys() == after.keys() == {"qweight", "scales", "bias"}
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # saved form does not depend on the run layout
+    save_file(dict(after), tmp_path / "q.safetensors")
+    q2 = cls(100, 48, True, mode=mode, group_size=formats.parse_mode(mode).group_size,
+             scale_dtype=torch.float16)
+    q2(torch.randn(1, 100))  # a repacked module must still load the plain form
+    q2.load_state_dict(load_file(tmp_path / "q.safetensors"))
+    assert torch.equal(q2.dequantize(), q.dequantize())
+    x = torch.randn(3, 100)
+    assert torch.equal(q2(x), q(x))
+
+
+def test_module_to_keeps_weights():
+    q = quant_linear_from_float(nn.Linear(64, 32), "q8f16_1")
+    w = q.dequantize()
+    q(torch.randn(1, 64))
+    q.to("cpu")  # any move goes through the plain layout
+    assert q._layout == "plain" and torch.equal(q.dequantize(), w)
+
+
+# ----- embeddings and a tied head ---------------------------------------------------------------------
+
+def test_quant_embedding_rows_and_errors():
+    torch.manual_seed(3)
+    emb = nn.Embedding(80, 64)
+    table = quant_linear_from_float(nn.Linear(64, 80, bias=False).requires_grad_(False), "q4f16_1")
+    table.qweight.copy_(quant_linear_from_float(_as_linear(emb), "q4f16_1").qweight)
+    table.scales.copy_(quant_linear_from_float(_as_linear(emb), "q4f16_1").scales)
+    qe = QuantEmbedding(table)
+    w_hat = table.dequantize()
+    ids = torch.tensor([[0, 79, 5], [64, 64, 1]])
+    assert torch.equal(qe(ids), w_hat[ids])
+    table(torch.randn(1, 64))  # after the kernel repack the rows come from the packed layout
+    assert torch.equal(qe(ids), w_hat[ids])
+    with pytest.raises(QuantizationError, match="out of range"):
+        qe(torch.tensor([80]))
+    with pytest.raises(QuantizationError, match="int32/int64"):
+        qe(torch.tensor([1.0]))
+
+
+def _as_linear(emb):
+    lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False)
+    lin.weight.data.copy_(emb.weight.data)
+    return lin
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(64, 64)
+        self.gate_proj = nn.Linear(64, 96, bias=False)
+        self.down_proj = nn.Linear(96, 64, bias=False)
+
+    def forward(self, x):
+        return x + self.down_proj(torch.relu(self.gate_proj(self.q_proj(x))))
+
+
+class _TinyVLM(nn.Module):
+    """Hugging Face-style names: vision tower, projector, decoder layers, tied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision_tower = nn.Sequential(nn.Linear(32, 32))
+        self.multi_modal_projector = nn.Linear(32, 64)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(112, 64)
+        self.model.layers = nn.ModuleList([_Block(), _Block()])
+        self.lm_head = nn.Linear(64, 112, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight  # tied
+
+    def forward(self, ids, pixels):
+        h = self.model.embed_tokens(ids) + self.multi_modal_projector(self.vision_tower(pixels)).mean(1, keepdim=True)
+        for layer in self.model.layers:
+            h = layer(h)
+        return self.lm_head(h)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(9)
+    return torch.randint(0, 112, (1, 5), generator=g), torch.randn(1, 4, 32, generator=g)
+
+
+def test_quantize_model_policy_and_tied_head():
+    torch.manual_seed(4)
+    model = _TinyVLM()
+    float_model = _TinyVLM()
+    float_model.load_state_dict(model.state_dict())
+    record = quantize_model(model, "q4f16_1", embeddings=True, overrides={"model.layers.1.*": "q8f16_1"})
+    assert isinstance(model.vision_tower[0], nn.Linear)  # default: vision tower and projector stay float
+    assert isinstance(model.multi_modal_projector, nn.Linear)
+    assert "vision_tower.0" not in record and "multi_modal_projector" not in record
+    assert isinstance(model.model.layers[0].q_proj, Int4Linear) and record["model.layers.0.q_proj"] == "q4f16_1"
+    assert isinstance(model.model.layers[1].gate_proj, Int8Linear) and record["model.layers.1.gate_proj"] == "q8f16_1"
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert isinstance(model.lm_head, TiedQuantHead) and record["lm_head"] == "tied:model.embed_tokens"
+    assert not any(k.startswith("lm_head") for k in model.state_dict())  # the table is stored once
+    # reference: the float model with every quantized weight replaced by its exact dequantization
+    with torch.no_grad():
+        for name, mode in record.items():
+            mod = model.get_submodule(name)
+            if isinstance(mod, QuantLinear):
+                float_model.get_submodule(name).weight.copy_(mod.dequantize())
+            elif isinstance(mod, QuantEmbedding):
+                float_model.get_submodule(name).weight.copy_(mod.table.dequantize())
+    out, ref = model(*_inputs()), float_model(*_inputs())
+    assert out.shape == ref.shape and _rel(out, ref) < 2e-2  # bf16 activations in every layer
+
+
+def test_quantize_model_skip_and_untied_head():
+    model = _TinyVLM()
+    record = quantize_model(model, "q3f16_1", skip=["*down_proj"], overrides={"*vision_tower*": "q8f16_1"})
+    assert isinstance(model.model.layers[0].down_proj, nn.Linear)
+    assert isinstance(model.vision_tower[0], Int8Linear)
+    assert isinstance(model.model.embed_tokens, nn.Embedding)  # embeddings not asked for
+    assert isinstance(model.lm_head, Int3Linear) and record["lm_head"] == "q3f16_1"
+    model2 = _TinyVLM()
+    rec2 = quantize_model(model2, "q4f16_1", skip=lambda name, m: name.endswith("q_proj"))
+    assert isinstance(model2.model.layers[0].q_proj, nn.Linear) and "model.layers.0.q_proj" not in rec2
+    model3 = _TinyVLM()
+    quantize_model(model3, "q0bf16")
+    assert model3.model.layers[0].q_proj.weight.dtype == torch.bfloat16
+    with pytest.raises(QuantizationError, match="valid modes"):
+        quantize_model(_TinyVLM(), "q4")
+    with pytest.raises(QuantizationError, match="valid modes"):
+        quantize_model(_TinyVLM(), "q4f16_1", overrides={"*": "int4"})
+
+
+def test_save_and_load_quantized_model(tmp_path):
+    torch.manual_seed(5)
+    model = _TinyVLM()
+    record = quantize_model(model, "q4f16_1", embeddings=True, overrides={"model.layers.1.*": "q3f16_1"})
+    out = model(*_inputs())
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        fresh = _TinyVLM()
+    build_quantized(fresh, record)
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True, assign=True)
+    assert torch.equal(fresh(*_inputs()), out)
+    with pytest.raises(QuantizationError, match="does not have"):
+        build_quantized(_TinyVLM(), {"model.layers.7.q_proj": "q4f16_1"})
+    with pytest.raises(QuantizationError, match="not a quantized embedding"):
+        build_quantized(_TinyVLM(), {"lm_head": "tied:model.embed_tokens"})
