@@ -2,8 +2,6 @@
 tokenizer folders, the named built-in templates, multimodal message normalization, bad input."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from pocketvlm.chat import (

@@ -3,7 +3,6 @@ a tiny Hugging Face tokenizer folder; StreamDecoder; bad input."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
