@@ -412,10 +412,6 @@ class Engine:
         Returns (model id, messages with image URLs replaced by tags, {tag: PIL image})."""
         mid = self.resolve_model(req.model)
         pm = self.pocket_models[mid]
-        urls = req.image_urls()
-        if urls and not pm.is_vlm:
-            raise ImageError(f"model {mid!r} is text-only ({pm.architecture}) and cannot take images; "
-                             "send text only or use a vision-language model")
         images, messages, k = {}, [], 0
         for m in req.messages:
             if isinstance(m["content"], list):
@@ -430,6 +426,10 @@ class Engine:
                         parts.append(p)
                 m = {"role": m["role"], "content": parts}
             messages.append(m)
+        # checked after loading so that a forbidden or oversize image is reported as such whatever the model
+        if images and not pm.is_vlm:
+            raise ImageError(f"model {mid!r} is text-only ({pm.architecture}) and cannot take images; "
+                             "send text only or use a vision-language model")
         return mid, messages, images
 
     def submit(self, req: schemas.ChatRequest, prepared, deliver: Callable) -> Job:

@@ -1,0 +1,597 @@
+"""The OpenAI-compatible server and the in-process Engine, with real clients (openai, httpx) against a live
+uvicorn server on a free loopback port, serving a tiny random-weight Qwen2 chat model."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+import pocketvlm
+from pocketvlm.errors import ImageError, ModelNotFoundError, RequestError, SamplingError
+from pocketvlm.serve import schemas
+from pocketvlm.serve.app import ServerThread, create_app
+from pocketvlm.serve.engine import Engine, ImagePolicy, build_prompt, check_public_url
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_fixtures import make_tiny_qwen2  # noqa: E402
+
+MAX_BODY = 2_000_000
+MAX_PIXELS = 1_000_000
+
+
+# --- fixtures ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's matmuls are too small for threads; on a shared, busy machine two spinning OpenMP
+    threads per op make every token several times slower. Restored after this module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_chat"), max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def pm(tiny_dir):
+    return pocketvlm.load(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(allowed / "red.png")
+    Image.new("RGB", (8, 8), (10, 10, 200)).save(root / "secret.png")  # outside the allowed folder
+    (allowed / "link.png").symlink_to(root / "secret.png")
+    return allowed
+
+
+@pytest.fixture(scope="module")
+def engine(pm, image_dir):
+    e = Engine({"tiny": pm}, slots=4, allow_local_images=False, allowed_image_dir=image_dir,
+               max_image_pixels=MAX_PIXELS)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ServerThread(create_app(engine, max_body_bytes=MAX_BODY)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def keyed_server(engine):
+    """A second app over the same engine (same scheduler), requiring an API key."""
+    with ServerThread(create_app(engine, api_key="sekret")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def reference(pm, messages, max_tokens):
+    """The greedy answer computed directly, on a fresh slot, without the scheduler or the server."""
+    prompt = build_prompt(pm, messages, {})
+    events = list(pm.run(prompt, max_tokens=max_tokens, slot=pm.new_slot(), temperature=0))
+    return "".join(e.text for e in events), events[-1]
+
+
+def png_bytes(w=8, h=8, color=(0, 128, 255)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def png_header_only(w, h) -> bytes:
+    """A PNG whose header claims w x h pixels with almost no pixel data (a decompression-bomb probe)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def image_msg(url, text="What is this?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+def post(server, body, **kw):
+    kw.setdefault("timeout", 60)
+    return httpx.post(server.url + "/v1/chat/completions", json=body, **kw)
+
+
+def assert_error(r, status, code=None, param=None, contains=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    if contains is not None:
+        assert contains in err["message"], err
+    return err
+
+
+# --- the OpenAI client against the live server ------------------------------------------------------
+
+def test_openai_non_streaming_matches_direct_generation(client, pm):
+    msgs = user("Hello! How are you today?")
+    want, last = reference(pm, msgs, 16)
+    resp = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-") and resp.model == "tiny"
+    assert isinstance(resp.created, int)
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == want and want
+    assert resp.choices[0].finish_reason == last.finish_reason
+    assert resp.usage.prompt_tokens == last.prompt_tokens and resp.usage.completion_tokens == last.completion_tokens
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    # max_completion_tokens is the newer spelling of max_tokens
+    r2 = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=3, temperature=0)
+    assert r2.usage.completion_tokens <= 3
+
+
+def test_finish_reason_stop_at_eos_and_stop_string(client, pm):
+    msgs = user("The quick brown fox")
+    full, _ = reference(pm, msgs, 24)
+    # a stop string taken from the greedy answer itself: the answer must end right before it
+    stop = full[6:10]
+    assert len(stop) == 4 and stop in full
+    resp = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0, stop=[stop])
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].message.content == full[:full.index(stop)]
+
+
+def test_openai_streaming(client, pm):
+    msgs = user("Describe the sky")
+    want, last = reference(pm, msgs, 12)
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert text == want
+    assert with_choices[-1].choices[0].finish_reason == last.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == last.completion_tokens
+    assert chunks[-1].usage.total_tokens == last.prompt_tokens + last.completion_tokens
+
+
+def test_openai_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.chat.completions.create(model="no-such-model", messages=user("hi"))
+    assert "no-such-model" in str(ei.value) and "tiny" in str(ei.value)
+
+
+def test_openai_models_list_and_health(client, server):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny"]
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["models"] == ["tiny"]
+
+
+def test_text_only_model_refuses_images_with_clear_400(client):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="tiny", messages=image_msg(data_url(png_bytes())))
+    assert "text-only" in str(ei.value)
+
+
+# --- raw HTTP: SSE framing, errors, auth, limits -----------------------------------------------------
+
+def test_sse_framing(server):
+    body = {"model": "tiny", "messages": user("Count: one two"), "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = raw.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    objs = [json.loads(e[6:]) for e in events[:-1]]
+    assert objs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert objs[-1]["choices"][0]["delta"] == {} and objs[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all("usage" not in o for o in objs)  # only with stream_options.include_usage
+    assert all(o["object"] == "chat.completion.chunk" and o["model"] == "tiny" for o in objs)
+
+
+@pytest.mark.parametrize("body,param,contains", [
+    ({"model": "tiny"}, "messages", "required"),
+    ({"model": "tiny", "messages": []}, "messages", "non-empty"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "content"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type",
+     "unsupported"),
+    ({"model": "tiny", "messages": user("x"), "temperature": -0.5}, "temperature", "temperature"),
+    ({"model": "tiny", "messages": user("x"), "temperature": "hot"}, "temperature", "number"),
+    ({"model": "tiny", "messages": user("x"), "top_p": 0}, "top_p", "top_p"),
+    ({"model": "tiny", "messages": user("x"), "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ({"model": "tiny", "messages": user("x"), "max_tokens": 2.5}, "max_tokens", "integer"),
+    ({"model": "tiny", "messages": user("x"), "n": 2}, "n", "n=1"),
+    ({"model": "tiny", "messages": user("x"), "stop": [1, 2]}, "stop", "stop"),
+    ({"model": "tiny", "messages": user("x"), "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most"),
+    ({"model": "tiny", "messages": user("x"), "seed": "x"}, "seed", "integer"),
+    ({"model": "tiny", "messages": user("x"), "stream": "yes"}, "stream", "stream"),
+    ({"model": "tiny", "messages": user("x"), "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+    ({"model": "tiny", "messages": user("x"), "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"model": "tiny", "messages": user("x"), "tools": [{"type": "function"}]}, "tools", "not supported"),
+])
+def test_bad_requests_are_400_with_param(server, body, param, contains):
+    assert_error(post(server, body), 400, param=param, contains=contains)
+
+
+def test_malformed_json_and_unknown_model_and_route(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
+                   headers={"content-type": "application/json"})
+    assert_error(r, 400, code="invalid_json")
+    assert_error(post(server, {"model": "ghost", "messages": user("x")}), 404, code="model_not_found", param="model")
+    assert_error(httpx.get(server.url + "/v1/nothing-here"), 404)
+    assert_error(httpx.get(server.url + "/v1/models/ghost"), 404, code="model_not_found")
+    assert httpx.get(server.url + "/v1/models/tiny").json()["id"] == "tiny"
+
+
+def test_prompt_over_context_window_is_400(server, pm):
+    long = "one two three four five six seven eight nine ten " * 200
+    err = assert_error(post(server, {"model": "tiny", "messages": user(long)}), 400, code="context_length_exceeded")
+    assert str(pm.context_window_size) in err["message"]
+    # streaming requests get the same status before any event is sent
+    err = assert_error(post(server, {"model": "tiny", "messages": user(long), "stream": True}), 400,
+                       code="context_length_exceeded")
+
+
+def test_auth(keyed_server):
+    url = keyed_server.url
+    body = {"model": "tiny", "messages": user("hi"), "max_tokens": 2}
+    assert_error(httpx.post(url + "/v1/chat/completions", json=body), 401, code="invalid_api_key")
+    r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"})
+    assert_error(r, 401, code="invalid_api_key")
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert_error(httpx.get(url + "/v1/models"), 401)
+    r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    assert httpx.get(url + "/health").status_code == 200  # liveness needs no key
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+    assert ok.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_body_limit_is_413(server):
+    big = {"model": "tiny", "messages": user("x" * (MAX_BODY + 10))}
+    assert_error(post(server, big), 413, code="request_too_large")
+
+    def chunked():  # no Content-Length: the limit is counted while reading
+        payload = json.dumps(big).encode()
+        for i in range(0, len(payload), 65536):
+            yield payload[i:i + 65536]
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunked(), timeout=60)
+    assert_error(r, 413, code="request_too_large")
+
+
+def test_image_limits_are_413_and_bad_images_400(server):
+    # decoded pixel count over --max-image-pixels, from a small compressed file
+    big = png_bytes(2000, 1000)
+    assert len(big) < MAX_BODY
+    assert_error(post(server, {"model": "tiny", "messages": image_msg(data_url(big))}), 413, code="image_too_large")
+    # a header claiming 40000 x 40000 pixels: refused from the header, before decoding
+    bomb = png_header_only(40000, 40000)
+    assert_error(post(server, {"model": "tiny", "messages": image_msg(data_url(bomb))}), 413, code="image_too_large")
+    # not an image / broken data URL
+    assert_error(post(server, {"model": "tiny", "messages": image_msg(data_url(b"not an image at all"))}), 400,
+                 code="invalid_image")
+    assert_error(post(server, {"model": "tiny", "messages": image_msg("data:image/png;base64,@@@")}), 400,
+                 code="invalid_image")
+    assert_error(post(server, {"model": "tiny", "messages": image_msg("ftp://example.com/a.png")}), 400,
+                 code="invalid_image", contains="scheme")
+
+
+def test_local_image_paths_only_inside_allowed_dir(server, image_dir):
+    def send(url):
+        return post(server, {"model": "tiny", "messages": image_msg(url)})
+    # inside the folder: the image passes the policy, then the text-only model refuses it
+    assert_error(send(str(image_dir / "red.png")), 400, contains="text-only")
+    assert_error(send("red.png"), 400, contains="text-only")  # relative to the allowed folder
+    assert_error(send("file://" + str(image_dir / "red.png")), 400, contains="text-only")
+    # outside: by "..", by absolute path, by a symlink inside the folder pointing out
+    for bad in ["../secret.png", str(image_dir / ".." / "secret.png"), str(image_dir.parent / "secret.png"),
+                str(image_dir / "link.png"), "/etc/passwd"]:
+        assert_error(send(bad), 400, code="invalid_image", contains="outside the allowed image folder")
+    assert_error(send(str(image_dir / "missing.png")), 400, contains="not found")
+
+
+def test_local_paths_refused_without_allowed_dir(pm):
+    pol = ImagePolicy()
+    with pytest.raises(ImageError, match="--allowed-image-dir"):
+        pol.load(__file__)
+
+
+def test_remote_images_off_by_default(server):
+    err = assert_error(post(server, {"model": "tiny", "messages": image_msg("http://example.com/cat.png")}), 400)
+    assert "--allow-remote-images" in err["message"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x.png", "http://localhost:8000/x.png", "http://10.1.2.3/x.png", "http://192.168.1.1/x.png",
+    "http://172.16.0.5/x.png", "http://169.254.169.254/latest/meta-data", "http://[::1]/x.png",
+    "http://0.0.0.0/x.png", "http://[::ffff:127.0.0.1]/x.png", "http://100.64.0.1/x.png", "http://[fe80::1]/x.png",
+    "http://224.0.0.1/x.png", "http://240.0.0.1/x.png",
+])
+def test_remote_urls_to_private_addresses_refused(url):
+    with pytest.raises(ImageError, match="non-public address"):
+        check_public_url(url)
+
+
+def test_public_address_passes_the_check():
+    assert check_public_url("https://93.184.216.34/cat.png") is True
+    assert check_public_url("http://[2606:4700::1111]/cat.png") is True
+
+
+def test_remote_fetch_to_loopback_refused_through_server(engine, pm):
+    """With --allow-remote-images, an image URL pointing at this machine is refused before any connection."""
+    hits = []
+
+    class Handler(__import__("http.server").server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            data = png_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    import http.server
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    e2 = Engine({"tiny": pm}, slots=1, allow_remote_images=True, allow_local_images=False)
+    try:
+        with ServerThread(create_app(e2)) as s:
+            url = f"http://127.0.0.1:{httpd.server_port}/cat.png"
+            err = assert_error(post(s, {"model": "tiny", "messages": image_msg(url)}), 400, code="invalid_image")
+            assert "non-public address" in err["message"]
+        assert hits == []  # never connected
+    finally:
+        e2.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# --- concurrency -------------------------------------------------------------------------------------
+
+PROMPTS = ["Hello!", "What is in this picture?", "Count: one two three", "The quick brown fox",
+           "Describe the image", "The sky is blue", "thank you", "question answer model"]
+
+
+def test_eight_concurrent_streams_complete_and_match_solo_answers(server, pm, engine):
+    max_tokens = 20
+    solo = {p: reference(pm, user(p), max_tokens)[0] for p in PROMPTS}
+    assert len(set(solo.values())) > 1  # the prompts really lead to different answers
+    observed, health_latency, stop = [], [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            h = httpx.get(server.url + "/health", timeout=30).json()
+            health_latency.append(time.perf_counter() - t0)
+            observed.append(h["schedulers"]["tiny"])
+            time.sleep(0.01)
+
+    def stream_one(p):
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        s = c.chat.completions.create(model="tiny", messages=user(p), max_tokens=max_tokens, temperature=0,
+                                      stream=True)
+        parts, finish = [], None
+        for ch in s:
+            parts.append(ch.choices[0].delta.content or "")
+            finish = ch.choices[0].finish_reason or finish
+        return "".join(parts), finish
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(8) as ex:
+            results = dict(zip(PROMPTS, ex.map(stream_one, PROMPTS)))
+    finally:
+        stop.set()
+        watcher.join()
+    for p in PROMPTS:
+        assert results[p][0] == solo[p], p
+        assert results[p][1] in ("stop", "length")
+    # requests really overlapped: all four slots busy at once and others queued behind them
+    assert max(o["active"] for o in observed) == 4
+    assert max(o["waiting"] for o in observed) >= 1
+    assert len(health_latency) >= 3  # /health kept answering during generation
+    assert engine.schedulers["tiny"].stats()["free_slots"] == 4
+
+
+def test_disconnect_mid_stream_frees_the_slot(pm):
+    e = Engine({"tiny": pm}, slots=1)
+    sched = e.schedulers["tiny"]
+    try:
+        with ServerThread(create_app(e)) as s:
+            body = {"model": "tiny", "messages": user("Hello!"), "max_tokens": 900, "temperature": 0, "stream": True}
+            with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                got = [next(lines) for _ in range(6)]  # a few events, then hang up
+            assert any(g.startswith("data: ") for g in got)
+            t0 = time.perf_counter()
+            r2 = post(s, {"model": "tiny", "messages": user("thank you"), "max_tokens": 3, "temperature": 0})
+            assert r2.status_code == 200
+            wait = time.perf_counter() - t0
+            steps_after = sched.steps
+            # the abandoned answer stopped far short of its 900 tokens: its slot went to the next request
+            assert steps_after < 300, (steps_after, wait)
+            time.sleep(0.3)
+            assert sched.steps == steps_after  # nothing is still generating for the gone client
+            assert sched.stats() == {"slots": 1, "active": 0, "waiting": 0, "free_slots": 1}
+    finally:
+        e.close()
+
+
+def test_non_streaming_client_timeout_cancels_generation(pm):
+    e = Engine({"tiny": pm}, slots=1)
+    sched = e.schedulers["tiny"]
+    try:
+        with ServerThread(create_app(e)) as s:
+            with pytest.raises(httpx.ReadTimeout):
+                post(s, {"model": "tiny", "messages": user("Hello!"), "max_tokens": 1000, "temperature": 0},
+                     timeout=0.3)
+            deadline = time.monotonic() + 10
+            while sched.stats()["active"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sched.stats()["active"] == 0
+            assert sched.steps < 1000
+    finally:
+        e.close()
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+def test_memory_flat_over_200_sequential_requests(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        def one(i):
+            body = {"model": "tiny", "messages": user(PROMPTS[i % len(PROMPTS)] + f" {i}"), "max_tokens": 4,
+                    "stream": i % 2 == 0}
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200
+        for i in range(30):  # warm up allocator, caches, threads
+            one(i)
+        before = _rss_mb()
+        for i in range(200):
+            one(i)
+        grown = _rss_mb() - before
+    assert grown < 25, f"RSS grew {grown:.1f} MB over 200 requests"
+
+
+# --- in-process Engine -------------------------------------------------------------------------------
+
+def test_engine_openai_shaped_objects(engine, pm):
+    msgs = user("Hello! How are you today?")
+    want, last = reference(pm, msgs, 10)
+    resp = engine.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert resp.choices[0].message.content == want
+    assert resp.usage.total_tokens == last.prompt_tokens + last.completion_tokens
+    assert resp.model_dump()["object"] == "chat.completion"
+    chunks = list(engine.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == last.finish_reason
+    assert [m.id for m in engine.models.list().data] == ["tiny"]
+    # the only model is the default
+    assert engine.chat.completions.create(messages=msgs, max_tokens=10, temperature=0).choices[0].message.content == want
+
+
+def test_engine_errors_and_early_close(engine):
+    with pytest.raises(ModelNotFoundError):
+        engine.chat.completions.create(model="ghost", messages=user("x"))
+    with pytest.raises(RequestError):
+        engine.chat.completions.create(model="tiny", messages="not a list")
+    with pytest.raises(SamplingError):
+        engine.chat.completions.create(model="tiny", messages=user("x"), top_p=2)
+    stream = engine.chat.completions.create(model="tiny", messages=user("Hello!"), max_tokens=900, stream=True)
+    next(stream)
+    stream.close()  # stops the generation
+    deadline = time.monotonic() + 10
+    while engine.schedulers["tiny"].stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.schedulers["tiny"].stats()["active"] == 0
+
+
+def test_engine_loads_sources_by_folder_name(tiny_dir):
+    with Engine([str(tiny_dir)], slots=1) as e:
+        assert e.model_ids == [tiny_dir.name]
+        r = e.chat.completions.create(messages=user("hi"), max_tokens=2)
+        assert r.model == tiny_dir.name and r.usage.completion_tokens >= 1
+    with pytest.raises(ModelNotFoundError):
+        Engine({"x": str(tiny_dir) + "-missing"})
+
+
+def test_schema_objects_attribute_access():
+    c = schemas.completion("chatcmpl-1", "m", "hi", "stop", 3, 1)
+    assert c.choices[0].message.content == "hi" and c.usage.total_tokens == 4
+    k = schemas.chunk("chatcmpl-1", "m", 1, {})
+    assert k.choices[0].delta.content is None  # absent optional fields read as None, like openai's objects
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+def test_cli_serve_defaults_are_safe():
+    from pocketvlm.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "some-model"])
+    assert a.host == "127.0.0.1" and a.api_key is None and not a.allow_remote_images and a.allowed_image_dir is None
+    assert a.model == ["some-model"]
+
+
+def test_cli_serve_subprocess(tiny_dir):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "pocketvlm", "serve", str(tiny_dir), "--model-id", "tiny-cli",
+                             "--port", str(port), "--api-key", "k1", "--slots", "2", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny-cli"]
+        r = c.chat.completions.create(model="tiny-cli", messages=user("hi"), max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        assert httpx.get(url + "/health").json()["schedulers"]["tiny-cli"]["slots"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
