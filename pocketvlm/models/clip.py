@@ -88,7 +88,8 @@ def interpolate_positions(pos: torch.Tensor, height: int, width: int) -> torch.T
 
 def check_size(pixel_values: torch.Tensor, image_size: int, interpolate: bool):
     if pixel_values.dim() != 4:
-        raise ImageError(f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}")
+        raise ImageError(
+            f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}")
     h, w = pixel_values.shape[-2:]
     if not interpolate and (h, w) != (image_size, image_size):
         raise ImageError(

@@ -128,7 +128,7 @@ class Model(llava.Model):
         return torch.cat([base_feats, x.flatten(1).T])
 
     def num_image_tokens(self, image_size, multi_image: bool = False) -> int:
-        """Feature rows for an image of (height, width) ``image_size`` — HF processor's count, without running the tower."""
+        """Feature rows for an image of (height, width) ``image_size``: HF's processor count, without the tower."""
         g = self.grid
         n_base = g * g
         if multi_image:

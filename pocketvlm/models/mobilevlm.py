@@ -141,7 +141,9 @@ class Model(llava.Model):
         from ..image import ImageProcessorConfig
 
         size = self.config.vision_config.image_size
-        return ImageProcessorConfig.llava(size) if self.config.image_aspect_ratio == "pad" else ImageProcessorConfig.clip(size)
+        if self.config.image_aspect_ratio == "pad":
+            return ImageProcessorConfig.llava(size)
+        return ImageProcessorConfig.clip(size)
 
 
 TOWER = "model.vision_tower.vision_tower."
