@@ -60,6 +60,10 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.strip().lower()).strip("-")
 
 
+#: "iPad Pro 11\" 1st gen" -> "ipad-pro-11-gen1": a label (without its parenthesis) names its device too.
+_BY_LABEL = {_norm(d.label.split(" (")[0]): d.name for d in DEVICES.values()}
+
+
 def get_device(name: str | float) -> Device:
     """A device by name (case and punctuation ignored), alias, or a number of usable GB."""
     if isinstance(name, (int, float)) and not isinstance(name, bool):
@@ -71,6 +75,7 @@ def get_device(name: str | float) -> Device:
         except ValueError:
             key = _norm(s)
             key = ALIASES.get(key, key)
+            key = _BY_LABEL.get(key, key)
             if key not in DEVICES:
                 raise DeviceError(f"unknown device {name!r}; known devices: {', '.join(DEVICES)} "
                                   f"(aliases: {', '.join(ALIASES)}), or a number of usable GB like 3.5") from None
