@@ -1,0 +1,149 @@
+"""Micro-benchmark of pocketvlm's quantized matmul paths on Qwen2.5-0.5B-sized weights.
+
+Reports, per weight shape ``[out, in]`` and token count M, the median time of one call and the
+GB/s of *weights read* (the format's bytes incl. scales / time): decode (M=1) is bandwidth-bound so
+GB/s is the figure of merit; for prefill (M=512) GFLOP/s is printed too.
+
+Paths:
+  fp32 / bf16   F.linear on a dense weight
+  int4pack      Int4Linear (q4f16_1) on aten._weight_int4pack_mm_for_cpu, bf16 activations
+  int8pack      raw aten._weight_int8pack_mm, per-output-channel scales (not group-wise: reference)
+  q8 (2xint4)   Int8Linear (q8f16_1, group 32): one int4 call on a [2*out, in] weight
+  q8 deq+mm     the alternative for group-wise q8: dequantize to bf16 per call, then F.linear
+  q3 (int4 g64) Int3Linear (q3f16_1): 40-code groups padded into 64-wide int4 kernel groups
+  *-dense       the QuantLinear prefill path: dequantize to bf16 + dense GEMM
+
+Then a sweep of M for the 4864x896 weight comparing the kernel path with the dense path, which
+sets ``pocketvlm.quant.linear.DENSE_MIN_TOKENS``.
+
+Run:  .venv/bin/python benchmarks/kernels.py [--threads 2] [--quick]
+Several distinct copies of small weights are cycled so they are read from memory, not cache.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketvlm.quant import formats
+from pocketvlm.quant.linear import quant_linear_from_float
+
+SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # [out, in]
+CACHE_DEFEAT_BYTES = 96 << 20
+
+
+def _time(fn, min_s: float, min_iters: int = 3) -> float:
+    fn()  # warm-up (also the one-time kernel repack)
+    times, t_end = [], time.perf_counter() + min_s
+    while len(times) < min_iters or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _Cycle:
+    """Call ``op(i)`` on copies 0..n-1 in turn."""
+
+    def __init__(self, n):
+        self.n, self.i = n, 0
+
+    def next(self):
+        self.i = (self.i + 1) % self.n
+        return self.i
+
+
+def _paths(out_f, in_f, copies, m):
+    """(name, bytes of weights read per call, callable) for one shape."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(out_f, in_f, generator=g) * 0.02
+    cyc = _Cycle(copies)
+    x32 = torch.randn(m, in_f, generator=g)
+    xbf = x32.bfloat16()
+    paths = []
+
+    w32 = [base.clone() for _ in range(copies)]
+    paths.append(("fp32", out_f * in_f * 4, lambda: F.linear(x32, w32[cyc.next()])))
+    wbf = [base.bfloat16() for _ in range(copies)]
+    paths.append(("bf16", out_f * in_f * 2, lambda: F.linear(xbf, wbf[cyc.next()])))
+    yield from paths
+    del w32, wbf, paths
+
+    lin = nn.Linear(in_f, out_f, bias=False)
+    lin.weight.data = base
+    for mode, label in (("q4f16_1", "int4pack"), ("q8f16_1", "q8 (2xint4)"), ("q3f16_1", "q3 (int4 g64)")):
+        mods = [quant_linear_from_float(lin, mode) for _ in range(copies)]
+        nbytes = out_f * formats.padded_in_features(in_f, formats.parse_mode(mode).group_size) * formats.parse_mode(mode).bytes_per_weight
+        kernel_bytes = nbytes if mode != "q3f16_1" else out_f * mods[0].kernel_cols * (0.5 + 2 / 64)
+        for mm in mods:
+            mm.dense_min_tokens = 10**9  # force the kernel path
+        yield label, kernel_bytes, lambda: mods[cyc.next()](x32)
+        for mm in mods:
+            mm.dense_min_tokens = 0  # force the dense path
+        yield label.split(" ")[0] + "-dense", nbytes, lambda: mods[cyc.next()](x32)
+        if mode == "q8f16_1":
+            codes = [mm.qweight for mm in mods] if mods[0]._layout == "plain" else None
+            deq = [(mm.dequantize(torch.bfloat16)) for mm in mods[:1]]
+            q8 = [(torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=g)) for _ in range(copies)]
+            sc = [torch.rand(out_f, in_f // 32, generator=g).to(torch.float16) for _ in range(copies)]
+
+            def deq_mm():
+                i = cyc.next()
+                w = (q8[i].view(out_f, -1, 32).to(torch.bfloat16) * sc[i].to(torch.bfloat16).unsqueeze(-1)).view(out_f, in_f)
+                return F.linear(xbf, w)
+
+            yield "q8 deq+mm", out_f * in_f * (1 + 2 / 32), deq_mm
+            s8 = torch.rand(out_f, generator=g).bfloat16()
+            yield "int8pack", out_f * in_f, lambda: torch.ops.aten._weight_int8pack_mm(xbf, q8[cyc.next()], s8)
+            del q8, sc, deq, codes
+        del mods
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="shorter timing windows")
+    ap.add_argument("--sweep-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    min_s = 0.2 if args.quick else 0.6
+    print(f"torch {torch.__version__}, {args.threads} threads, load average at start {os.getloadavg()[0]:.2f}")
+    if not args.sweep_only:
+        print(f"{'shape [out,in]':>16} {'M':>4} {'path':>14} {'ms/call':>9} {'GB/s':>7} {'GFLOP/s':>8}")
+        for out_f, in_f in SHAPES:
+            for m in (1, 512):
+                if m == 512 and out_f > 100000:
+                    continue  # the LM head only runs on the last prompt token
+                copies = max(1, min(8, math.ceil(CACHE_DEFEAT_BYTES / (out_f * in_f * 2))))
+                for name, nbytes, fn in _paths(out_f, in_f, copies, m):
+                    if m == 512 and name in ("q8 deq+mm",):
+                        continue
+                    t = _time(fn, min_s)
+                    print(f"{out_f:>7}x{in_f:<8} {m:>4} {name:>14} {t * 1e3:9.3f} {nbytes / t / 1e9:7.2f} "
+                          f"{2 * m * out_f * in_f / t / 1e9:8.1f}", flush=True)
+    print("\nkernel vs dense (dequantize to bf16 + GEMM) for 4864x896, ms/call:")
+    lin = nn.Linear(896, 4864, bias=False)
+    for mode in ("q4f16_1", "q8f16_1", "q3f16_1"):
+        mods = [quant_linear_from_float(lin, mode) for _ in range(4)]
+        cyc = _Cycle(4)
+        row = []
+        for m in (1, 4, 8, 16, 32, 64, 128):
+            x = torch.randn(m, 896)
+            res = []
+            for thr in (10**9, 0):
+                for mm in mods:
+                    mm.dense_min_tokens = thr
+                res.append(_time(lambda: mods[cyc.next()](x), min_s / 2) * 1e3)
+            row.append(f"M={m}: {res[0]:.2f}/{res[1]:.2f}")
+        print(f"  {mode}: " + "  ".join(row) + "   (kernel/dense)", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
