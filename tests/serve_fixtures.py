@@ -86,3 +86,42 @@ def make_tiny_qwen2(d: Path, seed: int = 0, max_position_embeddings: int = 256, 
         })
     save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
     return d
+
+
+def make_tiny_llava(d: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """A tiny LLaVA (CLIP vision tower + MLP projector + Qwen2 decoder) saved by transformers, with the
+    tokenizer above plus an ``<image>`` special token and a CLIP preprocessor_config.json."""
+    import torch
+    import transformers
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    from tokenizers import Tokenizer
+
+    vocab = write_tokenizer(d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens(["<image>"])
+    tok.save(str(d / "tokenizer.json"))
+    image_id = tok.token_to_id("<image>")
+    vocab = tok.get_vocab_size()
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+                                           projection_dim=32)
+    text = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
+                                    tie_word_embeddings=False, eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                   projector_hidden_act="gelu", tie_word_embeddings=False)
+    cfg.initializer_range = 0.3  # varied answers rather than one repeated token (see make_tiny_qwen2)
+    cfg.text_config.initializer_range = 0.3
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True, "resample": 3,
+    }))
+    return d

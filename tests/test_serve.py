@@ -25,10 +25,10 @@ import pocketvlm
 from pocketvlm.errors import ImageError, ModelNotFoundError, RequestError, SamplingError
 from pocketvlm.serve import schemas
 from pocketvlm.serve.app import ServerThread, create_app
-from pocketvlm.serve.engine import Engine, ImagePolicy, build_prompt, check_public_url
+from pocketvlm.serve.engine import Engine, ImagePolicy, check_public_url
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixtures import make_tiny_qwen2  # noqa: E402
+from serve_fixtures import make_tiny_llava, make_tiny_qwen2  # noqa: E402
 
 MAX_BODY = 2_000_000
 MAX_PIXELS = 1_000_000
@@ -101,7 +101,7 @@ def user(text):
 
 def reference(pm, messages, max_tokens):
     """The greedy answer computed directly, on a fresh slot, without the scheduler or the server."""
-    prompt = build_prompt(pm, messages, {})
+    prompt = pm.chat_prompt(messages)
     events = list(pm.run(prompt, max_tokens=max_tokens, slot=pm.new_slot(), temperature=0))
     return "".join(e.text for e in events), events[-1]
 
@@ -504,6 +504,59 @@ def test_memory_flat_over_200_sequential_requests(server):
             one(i)
         grown = _rss_mb() - before
     assert grown < 25, f"RSS grew {grown:.1f} MB over 200 requests"
+
+
+# --- a vision-language model: images as data URLs, one and two per message -----------------------------
+
+@pytest.fixture(scope="module")
+def vlm_server(tmp_path_factory, image_dir):
+    from pocketvlm.errors import ConfigError, UnsupportedArchitectureError
+
+    try:
+        d = make_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+        vpm = pocketvlm.load(d)
+    except (ImportError, UnsupportedArchitectureError, ConfigError) as e:  # llava family not available yet
+        pytest.skip(f"tiny LLaVA does not load yet: {e}")
+    assert vpm.is_vlm
+    e = Engine({"vlm": vpm}, slots=2, allow_local_images=False, allowed_image_dir=image_dir)
+    with ServerThread(create_app(e)) as s:
+        yield s, vpm
+    e.close()
+
+
+def test_vlm_answers_about_one_and_two_images(vlm_server):
+    s, vpm = vlm_server
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    red, blue = data_url(png_bytes(40, 30, (220, 20, 20))), data_url(png_bytes(30, 40, (20, 20, 220)))
+    one = image_msg(red, "What is in this picture?")
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": red}},
+                                        {"type": "image_url", "image_url": {"url": blue}},
+                                        {"type": "text", "text": "Compare the two pictures."}]}]
+    for msgs in (one, two):
+        want, last = reference(vpm, msgs, 12)  # the Python API on its own, images given as data URLs
+        r = c.chat.completions.create(model="vlm", messages=msgs, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == want
+        assert r.usage.prompt_tokens == last.prompt_tokens
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="vlm", messages=msgs, max_tokens=12, temperature=0, stream=True))
+        assert streamed == want
+    n_img = vpm.model.num_image_tokens()
+    p1 = c.chat.completions.create(model="vlm", messages=one, max_tokens=1).usage.prompt_tokens
+    p2 = c.chat.completions.create(model="vlm", messages=two, max_tokens=1).usage.prompt_tokens
+    assert p2 - p1 >= n_img  # the second image's feature rows are in the prompt
+
+
+def test_vlm_image_from_allowed_dir_and_bad_images(vlm_server, image_dir):
+    s, vpm = vlm_server
+    msgs = image_msg(str(image_dir / "red.png"))
+    r = post(s, {"model": "vlm", "messages": msgs, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > vpm.model.num_image_tokens()
+    assert_error(post(s, {"model": "vlm", "messages": image_msg(str(image_dir / "link.png"))}), 400,
+                 contains="outside the allowed image folder")
+    assert_error(post(s, {"model": "vlm", "messages": image_msg(data_url(png_bytes()[:40]))}), 400,
+                 code="invalid_image")
+    assert_error(post(s, {"model": "vlm", "messages": image_msg(data_url(png_header_only(9000, 9000)))}), 413)
 
 
 # --- in-process Engine -------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ from . import schemas
 DEFAULT_SLOTS = 4
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000  # 25 megapixels: more than any phone photo, far below a decompression bomb
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-_TAG = "pocketvlm-image:"
 
 
 # --- images ------------------------------------------------------------------------------------------
@@ -317,30 +316,11 @@ def _common_prefix(a, b) -> int:
     return n
 
 
-def build_prompt(pm, messages: list[dict], images: dict):
-    """Render ``messages`` (image URLs replaced by tags) with the model's chat template, tokenize, and
-    splice in the already loaded and checked images (``images``: tag -> PIL image)."""
-    from ..api import Prompt
-    from ..chat import normalize_messages, render_chat
-    from ..errors import TemplateError
-
-    if pm.template is None:
-        raise TemplateError("this model has no chat template; restart the server with --template NAME "
-                            "(e.g. chatml, llama-2, vicuna, gemma, phi-3, zephyr)")
-    placeholder = getattr(pm.model, "image_placeholder", "<image>")
-    fmt = "parts" if getattr(pm.model, "template_uses_parts", False) else "string"
-    msgs, srcs = normalize_messages(messages, image_placeholder=placeholder, content_format=fmt)
-    text = render_chat(msgs, pm.template, add_generation_prompt=True, bos_token=pm.tokenizer.bos_token or "",
-                       eos_token=pm.tokenizer.eos_token or "")
-    ids = pm.tokenizer.encode(text, add_special_tokens=False)
-    if not srcs:
-        return Prompt(ids, ids)
-    from ..vision_prompt import build_image_prompt
-
-    missing = [s for s in srcs if s not in images]
-    if missing:
-        raise ImageError(f"internal: {len(missing)} image(s) were not loaded before rendering")
-    return build_image_prompt(pm, ids, [images[s] for s in srcs])
+def build_prompt(pm, messages: list[dict], images: dict | None = None):
+    """The engine prompt for ``messages``, built by ``PocketModel.chat_prompt`` (so the server renders and
+    tokenizes exactly as the Python API does). ``prepare`` has already replaced every image URL by the
+    checked, decoded PIL image (an ``{"type": "image", "image": PIL}`` part), so nothing is fetched here."""
+    return pm.chat_prompt(messages)
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -409,7 +389,7 @@ class Engine:
 
     def prepare(self, req: schemas.ChatRequest) -> tuple[str, list[dict], dict]:
         """Look up the model and load the request's images (blocking I/O: call it off the event loop).
-        Returns (model id, messages with image URLs replaced by tags, {tag: PIL image})."""
+        Returns (model id, messages with each image URL replaced by its PIL image, {index: PIL image})."""
         mid = self.resolve_model(req.model)
         pm = self.pocket_models[mid]
         images, messages, k = {}, [], 0
@@ -418,9 +398,9 @@ class Engine:
                 parts = []
                 for p in m["content"]:
                     if p["type"] == "image_url":
-                        tag = f"{_TAG}{k}"
-                        images[tag] = self.image_policy.load(p["image_url"]["url"])
-                        parts.append({"type": "image_url", "image_url": {"url": tag}})
+                        img = self.image_policy.load(p["image_url"]["url"])
+                        images[k] = img
+                        parts.append({"type": "image", "image": img})
                         k += 1
                     else:
                         parts.append(p)
