@@ -117,6 +117,8 @@ def make_tiny_llava(d: Path, seed: int = 0, image_size: int = 32, patch_size: in
     cfg.initializer_range = 0.3  # varied answers rather than one repeated token (see make_tiny_qwen2)
     cfg.text_config.initializer_range = 0.3
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # single bytes rarely win: answers read as corpus sub-words
+        model.lm_head.weight[len(SPECIALS):len(SPECIALS) + 256] *= 0.1
     model.save_pretrained(d)
     (d / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},

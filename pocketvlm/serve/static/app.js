@@ -33,6 +33,14 @@ async function errorText(resp) {
   return `Error ${resp.status}: ${msg}`;
 }
 
+function sampling() {
+  const out = {};
+  const t = parseFloat($("temperature").value), n = parseInt($("max-tokens").value, 10);
+  if (!Number.isNaN(t)) out.temperature = t;
+  if (!Number.isNaN(n)) out.max_tokens = n;
+  return out;
+}
+
 async function loadModels() {
   try {
     const resp = await fetch("/v1/models", { headers: headers() });
@@ -138,7 +146,7 @@ async function send(ev) {
   const content = pending.length
     ? [...pending.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }]
     : text;
-  addBubble("user", text, pending);
+  const userBubble = addBubble("user", text, pending).parentElement;
   const turn = { role: "user", content };
   const images = pending;
   pending = [];
@@ -152,7 +160,8 @@ async function send(ev) {
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({ model: modelSel.value, messages: [...messages, turn], stream: true }),
+      body: JSON.stringify(Object.assign(
+        { model: modelSel.value, messages: [...messages, turn], stream: true }, sampling())),
     });
     if (!resp.ok) throw new Error(await errorText(resp));
     const answer = await streamAnswer(resp, span);
@@ -161,6 +170,7 @@ async function send(ev) {
     if (e.name !== "AbortError") {
       showError(e.message.startsWith("Error") ? e.message : "Error: " + e.message);
       bubble.remove();
+      userBubble.remove();
       // give the user their question and images back to fix and resend
       input.value = text;
       pending = images;
