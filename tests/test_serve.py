@@ -361,6 +361,67 @@ def test_public_address_passes_the_check():
     assert check_public_url("http://[2606:4700::1111]/cat.png") is True
 
 
+@pytest.fixture()
+def local_http():
+    """A plain HTTP server on 127.0.0.1 serving /cat.png, /big.png (over the byte cap) and /redirect (to ::1)."""
+    import http.server
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", f"http://[::1]:{self.server.server_port}/cat.png")
+                self.end_headers()
+                return
+            data = png_bytes(64, 64) if self.path == "/cat.png" else b"\0" * 5000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_port}", hits
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_remote_fetch_checks_every_connection(local_http, monkeypatch):
+    """Treat 127.0.0.1 (only) as public to exercise the fetch path offline: the image arrives; the byte cap
+    holds; a redirect to a private address is refused; and an address that turns private between the check
+    and the connection (DNS rebinding) is refused at connect time."""
+    from pocketvlm.errors import ImageTooLargeError
+    from pocketvlm.serve import engine as eng
+
+    base, hits = local_http
+    real = eng._is_public
+    monkeypatch.setattr(eng, "_is_public", lambda ip: str(ip) == "127.0.0.1" or real(ip))
+    pol = ImagePolicy(allow_remote=True, max_bytes=4096)
+    assert pol.load(base + "/cat.png").size == (64, 64)
+    with pytest.raises(ImageTooLargeError):
+        pol.load(base + "/big.png")
+    with pytest.raises(ImageError, match="non-public address ::1"):
+        pol.load(base + "/redirect")
+    assert hits == ["/cat.png", "/big.png", "/redirect"]  # the redirect target was never requested
+
+    calls = []
+
+    def rebinding(ip):  # public when first checked, private when the connection is made
+        calls.append(ip)
+        return len(calls) == 1
+    monkeypatch.setattr(eng, "_is_public", rebinding)
+    with pytest.raises(ImageError, match="non-public address"):
+        pol.load(base + "/cat.png")
+    assert len(calls) == 2 and hits == ["/cat.png", "/big.png", "/redirect"]
+
+
 def test_remote_fetch_to_loopback_refused_through_server(engine, pm):
     """With --allow-remote-images, an image URL pointing at this machine is refused before any connection."""
     hits = []

@@ -49,21 +49,109 @@ def check_public_url(url: str) -> bool:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ImageError(f"refusing to fetch {url[:80]!r}: only http(s) URLs with a host name can be fetched")
-    host = parts.hostname
     try:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except ValueError:
+        raise ImageError(f"invalid port in {url[:80]!r}") from None
+    _public_addresses(parts.hostname, port)
+    return True
+
+
+def _is_public(ip) -> bool:
+    return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
+                                 or ip.is_reserved or ip.is_unspecified)
+
+
+def _public_addresses(host: str, port: int) -> list[tuple]:
+    """getaddrinfo results for ``host``, all of them public, else ImageError."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError) as e:
         raise ImageError(f"cannot resolve the image host {host!r} ({e}); check the URL") from None
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if not ip.is_global or ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast \
-                or ip.is_reserved or ip.is_unspecified:
+        if not _is_public(ip):
             raise ImageError(f"refusing to fetch an image from {host!r}: it resolves to the non-public address "
                              f"{ip}; only public http(s) hosts are allowed")
-    return True
+    if not infos:
+        raise ImageError(f"cannot resolve the image host {host!r}")
+    return infos
+
+
+def _pinned_connection(base):
+    """An http.client connection class that resolves and checks the host itself and connects to exactly the
+    address it checked, so a DNS answer that changes between check and connect (DNS rebinding) cannot
+    reach a private address. Redirects open new connections and are checked the same way."""
+
+    class Pinned(base):
+        def connect(self):
+            infos = _public_addresses(self.host, self.port)
+            err = None
+            for family, kind, proto, _, addr in infos:
+                sock = socket.socket(family, kind, proto)
+                sock.settimeout(self.timeout if isinstance(self.timeout, (int, float)) else None)
+                try:
+                    sock.connect(addr)
+                except OSError as e:
+                    sock.close()
+                    err = e
+                    continue
+                if hasattr(self, "_context"):  # HTTPS: TLS with the URL's host name (SNI, certificate check)
+                    sock = self._context.wrap_socket(sock, server_hostname=self.host)
+                self.sock = sock
+                return
+            raise err or OSError(f"cannot connect to {self.host}")
+
+    return Pinned
+
+
+def fetch_public_url(url: str, *, max_bytes: int, timeout: float) -> bytes:
+    """GET an http(s) image URL from a public host only (checked at connect time, redirects included)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    check_public_url(url)  # clear message before any connection
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(_pinned_connection(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(_pinned_connection(http.client.HTTPSConnection), req,
+                                context=self._context)
+
+    class Redirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            check_public_url(newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.OpenerDirector()
+    for h in (HTTP(), HTTPS(), Redirect(), urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
+        opener.add_handler(h)
+    req = urllib.request.Request(url, headers={"User-Agent": "pocketvlm", "Accept": "image/*"})
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise ImageTooLargeError(f"the image at {url[:80]!r} is {int(length):,} bytes, over the limit of "
+                                         f"{max_bytes:,}")
+            data = resp.read(max_bytes + 1)
+    except ImageError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"could not fetch {url[:80]!r}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ImageError):
+            raise reason from None
+        raise ImageError(f"could not fetch {url[:80]!r}: {reason}; check the URL and the network") from None
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"the image at {url[:80]!r} is over the limit of {max_bytes:,} bytes")
+    return data
 
 
 _DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),(.*)$", re.S)
@@ -107,8 +195,6 @@ class ImagePolicy:
         return load_image(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
 
     def _bytes(self, url: str) -> bytes:
-        from ..image import fetch_url
-
         if url.startswith("data:"):
             m = _DATA_URL.match(url)
             if m is None or ";base64" not in m.group(2).lower():
@@ -129,12 +215,7 @@ class ImagePolicy:
             if not self.allow_remote:
                 raise ImageError("remote image URLs are disabled on this server (start it with "
                                  "--allow-remote-images); send the image inline as a data: URL")
-            try:
-                return fetch_url(url, max_bytes=self.max_bytes, timeout=self.timeout, validate_url=check_public_url)
-            except ImageError as e:
-                if "(max_bytes)" in str(e):
-                    raise ImageTooLargeError(str(e)) from None
-                raise
+            return fetch_public_url(url, max_bytes=self.max_bytes, timeout=self.timeout)
         if scheme == "file":
             url = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
         elif scheme and len(scheme) > 1:  # one letter = a Windows drive
