@@ -101,7 +101,7 @@ class PocketModel:
 
     def __init__(self, loaded: loading.Loaded, tokenizer, *, template: str | None = None,
                  context_window_size: int | None = None, prefill_chunk_size: int = 512,
-                 image_processor=None, image_cache_size: int = 32):
+                 image_processor=None, image_cache_size: int = 32, compile: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -112,6 +112,11 @@ class PocketModel:
         self.prefill_chunk_size = int(prefill_chunk_size)
         self.template = self._pick_template(template)
         self._slot: Slot | None = None
+        self.decode_step = None
+        if compile:
+            from .engine.compiled import CompiledDecode
+
+            self.decode_step = CompiledDecode(self.model)
         self._lock = threading.Lock()
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._image_cache_size = image_cache_size
@@ -186,7 +191,7 @@ class PocketModel:
             return self.model(ids, attention_mask=am).float()
 
     def new_slot(self) -> Slot:
-        return Slot(self.model, self.context_window_size, self.prefill_chunk_size)
+        return Slot(self.model, self.context_window_size, self.prefill_chunk_size, decode_step=self.decode_step)
 
     @property
     def slot(self) -> Slot:
@@ -212,8 +217,10 @@ class PocketModel:
                 "this model has no chat template; pass template=NAME (e.g. chatml, llama-2, vicuna, gemma, "
                 "phi-3, zephyr, redpajama_chat)")
         placeholder = getattr(self.model, "image_placeholder", "<image>")
-        # The family says whether its template iterates over content parts (LLaVA-OneVision's does).
-        fmt = "parts" if getattr(self.model, "template_uses_parts", False) else "string"
+        # Hugging Face VLM checkpoints' own templates iterate over content parts ({"type": "image"});
+        # text-only templates and pocketvlm's built-in ones take content as a string with placeholders.
+        parts = self.template_name == "checkpoint" and getattr(self.model, "template_uses_parts", self.is_vlm)
+        fmt = "parts" if parts else "string"
         msgs, images = normalize_messages(messages, image_placeholder=placeholder, content_format=fmt)
         if images and not self.is_vlm:
             raise ImageError(f"{self.architecture} is a text-only model: it cannot take images "
@@ -224,7 +231,19 @@ class PocketModel:
 
     def chat_prompt(self, messages: list[dict]) -> Prompt:
         text, images = self.render(messages)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if images:
+            # Encode around each placeholder and insert the model's image token id itself: some families
+            # (MobileVLM: -200) use an id the tokenizer cannot produce.
+            placeholder = getattr(self.model, "image_placeholder", "<image>")
+            pieces = text.split(placeholder)
+            ids = []
+            for i, piece in enumerate(pieces):
+                if i:
+                    ids.append(self.model.image_token_id)
+                if piece:
+                    ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
         bos = self.tokenizer.bos_token_id
         if self.tokenizer.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids  # the template did not write the BOS this tokenizer always starts with
@@ -328,7 +347,7 @@ def load_image_processor(loaded: loading.Loaded):
 
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
          context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
-         quantization: str | None = None, **kw) -> PocketModel:
+         quantization: str | None = None, compile: bool = False, **kw) -> PocketModel:
     """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
     or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct)."""
     from .real_models import DEFAULT_MODEL
@@ -339,4 +358,4 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     tok = load_tokenizer(loaded)
     proc = load_image_processor(loaded) if hasattr(loaded.model, "encode_images") else None
     return PocketModel(loaded, tok, template=template, context_window_size=context_window_size,
-                       prefill_chunk_size=prefill_chunk_size, image_processor=proc)
+                       prefill_chunk_size=prefill_chunk_size, image_processor=proc, compile=compile)

@@ -49,6 +49,7 @@ class Loaded:
     path: Path
     config_dict: dict = field(default_factory=dict)
     gguf_metadata: dict | None = None
+    quantization: dict | None = None  # {"mode": name, "modules": {module name: mode}} when quantized
 
 
 # --- resolving a source ---------------------------------------------------------------------------
@@ -270,5 +271,6 @@ def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None =
     if quantization:
         from .quant import quantize_model
 
-        quantize_model(loaded.model, quantization)
+        loaded.quantization = {"mode": quantization,
+                               "modules": quantize_model(loaded.model, quantization, embeddings=True)}
     return loaded
