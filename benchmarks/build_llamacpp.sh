@@ -75,7 +75,7 @@ if [[ "${LLAMACPP_FORCE:-0}" != 1 ]] && all_built && [[ -f "$INFO" ]] \
         && grep -qxF "cmake_flags: $FLAGS_LINE" "$INFO" \
         && grep -qxF "llama_cpp_commit: $src_commit" "$INFO" \
         && grep -qxF "llama_cpp_python: $VERSION" "$INFO"; then
-    echo "llama.cpp tools already built ($(grep '^llama_cpp_commit' "$INFO"))"
+    echo "llama.cpp tools already built ($(grep '^llama_cpp_commit:' "$INFO"))"
     echo "binaries: $BIN"
     exit 0
 fi
@@ -111,6 +111,7 @@ commit="$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)"
 # The vendored clone is shallow, so a commit count would be meaningless: record the date instead.
 commit_date="$(git -C "$SRC" log -1 --format=%cI 2>/dev/null || echo unknown)"
 
+kind=fresh; [[ -f "$BUILD/CMakeCache.txt" ]] && kind=incremental
 start=$(date +%s)
 cmake -S "$SRC" -B "$BUILD" "${CMAKE_FLAGS[@]}" >"$HOME_DIR/cmake-configure.log" 2>&1 \
     || { tail -40 "$HOME_DIR/cmake-configure.log"; exit 1; }
@@ -139,7 +140,7 @@ fi
     echo "llama_cpp_python: $VERSION"
     echo "llama_cpp_commit: $commit"
     echo "llama_cpp_commit_date: $commit_date"
-    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) in ${secs}s with -j$JOBS"
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) in ${secs}s with -j$JOBS ($kind build)"
     echo "compiler: $(${CXX:-c++} --version | head -1)"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "cmake_flags: $FLAGS_LINE"
