@@ -22,8 +22,9 @@ activations are cast to bf16 and S, Z are rounded to bf16 for the kernel (codes 
 the result is cast back to the input dtype.
 
 Prefill: a GEMV kernel is the wrong tool for many tokens. With ``M >= dense_min_tokens`` rows the
-module dequantizes its weight to ``compute_dtype`` (bf16) and calls ``F.linear`` (a dense GEMM);
-the default threshold is measured in benchmarks/kernels.py. On non-CPU devices, or shapes the
+module dequantizes its weight to ``dense_dtype`` (float32 on CPU: PyTorch's bf16 GEMM measured
+several times slower than fp32 on this machine) and calls ``F.linear`` (a dense GEMM); the default
+threshold is measured in benchmarks/kernels.py. On non-CPU devices, or shapes the
 kernel cannot take (out_features not a multiple of 16), the dense path is always used.
 
 Storage: on CPU ``qweight`` is converted lazily (first forward) into the kernel's packed layout,
@@ -40,9 +41,11 @@ from torch import nn
 from ..errors import QuantizationError
 from . import formats, kernels
 
-#: Token count from which the dense (dequantize + GEMM) path beats the int4 GEMV kernel.
-#: Measured with benchmarks/kernels.py on the 2-core Xeon (see the report); override per module.
-DENSE_MIN_TOKENS = 32
+#: Token count from which the dense (dequantize to fp32 + GEMM) path beats the int4 kernel.
+#: benchmarks/kernels.py on the shared 2-core Xeon (heavily loaded, 2 threads, 4864x896): the kernel
+#: won up to 256 tokens for q4/q8/q3; at 512 the dense path tied (q4) or won (q8, q3).
+#: Re-measure on a quiet machine; override per module with ``module.dense_min_tokens``.
+DENSE_MIN_TOKENS = 512
 
 
 class QuantLinear(nn.Module):
@@ -58,7 +61,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.k_padded = formats.padded_in_features(in_features, group_size)
         self.dense_min_tokens = DENSE_MIN_TOKENS
-        self.compute_dtype = torch.bfloat16
+        # dense (prefill) path dtype on CPU: a bf16 GEMM measured ~6x slower than fp32 on the shared
+        # 2-core box (benchmarks/kernels.py), so float32 unless a caller knows better
+        self.dense_dtype = torch.float32
         self._layout = "plain"  # or "cpu": qweight holds kernels.pack_int4_cpu(kernel codes)
         self.register_buffer("_scale_zeros", None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -175,7 +180,7 @@ class QuantLinear(nn.Module):
             xk = self._to_kernel_x(x2.to(torch.bfloat16)).contiguous()
             y = self._fold_rows(kernels.int4_mm(xk, self.qweight, self.kernel_group, self._scale_zeros).float())
         else:
-            cd = self.compute_dtype if x.device.type == "cpu" else x.dtype
+            cd = self.dense_dtype if x.device.type == "cpu" else x.dtype
             y = F.linear(x2.to(cd), self.dense_weight(cd))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
