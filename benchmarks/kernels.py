@@ -89,8 +89,6 @@ def _paths(out_f, in_f, copies, m):
             mm.dense_min_tokens = 0  # force the dense path
         yield label.split(" ")[0] + "-dense", nbytes, lambda: mods[cyc.next()](x32)
         if mode == "q8f16_1":
-            codes = [mm.qweight for mm in mods] if mods[0]._layout == "plain" else None
-            deq = [(mm.dequantize(torch.bfloat16)) for mm in mods[:1]]
             q8 = [(torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=g)) for _ in range(copies)]
             sc = [torch.rand(out_f, in_f // 32, generator=g).to(torch.float16) for _ in range(copies)]
 
@@ -102,7 +100,7 @@ def _paths(out_f, in_f, copies, m):
             yield "q8 deq+mm", out_f * in_f * (1 + 2 / 32), deq_mm
             s8 = torch.rand(out_f, generator=g).bfloat16()
             yield "int8pack", out_f * in_f, lambda: torch.ops.aten._weight_int8pack_mm(xbf, q8[cyc.next()], s8)
-            del q8, sc, deq, codes
+            del q8, sc
         del mods
 
 

@@ -109,6 +109,15 @@ def test_module_to_keeps_weights():
     q(torch.randn(1, 64))
     q.to("cpu")  # any move goes through the plain layout
     assert q._layout == "plain" and torch.equal(q.dequantize(), w)
+    q.to(torch.bfloat16)  # a dtype cast of the model must not round fp16 scales to bf16
+    assert q.scales.dtype == torch.float16 and q.bias.dtype == torch.bfloat16
+    assert torch.equal(q.dequantize(), w)
+
+
+@pytest.mark.parametrize("cls,bad_group", [(Int4Linear, 64), (Int8Linear, 16), (Int3Linear, 32)])
+def test_unsupported_group_sizes(cls, bad_group):
+    with pytest.raises(QuantizationError, match="group size"):
+        cls(64, 32, group_size=bad_group)
 
 
 # ----- embeddings and a tied head ---------------------------------------------------------------------
@@ -231,5 +240,7 @@ def test_save_and_load_quantized_model(tmp_path):
     assert torch.equal(fresh(*_inputs()), out)
     with pytest.raises(QuantizationError, match="does not have"):
         build_quantized(_TinyVLM(), {"model.layers.7.q_proj": "q4f16_1"})
+    with pytest.raises(QuantizationError, match="only Linear and Embedding"):
+        build_quantized(_TinyVLM(), {"vision_tower": "q4f16_1"})
     with pytest.raises(QuantizationError, match="not a quantized embedding"):
         build_quantized(_TinyVLM(), {"lm_head": "tied:model.embed_tokens"})

@@ -130,7 +130,14 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         self._to_plain()  # the CPU layout means nothing elsewhere; repacked lazily on use
         self._scale_zeros = None
-        return super()._apply(fn, recurse)
+        # model.to(bfloat16) must move scales but not round them: keep their dtype (only bias follows)
+        keep = {n: getattr(self, n) for n in ("scales", "zeros") if getattr(self, n, None) is not None}
+        out = super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = getattr(self, n)
+            if new.dtype != old.dtype:
+                setattr(self, n, old.to(new.device))
+        return out
 
     # ----- compute ---------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
