@@ -59,3 +59,7 @@ class RequestError(PocketVLMError, ValueError):
 
 class ImageTooLargeError(ImageError):
     """An image over the configured byte or pixel limit (the server answers 413)."""
+
+
+class ServerBusyError(PocketVLMError, RuntimeError):
+    """Too many requests already waiting for a model (the server answers 503); retry later."""

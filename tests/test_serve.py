@@ -527,6 +527,57 @@ def test_disconnect_mid_stream_frees_the_slot(pm):
         e.close()
 
 
+class _GatedModel:
+    """A stand-in PocketModel whose answers wait on a gate, to hold slots for as long as a test needs."""
+
+    context_window_size = 64
+
+    def __init__(self):
+        self.gate = threading.Event()
+
+    def new_slot(self):
+        return type("Slot", (), {"keys": [], "reset": lambda self: None})()
+
+    def chat_prompt(self, messages):
+        from pocketvlm.api import Prompt
+
+        return Prompt([1, 2], [1, 2])
+
+    def run(self, prompt, *, max_tokens, stop, slot, **sampling):
+        from pocketvlm.api import Event
+
+        self.gate.wait(30)
+        yield Event("ok", 5, "stop", 2, 1)
+
+
+def test_queue_limit_raises_server_busy_and_maps_to_503():
+    from pocketvlm.errors import ServerBusyError
+    from pocketvlm.serve.app import error_response_for
+    from pocketvlm.serve.engine import Job, Scheduler
+
+    fake = _GatedModel()
+    sched = Scheduler(fake, n_slots=1, max_waiting=1)
+    got = []
+    req = schemas.parse_chat_request({"messages": user("hi")})
+    try:
+        a = sched.submit(Job(req, req.messages, {}, lambda k, v: got.append((k, v))))
+        deadline = time.monotonic() + 10
+        while sched.stats()["active"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b = sched.submit(Job(req, req.messages, {}, lambda k, v: got.append((k, v))))
+        assert sched.stats()["waiting"] == 1
+        with pytest.raises(ServerBusyError) as ei:
+            sched.submit(Job(req, req.messages, {}, lambda k, v: None))
+        status, body = error_response_for(ei.value)
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        fake.gate.set()  # both accepted requests then finish
+        assert a.done.wait(10) and b.done.wait(10)
+        assert [k for k, _ in got] == ["event", "event"]
+    finally:
+        fake.gate.set()
+        sched.close()
+
+
 def test_non_streaming_client_timeout_cancels_generation(pm):
     e = Engine({"tiny": pm}, slots=1)
     sched = e.schedulers["tiny"]

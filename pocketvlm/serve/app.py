@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from ..errors import (ContextWindowError, ImageError, ImageTooLargeError, ModelNotFoundError, PocketVLMError,
-                      RequestError, SamplingError)
+                      RequestError, SamplingError, ServerBusyError)
 from . import schemas
-from .engine import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SLOTS, Engine, model_id_for
+from .engine import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine,
+                     model_id_for)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 STATIC_DIR = Path(__file__).with_name("static")
@@ -35,6 +36,8 @@ def error_response_for(e: BaseException) -> tuple[int, dict]:
     msg = str(e) or type(e).__name__
     if isinstance(e, ImageTooLargeError):
         return 413, schemas.error_body(msg, param=param, code="image_too_large")
+    if isinstance(e, ServerBusyError):
+        return 503, schemas.error_body(msg, "server_error", code="server_busy")
     if isinstance(e, ModelNotFoundError):
         return 404, schemas.error_body(msg, param="model", code="model_not_found")
     if isinstance(e, ContextWindowError):
@@ -316,6 +319,8 @@ def register_cli(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
     p.add_argument("--slots", type=int, default=DEFAULT_SLOTS, help="concurrent generations per model")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help="requests that may queue per model behind busy slots; more are answered 503")
     p.add_argument("--log-level", default="info")
     add_model_options(p)
     p.set_defaults(fn=cmd_serve)
@@ -339,7 +344,7 @@ def cmd_serve(a) -> int:
     ids = ids + [model_id_for(s) for s in sources[len(ids):]]
     if len(set(ids)) != len(ids):
         raise RequestError(f"two models share an id ({', '.join(ids)}); name them with --model-id")
-    if a.slots < 1 or a.max_body_bytes < 1 or a.max_image_pixels < 1 or a.max_image_bytes < 1:
+    if a.slots < 1 or a.max_waiting < 0 or a.max_body_bytes < 1 or a.max_image_pixels < 1 or a.max_image_bytes < 1:
         raise RequestError("--slots and the --max-* limits must be >= 1")
     if a.allowed_image_dir and not Path(a.allowed_image_dir).is_dir():
         raise RequestError(f"--allowed-image-dir {a.allowed_image_dir!r} is not a folder")
@@ -350,7 +355,7 @@ def cmd_serve(a) -> int:
         models[mid] = load(src, device=a.device, dtype=a.dtype, quantization=a.quantization,
                            context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
                            template=a.template)
-    engine = Engine(models, slots=a.slots, allow_remote_images=a.allow_remote_images, allow_local_images=False,
+    engine = Engine(models, slots=a.slots, max_waiting=a.max_waiting, allow_remote_images=a.allow_remote_images, allow_local_images=False,
                     allowed_image_dir=a.allowed_image_dir, max_image_pixels=a.max_image_pixels,
                     max_image_bytes=a.max_image_bytes)
     app = create_app(engine, api_key=api_key, max_body_bytes=a.max_body_bytes)

@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import (ImageError, ImageTooLargeError, ModelNotFoundError, PocketVLMError, RequestError)
+from ..errors import (ImageError, ImageTooLargeError, ModelNotFoundError, PocketVLMError, RequestError,
+                      ServerBusyError)
 from . import schemas
 
 DEFAULT_SLOTS = 4
+DEFAULT_MAX_WAITING = 256  # queued requests per model beyond the busy slots; more get ServerBusyError (503)
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000  # 25 megapixels: more than any phone photo, far below a decompression bomb
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -270,11 +272,14 @@ class Job:
 class Scheduler:
     """``n_slots`` KV caches of one model and a worker thread advancing active jobs one token each, in turn."""
 
-    def __init__(self, pm, n_slots: int = DEFAULT_SLOTS, name: str = "model"):
+    def __init__(self, pm, n_slots: int = DEFAULT_SLOTS, name: str = "model",
+                 max_waiting: int = DEFAULT_MAX_WAITING):
         if not isinstance(n_slots, int) or n_slots < 1:
             raise RequestError(f"slots must be an integer >= 1 (got {n_slots!r})")
         self.pm = pm
+        self.name = name
         self.n_slots = n_slots
+        self.max_waiting = max_waiting
         self._free = [pm.new_slot() for _ in range(n_slots)]
         self._waiting: deque[Job] = deque()
         self._active: list[tuple[Job, Any, Any]] = []  # (job, slot, event generator)
@@ -289,6 +294,9 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise ServerBusyError(f"{len(self._waiting)} requests are already waiting for model {self.name!r}; "
+                                      "retry later")
             self._waiting.append(job)
             self._cv.notify()
         return job
@@ -423,7 +431,8 @@ class Engine:
     allows local paths by default, the server only inside ``allowed_image_dir``.
     """
 
-    def __init__(self, models=None, *, slots: int = DEFAULT_SLOTS, load_kwargs: dict | None = None,
+    def __init__(self, models=None, *, slots: int = DEFAULT_SLOTS, max_waiting: int = DEFAULT_MAX_WAITING,
+                 load_kwargs: dict | None = None,
                  allow_remote_images: bool = False, allow_local_images: bool = True,
                  allowed_image_dir: str | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, image_timeout: float = 10.0):
@@ -450,7 +459,7 @@ class Engine:
         for mid, src in models.items():
             pm = src if isinstance(src, PocketModel) else _load(src, load_kwargs or {})
             self.pocket_models[mid] = pm
-            self.schedulers[mid] = Scheduler(pm, slots, name=mid)
+            self.schedulers[mid] = Scheduler(pm, slots, name=mid, max_waiting=max_waiting)
         self.chat = _Chat(self)
         self.models = _Models(self)
 
