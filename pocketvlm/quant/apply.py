@@ -140,6 +140,8 @@ def build_quantized(model: nn.Module, record: Mapping[str, str]) -> nn.Module:
                 raise QuantizationError(f"{name} is tied to {mode[len(TIED_PREFIX):]!r}, which is not a quantized embedding")
             _set(model, name, emb.as_lm_head())
             continue
+        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            raise QuantizationError(f"{name} is a {type(mod).__name__}; only Linear and Embedding can be quantized")
         if not _is_quantized_mode(mode):
             mod.to(formats.parse_mode(mode).torch_dtype)
             continue
@@ -148,10 +150,8 @@ def build_quantized(model: nn.Module, record: Mapping[str, str]) -> nn.Module:
             table = _empty_quant_linear(mod.embedding_dim, mod.num_embeddings, False, mode, w.device, w.dtype)
             new = QuantEmbedding(table, dtype=w.dtype)
             tied[name] = new
-        elif isinstance(mod, nn.Linear):
-            new = _empty_quant_linear(mod.in_features, mod.out_features, mod.bias is not None, mode, w.device, w.dtype)
         else:
-            raise QuantizationError(f"{name} is a {type(mod).__name__}; only Linear and Embedding can be quantized")
+            new = _empty_quant_linear(mod.in_features, mod.out_features, mod.bias is not None, mode, w.device, w.dtype)
         _set(model, name, new)
     return model
 
