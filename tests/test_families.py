@@ -2,6 +2,7 @@
 cached paths), the GGUF side on synthetic files, and the real Gemma 3 270M GGUF against transformers' own
 GGUF loader."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,27 +293,39 @@ def test_phi3_gguf_with_longrope_factors_is_refused():
 
 @pytest.fixture(scope="module")
 def gemma3_pair(gemma3_gguf):
+    """(our model, transformers' model, the parsed GGUF) for the real Gemma 3 270M, loaded once."""
+    import gguf
     import transformers
 
-    ours = loading.load(gemma3_gguf)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name, dtype=torch.float32).eval()
-    return ours, ref
+    real_reader = gguf.GGUFReader
+    reader = real_reader(str(gemma3_gguf))
+
+    def shared(path, *args, **kwargs):
+        return reader if Path(path) == Path(gemma3_gguf) else real_reader(path, *args, **kwargs)
+
+    # Parsing the 262k-token vocabulary dominates a load and transformers parses the file twice (config,
+    # then weights): every reader here shares one parse of the same read-only file.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", shared)
+        ours = loading.load(gemma3_gguf)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name, dtype=torch.float32).eval()
+    return ours, ref, reader
 
 
 @pytest.mark.slow
-def test_real_gemma3_270m_gguf_matches_transformers(gemma3_pair, gemma3_gguf):
-    ours, ref = gemma3_pair
+def test_real_gemma3_270m_gguf_matches_transformers(gemma3_pair):
+    from pocketvlm.tokenizer import Tokenizer
+
+    ours, ref, reader = gemma3_pair
     cfg = ours.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.n_kv_heads, cfg.dim_head,
             cfg.sliding_window) == (18, 640, 4, 1, 256, 512)
     assert [i for i, layer in enumerate(ours.model.model.layers) if layer.layer_type == "full_attention"] == [5, 11, 17]
-    from pocketvlm.tokenizer import Tokenizer
-
-    ids = torch.tensor([Tokenizer.from_gguf(gemma3_gguf).encode("The capital of France is")])
+    ids = torch.tensor([Tokenizer.from_gguf(reader).encode("The capital of France is")])
     assert ids[0, 0] == 2  # <bos>
     with torch.no_grad():
         want = ref(input_ids=ids).logits[0, -1]
         got = ours.model(ids)[0, -1]
     assert got.argmax() == want.argmax()
-    assert (got - want).abs().max() < 2e-3
+    assert (got - want).abs().max() < 5e-4  # logits span about +-20
