@@ -347,14 +347,22 @@ def load_image_processor(loaded: loading.Loaded):
 
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
          context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
-         quantization: str | None = None, compile: bool = False, **kw) -> PocketModel:
+         quantization: str | None = None, compile: bool = False, vision_precision: str = "fp32",
+         **kw) -> PocketModel:
     """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
-    or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct)."""
+    or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct).
+
+    ``vision_precision`` ("fp32" exact, "bf16", "int8", or "auto" = fastest for this device, see
+    :mod:`pocketvlm.quant.vision_fast`) applies to a VLM's vision tower only."""
     from .real_models import DEFAULT_MODEL
 
     max_seq = context_window_size
     loaded = loading.load(source or DEFAULT_MODEL, device=device, dtype=dtype, max_seq_len=max_seq,
                           quantization=quantization, **kw)
+    if vision_precision != "fp32":
+        from .quant.vision_fast import apply_vision_precision
+
+        apply_vision_precision(loaded.model, vision_precision)
     tok = load_tokenizer(loaded)
     proc = load_image_processor(loaded) if hasattr(loaded.model, "encode_images") else None
     return PocketModel(loaded, tok, template=template, context_window_size=context_window_size,

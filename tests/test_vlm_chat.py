@@ -1,0 +1,123 @@
+"""Chatting with images end to end on a tiny LLaVA: image sources, no re-encoding, limits, fast vision paths."""
+import base64
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import pocketvlm
+from pocketvlm.cli import main
+from pocketvlm.errors import ContextWindowError, ImageError, QuantizationError
+
+from serve_fixtures import make_tiny_llava, make_tiny_qwen2
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("vlm_chat"))
+
+
+@pytest.fixture(scope="module")
+def vlm(llava_dir):
+    return pocketvlm.load(llava_dir, context_window_size=256)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    from skimage import data
+
+    p = tmp_path_factory.mktemp("img") / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(p)
+    return p
+
+
+def ask(path, text="What is in this picture?"):
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                        {"type": "text", "text": text}]}
+
+
+def test_image_is_encoded_once_across_turns(vlm, photo):
+    vlm.reset()
+    vlm._image_cache.clear()
+    before = vlm.images_encoded
+    msgs = [ask(photo)]
+    a1 = vlm.chat(msgs, temperature=0, max_tokens=6)
+    msgs += [{"role": "assistant", "content": a1}, {"role": "user", "content": "And what colour is it?"}]
+    vlm.chat(msgs, temperature=0, max_tokens=6)
+    assert vlm.images_encoded - before == 1
+
+
+def test_image_sources_give_the_same_answer(vlm, photo):
+    raw = photo.read_bytes()
+    url = "data:image/jpeg;base64," + base64.b64encode(raw).decode()
+    answers = set()
+    for src in [str(photo), url, raw, Image.open(io.BytesIO(raw))]:
+        vlm.reset()
+        answers.add(vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": src}}
+                                                            if not isinstance(src, (bytes, Image.Image)) else
+                                                            {"type": "image", "image": src},
+                                                            {"type": "text", "text": "Describe it."}]}],
+                              temperature=0, max_tokens=6))
+    assert len(answers) == 1
+
+
+def test_two_images_in_one_prompt_and_across_turns(vlm, photo, tmp_path):
+    other = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), "red").save(other)
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(photo)}},
+                                         {"type": "image_url", "image_url": {"url": str(other)}},
+                                         {"type": "text", "text": "Compare them."}]}]
+    prompt = vlm.chat_prompt(msgs)
+    assert prompt.n_images == 2
+    n_img = sum(1 for k in prompt.keys if isinstance(k, tuple))
+    assert n_img == 2 * vlm.model.num_image_tokens((48, 64))
+    a = vlm.chat(msgs, temperature=0, max_tokens=4)
+    msgs += [{"role": "assistant", "content": a}, ask(photo, "And this one again?")]
+    assert vlm.chat_prompt(msgs).n_images == 3
+
+
+def test_more_images_than_the_context_holds(llava_dir, photo):
+    small = pocketvlm.load(llava_dir, context_window_size=40)
+    with pytest.raises(ContextWindowError, match="image"):
+        small.chat([ask(photo), ask(photo)], max_tokens=4)
+
+
+@pytest.mark.parametrize("bad, match", [("/no/such/file.jpg", "check the path"), (b"not an image at all", "image")])
+def test_bad_images_are_clear_errors(vlm, bad, match):
+    with pytest.raises(ImageError, match=match):
+        vlm.chat([{"role": "user", "content": [{"type": "image", "image": bad}, {"type": "text", "text": "hi"}]}])
+
+
+def test_image_given_to_text_only_model(tmp_path, photo):
+    pm = pocketvlm.load(make_tiny_qwen2(tmp_path / "txt"))
+    with pytest.raises(ImageError, match="text-only"):
+        pm.chat([ask(photo)])
+
+
+def test_cli_generate_with_image(llava_dir, photo, capsys):
+    assert main(["generate", str(llava_dir), "--image", str(photo), "-p", "What is it?", "--temperature", "0",
+                 "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", str(llava_dir), "--image", "/no/such.png", "-p", "hi"]) == 2
+    assert "check the path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision, tol", [("int8", 0.05), ("bf16", 0.02)])
+def test_fast_vision_paths_stay_close_to_fp32(llava_dir, photo, precision, tol):
+    """Tolerance on the projected image features (relative L2): bf16 carries ~3 significant digits per op;
+    int8 dynamic quantization ~1% per layer (per-tensor activation scale)."""
+    from pocketvlm.image import load_image, preprocess
+
+    exact = pocketvlm.load(llava_dir)
+    fast = pocketvlm.load(llava_dir, vision_precision=precision)
+    px = preprocess(load_image(photo), exact.image_processor).pixel_values
+    with torch.inference_mode():
+        a = exact.model.encode_images(px)
+        b = fast.model.encode_images(px)
+    assert (a - b).norm() / a.norm() < tol
+
+
+def test_unknown_vision_precision(llava_dir):
+    with pytest.raises(QuantizationError, match="int8"):
+        pocketvlm.load(llava_dir, vision_precision="int2")
