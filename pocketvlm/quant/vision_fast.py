@@ -88,6 +88,15 @@ class DynamicInt8Linear(nn.Module):
         return F.linear(x.float(), w, self.bias).to(dtype)
 
 
+def int8_linears(module: nn.Module) -> nn.Module:
+    """Swap every plain ``nn.Linear`` under ``module`` for a :class:`DynamicInt8Linear`, in place."""
+    for mod in list(module.modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is nn.Linear:
+                setattr(mod, child_name, DynamicInt8Linear(child))
+    return module
+
+
 def find_vision_parts(model: nn.Module):
     """(vision tower, projector) of a VLM in any of the families' layouts, or (None, None)."""
     inner = getattr(model, "model", model)
@@ -114,10 +123,7 @@ def apply_vision_precision(model: nn.Module, precision: str = "auto") -> str:
     p = next(tower.parameters())
     precision = resolve_precision(precision, p.device)
     if precision == "int8":
-        for mod in list(tower.modules()):
-            for child_name, child in list(mod.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(mod, child_name, DynamicInt8Linear(child))
+        int8_linears(tower)
     elif precision == "bf16" and p.dtype != torch.bfloat16:
         tower.to(torch.bfloat16)
         # the tower's own code casts pixels to its weight dtype; features go back to the projector's dtype

@@ -1,0 +1,206 @@
+"""Side-by-side, one run, same weights, same prompt, same thread count: pocketvlm vs transformers (fp32 and
+bf16) vs llama.cpp, on the real Qwen2.5-Coder-0.5B-Instruct GGUF; and image encoding of full-size random-weight
+CLIP ViT-L/14-336 and SigLIP-so400m-384 (pocketvlm fp32 / fast path vs transformers fp32).
+
+    .venv/bin/python benchmarks/compare.py [--threads 2] [--prompt-tokens 512] [--gen-tokens 64] [--repeat 3]
+
+Needs the test extras (transformers) and llama.cpp built by ``benchmarks/build_llamacpp.sh`` (skipped with a
+note when absent). Prints a table of absolute figures and ratios and writes it to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def best_of(fn, repeat):
+    xs = []
+    for _ in range(repeat):
+        xs.append(fn())
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def transformers_llm(path: Path, dtype, ids, gen_tokens, repeat):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+    x = torch.tensor([ids])
+
+    def prefill():
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(x, use_cache=True)
+        return len(ids) / (time.perf_counter() - t)
+
+    def decode():
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            out = model(x[:, :16], past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(gen_tokens):
+                out = model(tok, past_key_values=out.past_key_values, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            return gen_tokens / (time.perf_counter() - t)
+
+    prefill()  # warm-up
+    r = {"prefill": best_of(prefill, repeat), "decode": best_of(decode, repeat)}
+    del model
+    gc.collect()
+    return r
+
+
+def vision_models(cache: Path):
+    """Full-size random-weight towers in HF layout, made once and cached."""
+    import transformers
+
+    specs = {
+        "clip-vit-l-14-336": transformers.CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+            patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+        "siglip-so400m-384": transformers.SiglipVisionConfig(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+            patch_size=14),
+    }
+    out = {}
+    for name, cfg in specs.items():
+        d = cache / name
+        if not (d / "config.json").exists():
+            torch.manual_seed(0)
+            cls = transformers.CLIPVisionModel if "clip" in name else transformers.SiglipVisionModel
+            cls(cfg).save_pretrained(d)
+        out[name] = d
+    return out
+
+
+def bench_vision(folder: Path, repeat: int) -> dict:
+    import transformers
+
+    from pocketvlm import loading
+    from pocketvlm.quant.vision_fast import int8_linears
+
+    size = 336 if "clip" in folder.name else 384
+    px = torch.randn(1, 3, size, size)
+    ref = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    layer = -2 if "clip" in folder.name else -1
+
+    def t(fn):
+        fn()
+        def one():
+            s = time.perf_counter()
+            fn()
+            return (time.perf_counter() - s) * 1000
+        return best_of(one, repeat)
+
+    r = {}
+    with torch.inference_mode():
+        r["transformers fp32"] = t(lambda: ref(px, output_hidden_states=True))
+        want = ref(px, output_hidden_states=True).hidden_states[layer]
+        del ref
+        gc.collect()
+        ours = loading.load(folder).model
+        r["pocketvlm fp32"] = t(lambda: ours(px, output_layer=layer))
+        got = ours(px, output_layer=layer)
+        r["fp32 max abs diff"] = float((got - want).abs().max())
+        int8_linears(ours)
+        r["pocketvlm int8"] = t(lambda: ours(px, output_layer=layer))
+        got = ours(px, output_layer=layer)
+        r["int8 rel err"] = float((got - want).norm() / want.norm())
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quantization", default="q4f16_1")
+    ap.add_argument("--skip", action="append", default=[], help="llm-pocketvlm, transformers, llamacpp, vision")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from pocketvlm.bench import run_bench
+    from pocketvlm.real_models import cache_dir, qwen_gguf_path
+
+    path = qwen_gguf_path()
+    rows, notes = {}, []
+    ids = torch.randint(100, 30000, (a.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    if "llm-pocketvlm" not in a.skip:
+        for q in [a.quantization, None]:
+            r = run_bench(path, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat,
+                          threads=a.threads, quantization=q, progress=True)
+            rows[f"pocketvlm {q or 'fp32'}"] = {"prefill": (r.prefill_tok_s["mean"], r.prefill_tok_s["stdev"]),
+                                                "decode": (r.decode_tok_s["mean"], r.decode_tok_s["stdev"]),
+                                                "bandwidth share": r.bandwidth_share,
+                                                "MB/token": r.bytes_per_token / 1e6, "load s": r.load_s,
+                                                "bandwidth GB/s": r.bandwidth_gb_s}
+            gc.collect()
+    if "transformers" not in a.skip:
+        for name, dt in [("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16)]:
+            rows[name] = transformers_llm(path, dt, ids, a.gen_tokens, a.repeat)
+    if "llamacpp" not in a.skip:
+        try:
+            import llamacpp
+
+            lb = llamacpp.run_bench(path, threads=a.threads, n_prompt=a.prompt_tokens, n_gen=a.gen_tokens,
+                                    repetitions=a.repeat)
+            rows["llama.cpp Q4_K_M"] = {"prefill": (lb.prefill.tokens_per_s, lb.prefill.stddev),
+                                        "decode": (lb.decode.tokens_per_s, lb.decode.stddev)}
+            notes.append("llama.cpp build: " + json.dumps(llamacpp.build_info().get("cmake flags", ""))[:300])
+        except (FileNotFoundError, RuntimeError) as e:
+            notes.append(f"llama.cpp skipped: {e}")
+    vis = {}
+    if "vision" not in a.skip:
+        for name, folder in vision_models(cache_dir() / "bench-models").items():
+            vis[name] = bench_vision(folder, a.repeat)
+            gc.collect()
+
+    lines = [f"# pocketvlm compare — {datetime.date.today()}",
+             f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}; model: Qwen2.5-Coder-0.5B-Instruct ({path.name}); prompt {a.prompt_tokens} "
+             f"tokens, {a.gen_tokens} generated, {a.repeat} repeats",
+             f"command: python benchmarks/compare.py {' '.join(argv or sys.argv[1:])}", "",
+             "| engine | prefill tok/s | decode tok/s |", "|---|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['prefill'][0]:.1f} ± {r['prefill'][1]:.1f} | {r['decode'][0]:.2f} ± "
+                     f"{r['decode'][1]:.2f} |")
+    ours = rows.get(f"pocketvlm {a.quantization}")
+    if ours:
+        lines += ["", "| ratio (pocketvlm " + a.quantization + " / other) | prefill | decode |", "|---|---:|---:|"]
+        for name, r in rows.items():
+            if name != f"pocketvlm {a.quantization}":
+                lines.append(f"| vs {name} | {ours['prefill'][0] / r['prefill'][0]:.2f}x | "
+                             f"{ours['decode'][0] / r['decode'][0]:.2f}x |")
+        lines.append(f"\npocketvlm {a.quantization}: {ours['MB/token']:.0f} MB read per token, measured bandwidth "
+                     f"{ours['bandwidth GB/s']:.1f} GB/s -> decode at {100 * ours['bandwidth share']:.0f}% of the limit")
+    if vis:
+        lines += ["", "| image encode (1 tile, ms) | transformers fp32 | pocketvlm fp32 | pocketvlm int8 | "
+                  "speed-up int8 | fp32 max abs diff | int8 rel err |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, r in vis.items():
+            lines.append(f"| {name} | {r['transformers fp32'][0]:.0f} | {r['pocketvlm fp32'][0]:.0f} | "
+                         f"{r['pocketvlm int8'][0]:.0f} | {r['transformers fp32'][0] / r['pocketvlm int8'][0]:.2f}x | "
+                         f"{r['fp32 max abs diff']:.1e} | {r['int8 rel err']:.3f} |")
+    lines += [""] + notes
+    text = "\n".join(lines)
+    print(text)
+    out = HERE / "results" / f"compare-{datetime.date.today()}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
+    (out.with_suffix(".json")).write_text(json.dumps({"llm": rows, "vision": vis}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
