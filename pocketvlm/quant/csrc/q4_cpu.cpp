@@ -1,0 +1,432 @@
+// pocketvlm CPU 4-bit matrix-vector / small-matrix kernels (see pocketvlm/quant/cpu_kernel.py).
+//
+// Weight layout ("q4 paired-nibble"), for a weight W [N, K] with K % 32 == 0, G = K / 32 groups:
+//   packed  uint8 [N, K/2]  row n, group g occupies bytes [16g, 16g+16); byte j holds
+//                           q[32g + j] in the low nibble and q[32g + 16 + j] in the high nibble,
+//                           so one and/shift yields 16 consecutive codes (no byte shuffles).
+//   scales  float16|float32 [N, G]
+//   biases  same dtype [N, G] or absent
+//   W[n, 32g + i] = q * scales[n, g] + biases[n, g]            (affine: GGUF Q4_K/Q4_1, ...)
+//   W[n, 32g + i] = (q - offset) * scales[n, g]                (symmetric: MLC offset 7, Q4_0 offset 8)
+//
+// Two inner loops:
+//   exact (fp32 activations): codes -> fp32, FMA with x; fp32 accumulation.
+//   int8 activations (llama.cpp-style): x quantized per 32-block to int8 (dx = max|x|/127),
+//     integer dot with vpmaddubsw (unsigned nibble x signed int8), one int->float per group.
+//     The bias / offset term uses the *quantized* group sum, so the only error is the activation
+//     rounding (|err| <= sum_i |W_i| * dx_g / 2 per group).
+// Compiled with AVX2/FMA/F16C when the build passes -mavx2 -mfma -mf16c; every op also has a portable
+// scalar path (always compiled; selected by impl=1 or when AVX2 is absent) so the code builds anywhere.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define PVLM_AVX2 1
+#else
+#define PVLM_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+
+// ---------------------------------------------------------------------------------------------
+// Activation preparation for the int8 path: per row m and group g
+//   xq (int8, 32 per group), dx (float), qs = dx * sum(xq) (float, the quantized group sum).
+// AVX2 wants pairs of groups laid out as [g0 x0..15 | g1 x0..15 | g0 x16..31 | g1 x16..31]
+// (64 bytes per pair, the odd last group paired with zeros) to match one 32-byte weight load.
+struct QuantX {
+  int64_t M, G, P;               // rows, groups, group pairs
+  std::vector<int8_t> xq;        // [M, P, 64] pair layout
+  std::vector<float> dx;         // [M, G]
+  std::vector<float> qs;         // [M, G]
+};
+
+void quantize_x(const float* x, int64_t M, int64_t K, QuantX& q) {
+  q.M = M;
+  q.G = K / kGroup;
+  q.P = (q.G + 1) / 2;
+  q.xq.assign(M * q.P * 64, 0);
+  q.dx.assign(M * q.G, 0.f);
+  q.qs.assign(M * q.G, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < q.G; ++g) {
+      const float* xg = x + m * K + g * kGroup;
+      float amax = 0.f;
+      for (int i = 0; i < kGroup; ++i) amax = std::fmax(amax, std::fabs(xg[i]));
+      const float d = amax / 127.f;
+      const float id = d > 0.f ? 1.f / d : 0.f;
+      int8_t* dst = q.xq.data() + (m * q.P + g / 2) * 64 + (g & 1) * 16;
+      int32_t s = 0;
+      for (int i = 0; i < kGroup; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xg[i] * id));
+        s += v;
+        dst[(i < 16) ? i : i + 16] = static_cast<int8_t>(v);  // i>=16 -> second half of the pair
+      }
+      q.dx[m * q.G + g] = d;
+      q.qs[m * q.G + g] = d * static_cast<float>(s);
+    }
+  }
+}
+
+inline int8_t xq_at(const QuantX& q, int64_t m, int64_t g, int i) {
+  return q.xq[(m * q.P + g / 2) * 64 + (g & 1) * 16 + ((i < 16) ? i : i + 16)];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar paths (portable; also the reference the AVX2 paths are tested against).
+template <typename S, bool AFFINE>
+void rows_exact_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, const S* sc,
+                       const S* bi, float off, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / kGroup;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* wg = w + n * (K / 2) + g * 16;
+        const float* xg = xr + g * kGroup;
+        float dot = 0.f, xs = 0.f;
+        for (int j = 0; j < 16; ++j) {
+          dot += float(wg[j] & 15) * xg[j] + float(wg[j] >> 4) * xg[j + 16];
+          xs += xg[j] + xg[j + 16];
+        }
+        const float s = to_f(sc[n * G + g]);
+        const float b = AFFINE ? to_f(bi[n * G + g]) : -off * s;
+        acc += s * dot + b * xs;
+      }
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+template <typename S, bool AFFINE>
+void rows_i8_scalar(const QuantX& q, int64_t K, const uint8_t* w, const S* sc, const S* bi,
+                    float off, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / kGroup;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < q.M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* wg = w + n * (K / 2) + g * 16;
+        int32_t dot = 0;
+        for (int j = 0; j < 16; ++j)
+          dot += int32_t(wg[j] & 15) * xq_at(q, m, g, j) + int32_t(wg[j] >> 4) * xq_at(q, m, g, j + 16);
+        const float s = to_f(sc[n * G + g]);
+        const float b = AFFINE ? to_f(bi[n * G + g]) : -off * s;
+        acc += s * q.dx[m * G + g] * float(dot) + b * q.qs[m * G + g];
+      }
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+#if PVLM_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// two consecutive per-group values as [v0 x4 | v1 x4]
+inline __m256 pair_bcast(const float* p) {
+  __m128 v = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+inline __m256 pair_bcast(const c10::Half* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, 4);
+  __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// Prepared per-call activation vectors for the int8 AVX2 path: per row m and pair p,
+//   dxv = [dx0 x4 | dx1 x4], csv = [qs0/4 x4 | qs1/4 x4] (each group's dot spans 4 lanes).
+struct PairVecs {
+  std::vector<float> dxv, csv;  // [M, P, 8]
+};
+
+void make_pair_vecs(const QuantX& q, float off, bool affine, PairVecs& pv) {
+  pv.dxv.assign(q.M * q.P * 8, 0.f);
+  pv.csv.assign(q.M * q.P * 8, 0.f);
+  const float f = affine ? 0.25f : -off * 0.25f;  // symmetric: fold the -offset into the sum term
+  for (int64_t m = 0; m < q.M; ++m)
+    for (int64_t g = 0; g < q.G; ++g)
+      for (int l = 0; l < 4; ++l) {
+        const int64_t i = (m * q.P + g / 2) * 8 + (g & 1) * 4 + l;
+        pv.dxv[i] = q.dx[m * q.G + g];
+        pv.csv[i] = f * q.qs[m * q.G + g];
+      }
+}
+
+// R output rows at once sharing the activation loads; int8 activations.
+template <typename S, bool AFFINE, int R>
+inline void block_i8_avx2(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t* w, const S* sc,
+                          const S* bi, float off, float* y, int64_t N, int64_t n) {
+  const int64_t G = K / kGroup, Gp = G / 2, rb = K / 2;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t m = 0; m < q.M; ++m) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    const int8_t* xp = q.xq.data() + m * q.P * 64;
+    const float* dxp = pv.dxv.data() + m * q.P * 8;
+    const float* csp = pv.csv.data() + m * q.P * 8;
+    for (int64_t p = 0; p < Gp; ++p) {
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + p * 64));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + p * 64 + 32));
+      const __m256 dxv = _mm256_loadu_ps(dxp + p * 8);
+      const __m256 csv = _mm256_loadu_ps(csp + p * 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * rb + p * 32));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        // |each int16| <= 2 * 15 * 127 per maddubs, the sum of two still fits int16
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+        const __m256 sv = pair_bcast(sc + (n + r) * G + 2 * p);
+        if (AFFINE) {
+          acc[r] = _mm256_fmadd_ps(sv, _mm256_mul_ps(dxv, dot), acc[r]);
+          acc[r] = _mm256_fmadd_ps(pair_bcast(bi + (n + r) * G + 2 * p), csv, acc[r]);
+        } else {
+          acc[r] = _mm256_fmadd_ps(sv, _mm256_fmadd_ps(dxv, dot, csv), acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float t = hsum8(acc[r]);
+      if (G & 1) {  // odd last group: 16-byte weight load (a 32-byte one could run past the buffer)
+        const int64_t g = G - 1;
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + r) * rb + g * 16));
+        const __m128i m4s = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(v, m4s), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4s);
+        const __m128i xa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + Gp * 64));
+        const __m128i xb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + Gp * 64 + 32));
+        const __m128i s16 = _mm_add_epi16(_mm_maddubs_epi16(lo, xa), _mm_maddubs_epi16(hi, xb));
+        __m128i s32 = _mm_madd_epi16(s16, _mm_set1_epi16(1));
+        s32 = _mm_add_epi32(s32, _mm_shuffle_epi32(s32, 0x4E));
+        s32 = _mm_add_epi32(s32, _mm_shuffle_epi32(s32, 0xB1));
+        const float s = to_f(sc[(n + r) * G + g]);
+        const float b = AFFINE ? to_f(bi[(n + r) * G + g]) : -off * s;
+        t += s * q.dx[m * G + g] * float(_mm_cvtsi128_si32(s32)) + b * q.qs[m * G + g];
+      }
+      y[m * N + n + r] = t;
+    }
+  }
+}
+
+// R output rows at once; fp32 activations, exact path. xs = per-group sums of x, [M, G].
+template <typename S, bool AFFINE, int R>
+inline void block_exact_avx2(const float* x, const float* xs, int64_t M, int64_t K, const uint8_t* w,
+                             const S* sc, const S* bi, float off, float* y, int64_t N, int64_t n) {
+  const int64_t G = K / kGroup, rb = K / 2;
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    __m256 acc[R];
+    float bacc[R];
+    for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); bacc[r] = 0.f; }
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 x0 = _mm256_loadu_ps(xr + g * 32), x1 = _mm256_loadu_ps(xr + g * 32 + 8);
+      const __m256 x2 = _mm256_loadu_ps(xr + g * 32 + 16), x3 = _mm256_loadu_ps(xr + g * 32 + 24);
+      const float xsg = xs[m * G + g];
+      for (int r = 0; r < R; ++r) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + r) * rb + g * 16));
+        const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0);
+        d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), x1, d);
+        d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, d);
+        d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), x3, d);
+        const float s = to_f(sc[(n + r) * G + g]);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), d, acc[r]);
+        bacc[r] += (AFFINE ? to_f(bi[(n + r) * G + g]) : -off * s) * xsg;
+      }
+    }
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = hsum8(acc[r]) + bacc[r];
+  }
+}
+#endif  // PVLM_AVX2
+
+constexpr int64_t kRows = 4;  // output rows per inner block
+
+template <typename S, bool AFFINE>
+void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                const c10::optional<at::Tensor>& biases, double offset, bool int8_act, bool scalar,
+                at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const S* sc = scales.data_ptr<S>();
+  const S* bi = AFFINE ? biases->data_ptr<S>() : nullptr;
+  const float off = static_cast<float>(offset);
+  float* yp = y.data_ptr<float>();
+  const int64_t nblocks = (N + kRows - 1) / kRows;
+  // grain: ~16k weights per task keeps the per-task overhead small next to the work
+  const int64_t grain = std::max<int64_t>(1, 16384 / (K * kRows));
+#if !PVLM_AVX2
+  scalar = true;
+#endif
+  if (int8_act) {
+    QuantX q;
+    quantize_x(xp, M, K, q);
+    if (scalar) {
+      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+        rows_i8_scalar<S, AFFINE>(q, K, w, sc, bi, off, yp, N, b0 * kRows, std::min(N, b1 * kRows));
+      });
+      return;
+    }
+#if PVLM_AVX2
+    PairVecs pv;
+    make_pair_vecs(q, off, AFFINE, pv);
+    at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b * kRows;
+        if (n + kRows <= N) {
+          block_i8_avx2<S, AFFINE, kRows>(q, pv, K, w, sc, bi, off, yp, N, n);
+        } else {
+          for (int64_t r = n; r < N; ++r) block_i8_avx2<S, AFFINE, 1>(q, pv, K, w, sc, bi, off, yp, N, r);
+        }
+      }
+    });
+#endif
+  } else {
+    if (scalar) {
+      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+        rows_exact_scalar<S, AFFINE>(xp, M, K, w, sc, bi, off, yp, N, b0 * kRows, std::min(N, b1 * kRows));
+      });
+      return;
+    }
+#if PVLM_AVX2
+    const int64_t G = K / kGroup;
+    std::vector<float> xs(M * G);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int i = 0; i < kGroup; ++i) s += xp[m * K + g * kGroup + i];
+        xs[m * G + g] = s;
+      }
+    at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b * kRows;
+        if (n + kRows <= N) {
+          block_exact_avx2<S, AFFINE, kRows>(xp, xs.data(), M, K, w, sc, bi, off, yp, N, n);
+        } else {
+          for (int64_t r = n; r < N; ++r)
+            block_exact_avx2<S, AFFINE, 1>(xp, xs.data(), M, K, w, sc, bi, off, yp, N, r);
+        }
+      }
+    });
+#endif
+  }
+}
+
+void check_args(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                  packed.is_contiguous(),
+              "q4: packed must be a contiguous CPU uint8 [N, K/2] tensor");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(K % kGroup == 0, "q4: K = 2 * packed.size(1) must be a multiple of 32, got ", K);
+  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == N && scales.size(1) == K / kGroup,
+              "q4: scales must be a contiguous CPU [N, K/32] tensor");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat,
+              "q4: scales must be float16 or float32");
+  if (biases.has_value()) {
+    TORCH_CHECK(biases->sizes() == scales.sizes() && biases->scalar_type() == scales.scalar_type() &&
+                    biases->is_contiguous() && biases->device().is_cpu(),
+                "q4: biases must match scales (shape, dtype, contiguous CPU)");
+  }
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& biases, double offset, bool int8_act, int64_t impl) {
+  check_args(packed, scales, biases);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "q4_linear: x must be a contiguous CPU float32 [M, K] tensor");
+  TORCH_CHECK(x.size(1) == packed.size(1) * 2, "q4_linear: x has K = ", x.size(1), " but the weight has K = ",
+              packed.size(1) * 2);
+  at::Tensor y = at::empty({x.size(0), packed.size(0)}, x.options());
+  if (x.size(0) == 0 || packed.size(0) == 0) return y;
+  const bool scalar = impl == 1;
+  const bool affine = biases.has_value();
+  if (scales.scalar_type() == at::kHalf) {
+    if (affine) run_linear<c10::Half, true>(x, packed, scales, biases, offset, int8_act, scalar, y);
+    else run_linear<c10::Half, false>(x, packed, scales, biases, offset, int8_act, scalar, y);
+  } else {
+    if (affine) run_linear<float, true>(x, packed, scales, biases, offset, int8_act, scalar, y);
+    else run_linear<float, false>(x, packed, scales, biases, offset, int8_act, scalar, y);
+  }
+  return y;
+}
+
+template <typename S>
+void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
+                 float off, at::Tensor& out) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / kGroup;
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const S* sc = scales.data_ptr<S>();
+  const S* bi = biases.has_value() ? biases->data_ptr<S>() : nullptr;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = to_f(sc[n * G + g]);
+        const float b = bi ? to_f(bi[n * G + g]) : -off * s;
+        const uint8_t* wg = w + n * (K / 2) + g * 16;
+        float* og = o + n * K + g * kGroup;
+#if PVLM_AVX2
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg));
+        const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
+        _mm256_storeu_ps(og, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sv, bv));
+        _mm256_storeu_ps(og + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sv, bv));
+        _mm256_storeu_ps(og + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sv, bv));
+        _mm256_storeu_ps(og + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sv, bv));
+#else
+        for (int j = 0; j < 16; ++j) {
+          og[j] = float(wg[j] & 15) * s + b;
+          og[j + 16] = float(wg[j] >> 4) * s + b;
+        }
+#endif
+      }
+  });
+}
+
+at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
+                         double offset) {
+  check_args(packed, scales, biases);
+  at::Tensor out = at::empty({packed.size(0), packed.size(1) * 2}, packed.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  if (scales.scalar_type() == at::kHalf) run_dequant<c10::Half>(packed, scales, biases, float(offset), out);
+  else run_dequant<float>(packed, scales, biases, float(offset), out);
+  return out;
+}
+
+bool has_avx2() { return PVLM_AVX2 != 0; }
+
+}  // namespace
+
+TORCH_LIBRARY(pocketvlm_q4, m) {
+  m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? biases, float offset, bool int8_act, int impl) -> Tensor");
+  m.def("q4_dequantize(Tensor packed, Tensor scales, Tensor? biases, float offset) -> Tensor");
+  m.def("simd() -> bool", &has_avx2);
+}
+
+TORCH_LIBRARY_IMPL(pocketvlm_q4, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q4_dequantize", &q4_dequantize);
+}

@@ -1,0 +1,178 @@
+"""pocketvlm.quant.cpu_kernel: the C++ int4 GEMV against a plain fp32 reference (dequantize, x @ W.T)."""
+import pytest
+import torch
+
+from pocketvlm.errors import QuantizationError
+from pocketvlm.quant import cpu_kernel as ck
+
+SHAPES = [  # (N, K, M): N not a multiple of the 4-row unroll, odd and even group counts, M = 1 and 3
+    (1, 32, 1), (5, 32, 3), (13, 96, 1), (7, 160, 3), (130, 896, 1), (67, 896, 3), (9, 4864, 1), (6, 4864, 3),
+]
+FORMS = ["mlc_sym7_f16", "q4_0_sym8_f32", "affine_f16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not ck.available():
+        pytest.skip(f"kernel did not build here: {ck._state['error']}")
+
+
+def make(n, k, form, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16 if form == "affine_f16" else 15, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // 32, generator=g) * 0.05 + 0.001
+    if form == "mlc_sym7_f16":
+        return ck.pack_q4(codes, s, offset=7)
+    if form == "q4_0_sym8_f32":
+        return ck.pack_q4(codes, s, offset=8, dtype=torch.float32)
+    return ck.pack_q4(codes, s, biases=-8 * s + torch.randn(n, k // 32, generator=g) * 0.01)
+
+
+def ref_fp32(x, w):
+    return (x.double() @ ck.dequantize_reference(w).double().t()).float()
+
+
+def ref_int8(x, w):
+    """What the int8 path computes: x rounded per 32-block to int8 steps of max|x|/127."""
+    xg = x.view(x.shape[0], -1, 32)
+    d = xg.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(d > 0, torch.round(xg / torch.where(d > 0, d, 1)), 0) * d
+    return ref_fp32(xq.view_as(x), w)
+
+
+def rel_err(y, ref):
+    return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("n,k,m", SHAPES)
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+def test_fp32_path_matches_reference(n, k, m, form, scalar):
+    w = make(n, k, form)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    y = ck.q4_linear(x, w, act="fp32", scalar=scalar)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert rel_err(y, ref_fp32(x, w)) < 1e-4
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("n,k,m", SHAPES)
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+def test_int8_path_matches_quantized_reference(n, k, m, form, scalar):
+    w = make(n, k, form)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    y = ck.q4_linear(x, w, act="int8", scalar=scalar)
+    assert rel_err(y, ref_int8(x, w)) < 1e-4  # exactly the activation-quantized product
+    # stated tolerance vs the unquantized product: rounding x moves each element by <= dx/2
+    d = x.view(m, -1, 32).abs().amax(-1) / 127  # [M, G]
+    wabs = ck.dequantize_reference(w).abs().view(n, -1, 32).sum(-1)  # [N, G]
+    bound = 0.5 * d @ wabs.t()  # [M, N]
+    assert ((y - ref_fp32(x, w)).abs() <= bound * 1.001 + 1e-6).all()
+
+
+def test_int8_activation_error_is_small_on_average():
+    w = make(896, 896, "mlc_sym7_f16")
+    x = torch.randn(4, 896, generator=torch.Generator().manual_seed(3))
+    y, ref = ck.q4_linear(x, w, act="int8"), ref_fp32(x, w)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_leading_dims_and_zero_input():
+    w = make(11, 64, "affine_f16")
+    x = torch.randn(2, 3, 64)
+    y = ck.q4_linear(x, w, act="fp32")
+    assert y.shape == (2, 3, 11)
+    assert rel_err(y.view(6, 11), ref_fp32(x.view(6, 64), w)) < 1e-4
+    z = ck.q4_linear(torch.zeros(1, 64), w, act="int8")  # all-zero blocks: dx = 0 must not give NaN
+    assert torch.equal(z, torch.zeros(1, 11))
+
+
+def test_threads_do_not_change_result():
+    w = make(1000, 896, "mlc_sym7_f16")
+    x = torch.randn(1, 896)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = ck.q4_linear(x, w)
+        torch.set_num_threads(2)
+        y2 = ck.q4_linear(x, w)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dequantize_matches_reference_and_roundtrip(form):
+    w = make(37, 4864, form)
+    assert torch.equal(ck.dequantize_q4(w), ck.dequantize_reference(w))
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (37, 4864), generator=g, dtype=torch.uint8)
+    assert torch.equal(ck.unpack_q4(ck.pack_q4(codes, torch.ones(37, 152)).packed), codes)
+
+
+def test_pack_layout_is_documented_one():
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).view(1, 32)  # q[j] = j % 16
+    p = ck.pack_q4(codes, torch.ones(1, 1)).packed
+    assert p.shape == (1, 16)
+    assert [int(b) & 15 for b in p[0]] == list(range(16))  # low nibble: q[j]
+    assert [int(b) >> 4 for b in p[0]] == list(range(16))  # high nibble: q[j + 16]
+
+
+def test_mlc_form_equals_its_definition():
+    codes = torch.tensor([[0, 7, 14] + [7] * 29], dtype=torch.uint8)
+    w = ck.pack_q4(codes, torch.tensor([[0.5]]), offset=7)
+    assert ck.dequantize_q4(w)[0, :3].tolist() == [-3.5, 0.0, 3.5]
+
+
+@pytest.mark.parametrize("bad", ["k", "range", "float_codes", "scale_shape", "bias_shape", "dtype", "overflow"])
+def test_pack_rejects_bad_input(bad):
+    codes, s = torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 2)
+    kw = {}
+    if bad == "k":
+        codes, s = torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 2)
+    elif bad == "range":
+        codes = codes.clone(); codes[0, 0] = 16
+    elif bad == "float_codes":
+        codes = codes.float()
+    elif bad == "scale_shape":
+        s = torch.ones(4, 3)
+    elif bad == "bias_shape":
+        kw["biases"] = torch.ones(2, 2)
+    elif bad == "dtype":
+        kw["dtype"] = torch.bfloat16
+    elif bad == "overflow":
+        s = torch.full((4, 2), 1e6)  # not representable in float16
+    with pytest.raises(QuantizationError):
+        ck.pack_q4(codes, s, **kw)
+
+
+def test_linear_rejects_bad_input():
+    w = make(4, 64, "mlc_sym7_f16")
+    with pytest.raises(QuantizationError, match="pad x"):
+        ck.q4_linear(torch.randn(1, 63), w)
+    with pytest.raises(QuantizationError, match="act"):
+        ck.q4_linear(torch.randn(1, 64), w, act="int4")
+
+
+def test_build_failure_falls_back(monkeypatch):
+    w = make(10, 96, "affine_f16")
+    x = torch.randn(2, 96)
+
+    def boom():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setitem(ck._state, "tried", False)
+    monkeypatch.setitem(ck._state, "ok", False)
+    monkeypatch.setattr(ck, "_build", boom)
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        assert ck.available() is False
+    assert ck.available() is False  # warns once, then stays off
+    assert not ck.simd()
+    assert rel_err(ck.q4_linear(x, w, act="int8"), ref_fp32(x, w)) < 1e-5  # fallback is the exact product
+    assert torch.equal(ck.dequantize_q4(w), ck.dequantize_reference(w))
+
+
+def test_build_without_compiler_reports_cleanly(monkeypatch):
+    monkeypatch.setenv("CXX", "definitely-not-a-compiler-xyz")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        ck._build()
