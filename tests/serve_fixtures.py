@@ -119,6 +119,9 @@ def make_tiny_llava(d: Path, seed: int = 0, image_size: int = 32, patch_size: in
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # single bytes rarely win: answers read as corpus sub-words
         model.lm_head.weight[len(SPECIALS):len(SPECIALS) + 256] *= 0.1
+        # A random model could otherwise answer with the <image> token itself, which pocketvlm's LLaVA refuses
+        # to embed as text (a trained model never writes it); a zero row keeps its logit far below the top.
+        model.lm_head.weight[image_id] = 0
     model.save_pretrained(d)
     (d / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},

@@ -615,6 +615,7 @@ def test_memory_flat_over_200_sequential_requests(server):
         for i in range(200):
             one(i)
         grown = _rss_mb() - before
+    print(f"RSS {before:.1f} MB before, grew {grown:+.1f} MB over 200 requests")
     assert grown < 25, f"RSS grew {grown:.1f} MB over 200 requests"
 
 

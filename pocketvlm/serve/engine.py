@@ -164,7 +164,7 @@ class ImagePolicy:
     """Where images may come from and how big they may be.
 
     ``allow_local_files``: any local path (in-process use). ``allowed_image_dir``: local paths only inside
-    this folder, after resolving symlinks (server use). ``allow_remote``: http(s) URLs, public hosts only.
+    this folder, after resolving symlinks (server use; takes precedence over ``allow_local_files``). ``allow_remote``: http(s) URLs, public hosts only.
     """
 
     allow_remote: bool = False
@@ -231,7 +231,7 @@ class ImagePolicy:
             raise ImageError("local image paths are not accepted here (start the server with "
                              "--allowed-image-dir DIR); send the image inline as a data: URL")
         p = Path(path).expanduser()
-        if self.allowed_image_dir and not self.allow_local_files:
+        if self.allowed_image_dir:  # a folder given always restricts, even with allow_local_files
             root = Path(self.allowed_image_dir).resolve()
             if not p.is_absolute():
                 p = root / p
