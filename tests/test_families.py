@@ -171,6 +171,23 @@ def _gemma3_legacy(d):
     return d
 
 
+@pytest.mark.parametrize("kind", ["gemma", "gemma3"])
+def test_bfloat16_as_accurate_as_transformers(kind, tmp_path):
+    """In bf16 (embedding scale rounded to bf16 as HF does) our logits are as close to the fp32 reference as
+    HF's own bf16 logits are; a bf16 mismatch in the Gemma norms or scales would show up as a larger error."""
+    ref, _ = tiny(kind, tmp_path)
+    ours = loading.load(tmp_path, dtype="bfloat16").model
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        exact = ref(input_ids=ids).logits
+        hf_bf16 = ref.to(torch.bfloat16)(input_ids=ids).logits
+        got = ours(ids)
+    assert got.dtype == hf_bf16.dtype == torch.bfloat16
+    hf_err = (hf_bf16.float() - exact).abs().max()
+    our_err = (got.float() - exact).abs().max()
+    assert our_err <= 1.5 * hf_err + 1e-2
+
+
 def test_gemma3_legacy_config_style(tmp_path):
     ref, ours = tiny("gemma3", tmp_path, legacy_config=_gemma3_legacy)
     assert ref.config.layer_types == ["sliding_attention", "full_attention"] * 2  # HF read the pattern
@@ -247,7 +264,8 @@ def _to_llamacpp(sd, fam, gemma_norms):
     return out
 
 
-@pytest.mark.parametrize("kind,arch", [("gemma2-gguf", "gemma2"), ("gemma3-gguf", "gemma3"), ("phi3-sliding", "phi3")])
+@pytest.mark.parametrize("kind,arch", [("gemma", "gemma"), ("gemma2-gguf", "gemma2"), ("gemma3-gguf", "gemma3"),
+                                       ("phi3-sliding", "phi3")])
 def test_gguf_from_llamacpp_layout_matches_transformers(kind, arch, tmp_path):
     """A synthetic GGUF in llama.cpp's layout (names, +1 norms, metadata keys) loads to the same logits."""
     from pocketvlm.models import registry
@@ -262,7 +280,10 @@ def test_gguf_from_llamacpp_layout_matches_transformers(kind, arch, tmp_path):
             f"{arch}.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps)}
     if arch.startswith("gemma"):
         meta[f"{arch}.attention.key_length"] = c.head_dim
+    if arch in ("gemma2", "gemma3"):
         meta[f"{arch}.attention.sliding_window"] = c.sliding_window
+    if arch == "gemma":
+        meta["gemma.rope.freq_base"] = float(c.rope_parameters["rope_theta"])
     if arch == "gemma2":
         meta["gemma2.attn_logit_softcapping"] = float(c.attn_logit_softcapping)
         meta["gemma2.final_logit_softcapping"] = float(c.final_logit_softcapping)
@@ -275,7 +296,8 @@ def test_gguf_from_llamacpp_layout_matches_transformers(kind, arch, tmp_path):
     f = tmp_path / "m.gguf"
     _write_gguf(f, arch, meta, _to_llamacpp(sd, fam, arch.startswith("gemma")))
     ours = loading.load(f).model
-    want_types = getattr(c, "layer_types", None) or ["sliding_attention"] * c.num_hidden_layers  # Phi-3: all
+    want_types = getattr(c, "layer_types", None) or [
+        "sliding_attention" if getattr(c, "sliding_window", None) else "full_attention"] * c.num_hidden_layers
     assert [layer.layer_type for layer in ours.model.layers] == list(want_types)
     _check_full(ref, ours)
 
@@ -321,7 +343,8 @@ def test_real_gemma3_270m_gguf_matches_transformers(gemma3_pair):
     cfg = ours.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.n_kv_heads, cfg.dim_head,
             cfg.sliding_window) == (18, 640, 4, 1, 256, 512)
-    assert [i for i, layer in enumerate(ours.model.model.layers) if layer.layer_type == "full_attention"] == [5, 11, 17]
+    full = [i for i, layer in enumerate(ours.model.model.layers) if layer.layer_type == "full_attention"]
+    assert full == [5, 11, 17]
     ids = torch.tensor([Tokenizer.from_gguf(reader).encode("The capital of France is")])
     assert ids[0, 0] == 2  # <bos>
     with torch.no_grad():

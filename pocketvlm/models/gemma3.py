@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import UnsupportedArchitectureError
 from . import base, gemma, gemma2, llama
 from .layers import RotaryEmbedding, rope_inv_freq
