@@ -158,6 +158,24 @@ def test_inputs_embeds_path_matches_transformers(kind, built):
     assert (want - got).abs().max() < TOL
 
 
+def test_embedding_scale_survives_quantized_embedding_swap(tmp_path):
+    """The sqrt(hidden) scale lives in the text model, not in the module class, so swapping ``embed_tokens``
+    for a quantized embedding (and the tied head for its view) keeps it: int8 logits stay close."""
+    from pocketvlm.quant import QuantEmbedding, quantize_model
+
+    ref, _ = tiny("gemma3", tmp_path)
+    ours = loading.load(tmp_path).model
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        quantize_model(ours, "q8f16_1", embeddings=True)
+        assert isinstance(ours.model.embed_tokens, QuantEmbedding)
+        got = ours(ids)
+        e = ours.get_input_embeddings()(ids)
+    assert (e - ref.get_input_embeddings()(ids)).abs().max() < 0.02 * e.abs().max()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 def _gemma3_legacy(d):
     """The pre-transformers-5 Gemma 3 config style: rope_theta / rope_local_base_freq / rope_scaling and
     sliding_window_pattern instead of rope_parameters and layer_types."""
