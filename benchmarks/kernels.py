@@ -109,6 +109,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="shorter timing windows")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only M=1, no sweep")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     min_s = 0.2 if args.quick else 0.6
@@ -116,7 +117,7 @@ def main():
     if not args.sweep_only:
         print(f"{'shape [out,in]':>16} {'M':>4} {'path':>14} {'ms/call':>9} {'GB/s':>7} {'GFLOP/s':>8}")
         for out_f, in_f in SHAPES:
-            for m in (1, 512):
+            for m in (1,) if args.decode_only else (1, 512):
                 if m == 512 and out_f > 100000:
                     continue  # the LM head only runs on the last prompt token
                 copies = max(1, min(8, math.ceil(CACHE_DEFEAT_BYTES / (out_f * in_f * 2))))
@@ -128,6 +129,8 @@ def main():
                     t = _time(fn, min_s, warmup=copies)
                     print(f"{out_f:>7}x{in_f:<8} {m:>4} {name:>14} {t * 1e3:9.3f} {nbytes / t / 1e9:7.2f} "
                           f"{2 * m * out_f * in_f / t / 1e9:8.1f}", flush=True)
+    if args.decode_only:
+        return
     print("\nkernel vs dense (dequantize to fp32 + GEMM) for 4864x896, ms/call:")
     lin = nn.Linear(896, 4864, bias=False)
     for mode in ("q4f16_1", "q8f16_1", "q3f16_1"):

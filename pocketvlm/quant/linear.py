@@ -9,8 +9,9 @@ All three ``QuantLinear`` kinds are run through one kernel, PyTorch's CPU int4 G
 * :class:`Int8Linear` - group-wise int8 (MLC q8f16_1, GGUF Q8_0/Q5_0): the unsigned code
   ``u = c + 128 = 16h + l`` splits into two 4-bit halves, so ``c * s = [(h-8)*16s + 8s] + [(l-8)*s]``:
   one int4 call on a ``[2N, K]`` weight and ``y[:, :N] + y[:, N:]``. ``aten._weight_int8pack_mm``
-  only has per-output-channel scales (requantizing to those loses accuracy, dequantizing per call
-  was 3-5x slower in benchmarks/kernels.py), and this reads the same 1 byte per weight.
+  only has per-output-channel scales (requantizing to those loses accuracy; dequantizing to bf16 per
+  call was 5-20x slower in benchmarks/kernels.py), and this reads the same 1 byte per weight, at
+  about the per-channel int8 kernel's speed in the same run.
 * :class:`Int3Linear` - MLC q3f16_1, group 40, which the kernel does not support (32/64/128/256):
   each 40-code group is placed in a 64-wide kernel group padded with zero weights, the activation
   is scattered the same way, and ``(q - 3) * s = ((q + 5) - 8) * s`` (Z = 0, so rounding the scale
