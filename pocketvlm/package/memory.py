@@ -9,14 +9,23 @@ All terms are bytes for batch 1, computed from the config and quantization mode 
   layers grow from 0.375 to 0.5 bytes/weight in 64-wide kernel groups).
 * ``kv_cache``: the preallocated cache, ``layers x 2 x kv_heads x context x head_dim x dtype`` (the
   family's own ``make_cache`` built on meta, so every family's layout counts).
-* ``activations``: the largest of one decoder layer at ``prefill_chunk_size`` tokens: the residual
+* ``activations``: the largest of (a) a quantized embedding's row lookup, which unpacks the whole
+  table (2 bytes per weight), and (b) one decoder layer at ``prefill_chunk_size`` tokens: the residual
   stream, q/k/v, the MLP intermediates, and for quantized layers the dense prefill path's transient
   dequantized weight (float32 codes, scaled copy, bf16 result: ~13 bytes/weight of the largest layer).
   Attention scores (``heads x chunk x context`` float32) are counted as PyTorch's math SDPA path
   would hold them. The logits are for the kept positions only (the engine keeps one).
 * ``vision``: the encoder at the largest image tiling: ``tiles x tokens x hidden`` states, the MLP
   intermediate, attention scores ``tiles x heads x tokens^2``, the projector output.
+* ``repack``: the one-time transient of repacking the largest quantized layer for the CPU kernel
+  (unpacked codes plus the packed chunks and their concatenation: ~2 bytes per kernel weight). For a
+  model with an untied quantized LM head (Qwen2.5-0.5B's GGUF: 151936 x 896) this is the largest
+  single term after the weights - measured, not guessed (tests/test_memory.py).
 * ``runtime``: Python + torch + pocketvlm imports + tokenizer (measured: see ``RUNTIME_BYTES``).
+
+``total`` = weights + kernel_cache + kv_cache + runtime + max(activations, vision, repack): the vision
+encoder runs before the text prefill, and a layer is repacked at its first single-token call, so
+their transients do not overlap.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ RUNTIME_BYTES = 240 * 1024 ** 2
 TOKENIZER_FACTOR = 9
 #: Bytes per weight held while the dense prefill path dequantizes one quantized layer (see docstring).
 DEQUANT_BYTES_PER_WEIGHT = 13
+#: Transient bytes per kernel weight while one layer is repacked for the CPU int4 kernel.
+REPACK_BYTES_PER_WEIGHT = 2
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
@@ -84,20 +95,21 @@ def meta_model(config: dict, mode: str | None, context_window_size: int | None =
     return model, fam, cfg
 
 
-def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> tuple[int, int]:
-    """(weights, kernel_cache) bytes of a (meta or real) model run in ``dtype`` on ``device``."""
+def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> tuple[int, int, int]:
+    """(weights, kernel_cache, repack transient) bytes of a (meta or real) model run in ``dtype`` on ``device``."""
     from ..quant import QuantLinear, kernels
 
     a = DTYPE_BYTES[dtype]
     scale_keys = set()
-    kernel = 0
+    kernel = repack = 0
     for n, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            scale_keys.update(f"{n}.scales", f"{n}.zeros")
+            scale_keys |= {f"{n}.scales", f"{n}.zeros"}
             if device == "cpu" and kernels.cpu_int4_supported(m.kernel_rows, m.kernel_cols, m.kernel_group):
                 packed = m.kernel_rows * m.kernel_cols // 2
                 groups = m.kernel_cols // m.kernel_group
                 kernel += packed - m.qweight.numel() * m.qweight.element_size() + groups * m.kernel_rows * 2 * 2
+                repack = max(repack, REPACK_BYTES_PER_WEIGHT * m.kernel_rows * m.kernel_cols)
     seen, total = set(), 0
     for k, t in list(model.state_dict(keep_vars=True).items()):
         if t is None or id(t) in seen:
@@ -107,7 +119,7 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> t
             total += t.numel() * a
         else:
             total += t.numel() * t.element_size()
-    return total, kernel
+    return total, kernel, repack
 
 
 def _text_cfg(cfg):
@@ -136,12 +148,17 @@ def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, ch
     from ..quant import DENSE_MIN_TOKENS
 
     if P >= DENSE_MIN_TOKENS:
+        # the LM head sees only the kept positions (one row: the GEMV kernel, no dequantized copy)
         sizes = [m.kernel_rows * m.kernel_cols for n, m in model.named_modules()
-                 if isinstance(m, QuantLinear) and id(m) not in skip and "vision_tower" not in n]
+                 if isinstance(m, QuantLinear) and id(m) not in skip and "vision_tower" not in n
+                 and m.out_features != t.vocab_size]
         transient = DEQUANT_BYTES_PER_WEIGHT * max(sizes, default=0)
     logits = t.vocab_size * (4 + a)
-    embed_rows = P * H * DEQUANT_BYTES_PER_WEIGHT
-    return residual + max(qkv + scores, mlp + transient) + logits + embed_rows
+    # A quantized embedding looks rows up by unpacking its whole table first (uint8 codes plus the two
+    # nibble planes: 2 bytes per weight, measured); that happens before the layers run.
+    embed = max((REPACK_BYTES_PER_WEIGHT * m.table.kernel_rows * m.table.kernel_cols
+                 for m in model.modules() if isinstance(m, QuantEmbedding)), default=0)
+    return max(residual + max(qkv + scores, mlp + transient) + logits, embed)
 
 
 def vision_bytes(model: nn.Module, cfg, dtype: torch.dtype, tiles: int | None) -> tuple[int, int]:
@@ -175,13 +192,13 @@ def estimate_memory(config, mode: str | None = None, context_window_size: int | 
     model, fam, cfg = meta_model(config, mode, context_window_size)
     t = _text_cfg(cfg)
     ctx = int(context_window_size or min(getattr(t, "max_position_embeddings", 4096) or 4096, 4096))
-    weights, kernel = weight_bytes(model, dtype, device)
+    weights, kernel, repack = weight_bytes(model, dtype, device)
     kv = model.make_cache(1, ctx, dtype=dtype, device="meta").nbytes
     act = activation_bytes(model, cfg, dtype, ctx, prefill_chunk_size)
     vis, _ = vision_bytes(model, cfg, dtype, image_tiles)
     out = {"weights": weights, "kernel_cache": kernel, "kv_cache": kv, "activations": act, "vision": vis,
-           "runtime": runtime_bytes + TOKENIZER_FACTOR * tokenizer_bytes}
-    out["total"] = sum(out.values())
+           "repack": repack, "runtime": runtime_bytes + TOKENIZER_FACTOR * tokenizer_bytes}
+    out["total"] = weights + kernel + kv + out["runtime"] + max(act, vis, repack)
     return out
 
 
@@ -205,7 +222,8 @@ def params_estimate(params: float, mode: str, *, runtime_bytes: int = RUNTIME_BY
     from ..quant import parse_mode
 
     w = int(math.ceil(params * parse_mode(mode).bytes_per_weight))
-    out = {"weights": w, "kernel_cache": 0, "kv_cache": 0, "activations": 0, "vision": 0, "runtime": runtime_bytes}
+    out = {"weights": w, "kernel_cache": 0, "kv_cache": 0, "activations": 0, "vision": 0, "repack": 0,
+           "runtime": runtime_bytes}
     out["total"] = sum(out.values())
     return out
 
