@@ -176,3 +176,11 @@ def test_build_without_compiler_reports_cleanly(monkeypatch):
     monkeypatch.setenv("CXX", "definitely-not-a-compiler-xyz")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         ck._build()
+
+
+def test_ops_pass_opcheck_for_torch_compile():
+    """Fake-tensor (Meta) kernels and schemas are consistent, so torch.compile can trace the ops."""
+    w = make(12, 64, "affine_f16")
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w.packed, w.scales, w.biases, 7.0, True, 0))
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w.packed, w.scales, None, 7.0))

@@ -54,6 +54,7 @@ GROUP = 32
 _SOURCE = Path(__file__).parent / "csrc" / "q4_cpu.cpp"
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "path": None}
+_ops = torch.ops.pocketvlm_q4  # resolves its ops once the library is loaded
 
 
 class Q4Weight(NamedTuple):
@@ -220,18 +221,22 @@ def q4_linear(x: torch.Tensor, w: Q4Weight, act: str = "int8", scalar: bool = Fa
     ``act``: ``"int8"`` (fast, activation-quantized) or ``"fp32"`` (exact). ``scalar=True`` forces the
     portable C++ loops (tests). Without the compiled kernel: dequantize + matmul in PyTorch.
     """
+    k = w.packed.shape[1] * 2
+    if x.shape[-1] != k or act not in ("int8", "fp32") or x.device.type != "cpu":
+        _check_linear_args(x, k, act)
+    if not (_state["ok"] or available()):
+        return (x.to(torch.float32) @ dequantize_reference(w).t())
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    y = _ops.q4_linear(x2, w.packed, w.scales, w.biases, w.offset, act == "int8", 1 if scalar else 0)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.packed.shape[0])
+
+
+def _check_linear_args(x: torch.Tensor, k: int, act: str) -> None:
     if act not in ("int8", "fp32"):
         raise QuantizationError(f"q4_linear: act must be 'int8' or 'fp32', got {act!r}")
-    k = w.packed.shape[1] * 2
     if x.shape[-1] != k:
         raise QuantizationError(f"q4_linear: x has last dim {x.shape[-1]} but the weight has K = {k}; pad x to K")
     if x.device.type != "cpu":
         raise QuantizationError(f"q4_linear is a CPU kernel; x is on {x.device} (use the dense path there)")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    if available():
-        y = torch.ops.pocketvlm_q4.q4_linear(x2, w.packed, w.scales, w.biases, w.offset, act == "int8",
-                                              1 if scalar else 0)
-    else:
-        y = x2 @ dequantize_reference(w).t()
-    return y.reshape(*lead, w.packed.shape[0])

@@ -153,50 +153,101 @@ inline __m256 pair_bcast(const c10::Half* p) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
-// Prepared per-call activation vectors for the int8 AVX2 path: per row m and pair p,
-//   dxv = [dx0 x4 | dx1 x4], csv = [qs0/4 x4 | qs1/4 x4] (each group's dot spans 4 lanes).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Prepared per-call activation vectors for the int8 AVX2 path, per row m:
+//  * blocks of 8 groups (the main loop): the 4 per-pair int32 dot vectors of a block are reduced
+//    with 3 hadds to one vector holding groups in the order [g0 g2 g4 g6 g1 g3 g5 g7], so one
+//    int->float conversion and 2 FMAs serve 8 groups. dx8 / cs8 are stored in that order, qs8 in
+//    natural order (it multiplies the biases, which are loaded unpermuted).
+//  * leftover pairs (G % 8): dxv = [dx0 x4 | dx1 x4], csv = [c0/4 x4 | c1/4 x4] (a group spans 4 lanes).
+// Symmetric form: cs = -offset * qs, folded into the dot before the scale multiply.
 struct PairVecs {
-  std::vector<float> dxv, csv;  // [M, P, 8]
+  int64_t G8;
+  std::vector<float> dx8, cs8, qs8;  // [M, G8, 8]
+  std::vector<float> dxv, csv;       // [M, P, 8] (only the leftover pairs are used)
 };
 
 void make_pair_vecs(const QuantX& q, float off, bool affine, PairVecs& pv) {
+  static const int kOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  pv.G8 = q.G / 8;
+  pv.dx8.assign(q.M * pv.G8 * 8, 0.f);
+  pv.cs8.assign(q.M * pv.G8 * 8, 0.f);
+  pv.qs8.assign(q.M * pv.G8 * 8, 0.f);
   pv.dxv.assign(q.M * q.P * 8, 0.f);
   pv.csv.assign(q.M * q.P * 8, 0.f);
-  const float f = affine ? 0.25f : -off * 0.25f;  // symmetric: fold the -offset into the sum term
-  for (int64_t m = 0; m < q.M; ++m)
+  const float f = affine ? 1.f : -off;
+  for (int64_t m = 0; m < q.M; ++m) {
+    for (int64_t b = 0; b < pv.G8; ++b)
+      for (int l = 0; l < 8; ++l) {
+        const int64_t i = (m * pv.G8 + b) * 8 + l;
+        pv.dx8[i] = q.dx[m * q.G + 8 * b + kOrder[l]];
+        pv.cs8[i] = f * q.qs[m * q.G + 8 * b + kOrder[l]];
+        pv.qs8[i] = q.qs[m * q.G + 8 * b + l];
+      }
     for (int64_t g = 0; g < q.G; ++g)
       for (int l = 0; l < 4; ++l) {
         const int64_t i = (m * q.P + g / 2) * 8 + (g & 1) * 4 + l;
         pv.dxv[i] = q.dx[m * q.G + g];
-        pv.csv[i] = f * q.qs[m * q.G + g];
+        pv.csv[i] = 0.25f * f * q.qs[m * q.G + g];
       }
+  }
+}
+
+// int32 dot products of one 32-byte weight load (2 groups) with the matching activations: [g0 x4 | g1 x4]
+inline __m256i pair_dot(const uint8_t* wp, const int8_t* xp, __m256i m4, __m256i ones) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  const __m256i lo = _mm256_and_si256(v, m4);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+  const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+  // |each int16| <= 2 * 15 * 127 per maddubs, the sum of two still fits int16
+  const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+  return _mm256_madd_epi16(s16, ones);
 }
 
 // R output rows at once sharing the activation loads; int8 activations.
 template <typename S, bool AFFINE, int R>
 inline void block_i8_avx2(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t* w, const S* sc,
                           const S* bi, float off, float* y, int64_t N, int64_t n) {
-  const int64_t G = K / kGroup, Gp = G / 2, rb = K / 2;
+  const int64_t G = K / kGroup, Gp = G / 2, rb = K / 2, G8 = pv.G8;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t m = 0; m < q.M; ++m) {
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     const int8_t* xp = q.xq.data() + m * q.P * 64;
+    for (int64_t b = 0; b < G8; ++b) {
+      const __m256 dx8 = _mm256_loadu_ps(pv.dx8.data() + (m * G8 + b) * 8);
+      const __m256 cs8 = _mm256_loadu_ps(pv.cs8.data() + (m * G8 + b) * 8);
+      const int8_t* xb = xp + b * 256;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wb = w + (n + r) * rb + b * 128;
+        const __m256i d0 = pair_dot(wb, xb, m4, ones), d1 = pair_dot(wb + 32, xb + 64, m4, ones);
+        const __m256i d2 = pair_dot(wb + 64, xb + 128, m4, ones), d3 = pair_dot(wb + 96, xb + 192, m4, ones);
+        const __m256 dot = _mm256_cvtepi32_ps(
+            _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3)));  // [g0 g2 g4 g6 g1 g3 g5 g7]
+        const __m256 sv = _mm256_permutevar8x32_ps(load8(sc + (n + r) * G + 8 * b), perm);
+        if (AFFINE) {
+          acc[r] = _mm256_fmadd_ps(sv, _mm256_mul_ps(dx8, dot), acc[r]);
+          acc[r] = _mm256_fmadd_ps(load8(bi + (n + r) * G + 8 * b),
+                                   _mm256_loadu_ps(pv.qs8.data() + (m * G8 + b) * 8), acc[r]);
+        } else {
+          acc[r] = _mm256_fmadd_ps(sv, _mm256_fmadd_ps(dx8, dot, cs8), acc[r]);
+        }
+      }
+    }
     const float* dxp = pv.dxv.data() + m * q.P * 8;
     const float* csp = pv.csv.data() + m * q.P * 8;
-    for (int64_t p = 0; p < Gp; ++p) {
-      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + p * 64));
-      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + p * 64 + 32));
+    for (int64_t p = 4 * G8; p < Gp; ++p) {  // leftover pairs
       const __m256 dxv = _mm256_loadu_ps(dxp + p * 8);
       const __m256 csv = _mm256_loadu_ps(csp + p * 8);
       for (int r = 0; r < R; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * rb + p * 32));
-        const __m256i lo = _mm256_and_si256(v, m4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        // |each int16| <= 2 * 15 * 127 per maddubs, the sum of two still fits int16
-        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+        const __m256 dot = _mm256_cvtepi32_ps(pair_dot(w + (n + r) * rb + p * 32, xp + p * 64, m4, ones));
         const __m256 sv = pair_bcast(sc + (n + r) * G + 2 * p);
         if (AFFINE) {
           acc[r] = _mm256_fmadd_ps(sv, _mm256_mul_ps(dxv, dot), acc[r]);
@@ -418,6 +469,17 @@ at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& scales, con
 
 bool has_avx2() { return PVLM_AVX2 != 0; }
 
+// Shape-only versions so torch.compile (fake tensors) can trace through the ops without a graph break.
+at::Tensor q4_linear_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                          const c10::optional<at::Tensor>& biases, double offset, bool int8_act, int64_t impl) {
+  return at::empty({x.size(0), packed.size(0)}, x.options());
+}
+
+at::Tensor q4_dequantize_meta(const at::Tensor& packed, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& biases, double offset) {
+  return at::empty({packed.size(0), packed.size(1) * 2}, packed.options().dtype(at::kFloat));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pocketvlm_q4, m) {
@@ -429,4 +491,9 @@ TORCH_LIBRARY(pocketvlm_q4, m) {
 TORCH_LIBRARY_IMPL(pocketvlm_q4, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q4_dequantize", &q4_dequantize);
+}
+
+TORCH_LIBRARY_IMPL(pocketvlm_q4, Meta, m) {
+  m.impl("q4_linear", &q4_linear_meta);
+  m.impl("q4_dequantize", &q4_dequantize_meta);
 }
