@@ -327,9 +327,10 @@ def register_cli(sub) -> None:
 
 
 def cmd_serve(a) -> int:
+    import argparse
     import os
 
-    from ..api import load
+    from ..cli import load_model
     from ..real_models import DEFAULT_MODEL
 
     try:
@@ -352,9 +353,7 @@ def cmd_serve(a) -> int:
     models = {}
     for mid, src in zip(ids, sources):
         print(f"loading {src} as {mid!r} ...", file=sys.stderr, flush=True)
-        models[mid] = load(src, device=a.device, dtype=a.dtype, quantization=a.quantization,
-                           context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
-                           template=a.template)
+        models[mid] = load_model(argparse.Namespace(**{**vars(a), "model": src}))  # same options as `chat`
     engine = Engine(models, slots=a.slots, max_waiting=a.max_waiting, allow_remote_images=a.allow_remote_images, allow_local_images=False,
                     allowed_image_dir=a.allowed_image_dir, max_image_pixels=a.max_image_pixels,
                     max_image_bytes=a.max_image_bytes)
