@@ -163,24 +163,14 @@ def load_hf(folder: Path, *, device="cpu", dtype=torch.float32, max_seq_len: int
 # --- GGUF ---------------------------------------------------------------------------------------------
 
 def gguf_reader(path: Path):
-    import gguf
+    """The parsed GGUF file (:class:`pocketvlm.gguf_file.GGUFFile`: ``metadata`` and ``tensors``)."""
+    from .gguf_file import read_gguf
 
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise CorruptWeightsError(f"{path} is not a valid GGUF file (truncated or corrupt?): {e}") from e
+    return read_gguf(path)
 
 
 def gguf_metadata(reader) -> dict[str, Any]:
-    meta = {}
-    for k, f in reader.fields.items():
-        if k.startswith("GGUF."):
-            continue
-        try:
-            meta[k] = f.contents()
-        except Exception as e:
-            raise CorruptWeightsError(f"GGUF metadata field {k!r} is unreadable: {e}") from e
-    return meta
+    return reader.metadata
 
 
 def gguf_tensor_to_torch(t) -> torch.Tensor:
@@ -210,7 +200,7 @@ def load_gguf(path: Path, *, device="cpu", dtype=torch.float32, max_seq_len: int
     """Load a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantized (or, with
     ``tensor_loader``, turned into whatever that callable returns, e.g. quantized modules)."""
     reader = gguf_reader(path)
-    meta = gguf_metadata(reader)
+    meta = reader.metadata
     arch = meta.get("general.architecture")
     fam = registry.gguf_family(arch)
     d = fam.gguf_config(meta, arch)

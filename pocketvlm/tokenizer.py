@@ -141,7 +141,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
         buf.close()
 
 
-def _parse_kv(buf, path: Path) -> dict[str, Any]:
+def _parse_kv(buf, path: Path, with_end: bool = False):
     if buf[:4] != b"GGUF":
         raise CorruptWeightsError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r}); pass a .gguf file")
     version = struct.unpack_from("<I", buf, 4)[0]
@@ -188,7 +188,7 @@ def _parse_kv(buf, path: Path) -> dict[str, Any]:
         key, pos = read_str(pos)
         (t,) = struct.unpack_from("<I", buf, pos)
         meta[key], pos = read_val(t, pos + 4)
-    return meta
+    return (meta, pos) if with_end else meta
 
 
 def _metadata_from_reader(reader) -> dict[str, Any]:

@@ -151,7 +151,8 @@ def attention(q, k, v, mask, scale: float | None = None, softcap: float | None =
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     s = torch.tanh(s / softcap) * softcap
-    s = s.masked_fill(~mask, float("-inf"))
+    # the dtype's minimum, not -inf: a query that sees no key (padding + sliding window) must not become NaN
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
 
 
