@@ -147,10 +147,30 @@ def onevision_config() -> dict:
     }
 
 
+#: ChatML with image parts, as llava-onevision-qwen2 checkpoints' own template renders them.
+ONEVISION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def onevision_tokenizer(d: Path, qwen_package: Path) -> None:
+    import shutil
+
+    for f in ("tokenizer.json", "generation_config.json"):
+        shutil.copyfile(qwen_package / f, d / f)  # Qwen2's tokenizer (the image token id is outside it)
+    cfg = json.loads((qwen_package / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ONEVISION_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
 def onevision_source(qwen_package) -> Path:
     """Random full-size weights in HF layout, written once (float16 to halve the 1.8 GB)."""
     d = models_dir() / "llava-onevision-0.5b-random-hf"
     if (d / "model.safetensors.index.json").exists() or (d / "model.safetensors").exists():
+        if ONEVISION_TEMPLATE not in (d / "tokenizer_config.json").read_text():
+            onevision_tokenizer(d, qwen_package)
         return d
     transformers = pytest.importorskip("transformers")
     import shutil
@@ -161,8 +181,7 @@ def onevision_source(qwen_package) -> Path:
         model = transformers.LlavaOnevisionForConditionalGeneration(cfg).to(torch.float16)
     tmp = d.with_suffix(".partial")
     model.save_pretrained(tmp)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copyfile(qwen_package / f, tmp / f)  # Qwen2's tokenizer (the image token id is outside it)
+    onevision_tokenizer(tmp, qwen_package)
     proc = {"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": 384, "width": 384},
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_center_crop": False,
             "image_grid_pinpoints": onevision_config()["image_grid_pinpoints"], "do_pad": True, "resample": 3}
@@ -178,6 +197,8 @@ def test_llava_onevision_peak_rss_within_15_percent(qwen_package, tmp_path):
     except ImportError:
         pytest.skip("pocketvlm.models.llava_onevision is not in this build")
     pkg = cached_package(onevision_source(qwen_package), "q4f16_1", "llava-onevision-0.5b-random-q4f16_1")
+    if ONEVISION_TEMPLATE not in (pkg / "tokenizer_config.json").read_text():
+        pkg = convert(onevision_source(qwen_package), "q4f16_1", pkg, overwrite=True, progress=False)
     from PIL import Image
 
     img = tmp_path / "square.png"
