@@ -23,6 +23,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -345,6 +346,27 @@ inline void block_exact_avx2(const float* x, const float* xs, int64_t M, int64_t
 
 constexpr int64_t kRows = 4;  // output rows per inner block
 
+// f(b0, b1) over [0, nblocks) on torch's intra-op threads, with chunks claimed first come first served
+// rather than split statically: on a shared, oversubscribed CPU a thread that is descheduled mid-call
+// no longer holds half of the rows hostage - the others take its chunks.
+template <typename F>
+void for_blocks(int64_t nblocks, int64_t grain, const F& f) {
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), (nblocks + grain - 1) / grain);
+  if (nt <= 1 || at::in_parallel_region()) {
+    f(int64_t(0), nblocks);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, nblocks / (nt * 8));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b0 = next.fetch_add(chunk);
+      if (b0 >= nblocks) break;
+      f(b0, std::min(nblocks, b0 + chunk));
+    }
+  });
+}
+
 template <typename S, bool AFFINE>
 void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& biases, double offset, bool int8_act, bool scalar,
@@ -357,8 +379,9 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   const float off = static_cast<float>(offset);
   float* yp = y.data_ptr<float>();
   const int64_t nblocks = (N + kRows - 1) / kRows;
-  // grain: ~16k weights per task keeps the per-task overhead small next to the work
-  const int64_t grain = std::max<int64_t>(1, 16384 / (K * kRows));
+  // grain: >= ~256k weights per task, so small matrices (e.g. 128 x 896 k/v projections) run on one
+  // thread: waking a second one costs more than the ~10 us of work, and far more on a loaded machine
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (K * kRows * std::max<int64_t>(1, M)));
 #if !PVLM_AVX2
   scalar = true;
 #endif
@@ -369,7 +392,7 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
     QuantX& q = q_buf;
     quantize_x(xp, M, K, q);
     if (scalar) {
-      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+      for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
         rows_i8_scalar<S, AFFINE>(q, K, w, sc, bi, off, yp, N, b0 * kRows, std::min(N, b1 * kRows));
       });
       return;
@@ -378,7 +401,7 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
     thread_local PairVecs pv_buf;
     PairVecs& pv = pv_buf;
     make_pair_vecs(q, off, AFFINE, pv);
-    at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b * kRows;
         if (n + kRows <= N) {
@@ -391,7 +414,7 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 #endif
   } else {
     if (scalar) {
-      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+      for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
         rows_exact_scalar<S, AFFINE>(xp, M, K, w, sc, bi, off, yp, N, b0 * kRows, std::min(N, b1 * kRows));
       });
       return;
@@ -405,7 +428,7 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
         for (int i = 0; i < kGroup; ++i) s += xp[m * K + g * kGroup + i];
         xs[m * G + g] = s;
       }
-    at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b * kRows;
         if (n + kRows <= N) {
