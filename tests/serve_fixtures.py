@@ -41,13 +41,16 @@ def write_tokenizer(d: Path, vocab_size: int = 320) -> int:
 
 
 def make_tiny_qwen2(d: Path, seed: int = 0, max_position_embeddings: int = 256, hidden: int = 64,
-                    layers: int = 2, std: float = 0.3) -> Path:
+                    layers: int = 2, std: float = 0.3, never_eos: bool = False) -> Path:
     """A tiny Qwen2 chat model folder (random weights, real tokenizer, ChatML template).
 
     The config and safetensors are written exactly as ``Qwen2ForCausalLM.save_pretrained`` lays them out
     (same keys and shapes), without importing transformers, which alone takes 15-30 s on a busy 2-core
     machine. ``std`` is larger than HF's 0.02 init so that greedy answers vary from token to token instead
-    of repeating one token, which makes "same answer alone and under load" a meaningful check."""
+    of repeating one token, which makes "same answer alone and under load" a meaningful check.
+
+    ``never_eos``: an untied LM head whose ``<|im_end|>`` row is zero, so that its logit sits mid-pack and a
+    greedy answer runs to ``max_tokens`` (tests that need a long generation to interrupt)."""
     import torch
     from safetensors.torch import save_file
 
@@ -60,7 +63,7 @@ def make_tiny_qwen2(d: Path, seed: int = 0, max_position_embeddings: int = 256, 
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
         "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": max_position_embeddings,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": not never_eos,
         "eos_token_id": 2, "bos_token_id": None, "torch_dtype": "float32", "use_sliding_window": False,
     }
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -84,6 +87,10 @@ def make_tiny_qwen2(d: Path, seed: int = 0, max_position_embeddings: int = 256, 
             p + "mlp.down_proj.weight": rnd(hidden, inter),
             p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden),
         })
+    if never_eos:
+        head = emb.clone()
+        head[SPECIALS.index("<|im_end|>")] = 0
+        w["lm_head.weight"] = head
     save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
     return d
 

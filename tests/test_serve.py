@@ -25,7 +25,8 @@ import pocketvlm
 from pocketvlm.errors import ImageError, ModelNotFoundError, RequestError, SamplingError
 from pocketvlm.serve import schemas
 from pocketvlm.serve.app import ServerThread, create_app
-from pocketvlm.serve.engine import Engine, ImagePolicy, check_public_url
+from pocketvlm.serve.engine import Engine
+from pocketvlm.serve.images import ImagePolicy, check_public_url
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_fixtures import make_tiny_llava, make_tiny_qwen2  # noqa: E402
@@ -50,7 +51,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_chat"), max_position_embeddings=1024)
+    # never_eos: greedy answers run to max_tokens, so a long generation can be interrupted mid-way
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_chat"), max_position_embeddings=1024, never_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,8 @@ def png_header_only(w, h) -> bytes:
 
 
 def image_msg(url, text="What is this?"):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
 
 
 def post(server, body, **kw):
@@ -398,7 +401,7 @@ def test_remote_fetch_checks_every_connection(local_http, monkeypatch):
     holds; a redirect to a private address is refused; and an address that turns private between the check
     and the connection (DNS rebinding) is refused at connect time."""
     from pocketvlm.errors import ImageTooLargeError
-    from pocketvlm.serve import engine as eng
+    from pocketvlm.serve import images as eng
 
     base, hits = local_http
     real = eng._is_public
@@ -687,7 +690,8 @@ def test_engine_openai_shaped_objects(engine, pm):
     assert chunks[-1].choices[0].finish_reason == last.finish_reason
     assert [m.id for m in engine.models.list().data] == ["tiny"]
     # the only model is the default
-    assert engine.chat.completions.create(messages=msgs, max_tokens=10, temperature=0).choices[0].message.content == want
+    default = engine.chat.completions.create(messages=msgs, max_tokens=10, temperature=0)
+    assert default.choices[0].message.content == want
 
 
 def test_engine_errors_and_early_close(engine):

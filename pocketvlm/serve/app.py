@@ -113,15 +113,19 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return {"id": model_id, "object": "model", "created": engine.created, "owned_by": "pocketvlm",
                 "vision": pm.is_vlm, "context_window": pm.context_window_size}
 
-    async def next_item(q: asyncio.Queue, request: Request, job):
-        """The next (kind, value) from the worker; cancels the job if the client went away meanwhile."""
+    async def next_item(q: asyncio.Queue, request: Request, job, checked: list):
+        """The next (kind, value) from the worker. At most every 0.5 s (also while tokens keep coming) it looks
+        whether the client went away, and then cancels the job. ``checked`` holds the last check's time."""
         while True:
+            if time.monotonic() - checked[0] > 0.5:
+                checked[0] = time.monotonic()
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise asyncio.CancelledError()
             try:
                 return await asyncio.wait_for(q.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    raise asyncio.CancelledError() from None
+                continue
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -143,7 +147,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                 loop.call_soon_threadsafe(q.put_nowait, (kind, value))
 
             job = engine.submit(req, prepared, deliver)
-            kind, value = await next_item(q, request, job)  # prefill errors become a proper status code
+            checked = [time.monotonic()]
+            kind, value = await next_item(q, request, job, checked)  # prefill errors get a proper status code
             if kind == "error":
                 raise value
         except BaseException as ex:
@@ -159,7 +164,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             parts = [value.text]
             try:
                 while not value.finish_reason:
-                    kind, value = await next_item(q, request, job)
+                    kind, value = await next_item(q, request, job, checked)
                     if kind == "error":
                         status, body = error_response_for(value)
                         return JSONResponse(body, status_code=status)
@@ -354,7 +359,8 @@ def cmd_serve(a) -> int:
     for mid, src in zip(ids, sources):
         print(f"loading {src} as {mid!r} ...", file=sys.stderr, flush=True)
         models[mid] = load_model(argparse.Namespace(**{**vars(a), "model": src}))  # same options as `chat`
-    engine = Engine(models, slots=a.slots, max_waiting=a.max_waiting, allow_remote_images=a.allow_remote_images, allow_local_images=False,
+    engine = Engine(models, slots=a.slots, max_waiting=a.max_waiting, allow_remote_images=a.allow_remote_images,
+                    allow_local_images=False,
                     allowed_image_dir=a.allowed_image_dir, max_image_pixels=a.max_image_pixels,
                     max_image_bytes=a.max_image_bytes)
     app = create_app(engine, api_key=api_key, max_body_bytes=a.max_body_bytes)
