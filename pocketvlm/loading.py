@@ -196,9 +196,9 @@ def map_gguf_names(names, table: dict[str, str]) -> dict[str, str]:
 
 
 def load_gguf(path: Path, *, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-              tensor_loader=None) -> Loaded:
-    """Load a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantized (or, with
-    ``tensor_loader``, turned into whatever that callable returns, e.g. quantized modules)."""
+              tensor_loader=None, keep_quantized: bool = False) -> Loaded:
+    """Load a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantized; with
+    ``keep_quantized`` the quantized tensors then become quantized modules (``quantization="gguf"``)."""
     reader = gguf_reader(path)
     meta = reader.metadata
     arch = meta.get("general.architecture")
@@ -217,7 +217,88 @@ def load_gguf(path: Path, *, device="cpu", dtype=torch.float32, max_seq_len: int
         raise CorruptWeightsError(f"{path}: cannot read tensor data (truncated or corrupt?): {e}") from e
     weights = fam.gguf_sanitize(weights, cfg)
     model = build(fam, cfg, weights, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    return Loaded(model, cfg, fam, str(path), "gguf", path, d, meta)
+    loaded = Loaded(model, cfg, fam, str(path), "gguf", path, d, meta)
+    if keep_quantized:
+        loaded.quantization = {"mode": "gguf", "modules": keep_gguf_quantized(model, reader, hf_names, cfg, dtype)}
+    return loaded
+
+
+def _unpermuted_rows(fam, hf_name: str, rows: int, cfg):
+    """Row order that undoes llama.cpp's q/k permutation for families whose GGUF converter applies it."""
+    unpermute = getattr(fam, "unpermute_qk", None)
+    if unpermute is None or not fam.gguf_sanitize.__module__.endswith(".llama"):
+        return None
+    if hf_name.endswith("q_proj.weight"):
+        heads = cfg.num_attention_heads
+    elif hf_name.endswith("k_proj.weight"):
+        heads = cfg.n_kv_heads
+    else:
+        return None
+    return unpermute(torch.arange(rows)[:, None], heads)[:, 0].numpy()
+
+
+def _gguf_module(mod, data, t, dtype):
+    from .quant import gguf_embedding, gguf_linear
+
+    if isinstance(mod, nn.Embedding):
+        return gguf_embedding(data, t.tensor_type, t.shape, dtype=dtype, name=t.name)
+    if isinstance(mod, nn.Linear):
+        return gguf_linear(data, t.tensor_type, t.shape, bias=mod.bias, dtype=dtype, name=t.name)
+    return None, None
+
+
+def keep_gguf_quantized(model: nn.Module, reader, hf_names: dict, cfg, dtype) -> dict[str, str]:
+    """Swap the dequantized linears/embeddings of a GGUF-loaded model for modules that keep the file's
+    quantized blocks (Q4_0/Q4_1/Q4_K on the int4 kernel, Q8_0/Q5_0 as exact 8-bit, other types converted
+    to q8f16_1 with a warning). Returns ``{module name: mode}``."""
+    import numpy as np
+
+    from .quant.linear import QuantEmbedding
+
+    import gguf as _gguf
+
+    float_types = {_gguf.GGMLQuantizationType.F32, _gguf.GGMLQuantizationType.F16, _gguf.GGMLQuantizationType.BF16}
+    import warnings
+
+    fam = registry.gguf_family(reader.metadata.get("general.architecture"))
+    modules = dict(model.named_modules())
+    record = {}
+    emb_name = None
+    converted: dict[str, int] = {}
+    for t in reader.tensors:
+        hf = hf_names[t.name]
+        mod_name = hf.rsplit(".", 1)[0]
+        if not hf.endswith(".weight") or t.tensor_type in float_types or mod_name not in modules:
+            continue
+        mod = modules[mod_name]
+        data = t.data
+        order = _unpermuted_rows(fam, hf, data.shape[0], cfg)
+        if order is not None:
+            data = np.ascontiguousarray(data[order])
+        parent, _, child = mod_name.rpartition(".")
+        with warnings.catch_warnings(record=True) as caught:  # one summary below, not one line per tensor
+            warnings.simplefilter("always")
+            new, mode = _gguf_module(mod, data, t, dtype)
+        if caught:
+            converted[t.tensor_type.name] = converted.get(t.tensor_type.name, 0) + 1
+        if new is None:
+            continue
+        if isinstance(mod, nn.Embedding):
+            if hasattr(mod, "scale"):  # families whose embedding module scales its output keep doing so
+                new.scale = mod.scale
+            emb_name = mod_name
+        setattr(modules[parent] if parent else model, child, new)
+        record[mod_name] = mode
+    if converted:
+        warnings.warn("GGUF tensors without an exact low-bit kernel here were converted: " + ", ".join(
+            f"{n} {k}" for k, n in sorted(converted.items())) + " (Q5_0 -> exact 8-bit codes; Q6_K and other "
+            "k-quants -> requantized to q8f16_1)", stacklevel=2)
+    if getattr(cfg, "tie_word_embeddings", False) and emb_name is not None:
+        emb = dict(model.named_modules())[emb_name]
+        if isinstance(emb, QuantEmbedding):
+            model.lm_head = emb.as_lm_head()
+            record["lm_head"] = "tied:" + emb_name
+    return record
 
 
 # --- building -----------------------------------------------------------------------------------------
@@ -255,8 +336,15 @@ def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None =
     kind, path = resolve(source)
     dtype = parse_dtype(dtype)
     if kind == "gguf":
-        loaded = load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        native = quantization == "gguf"
+        loaded = load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len, keep_quantized=native)
+        if native:
+            return loaded
     else:
+        if quantization == "gguf":
+            from .errors import QuantizationError
+
+            raise QuantizationError("quantization 'gguf' (keep the file's own quantized blocks) needs a .gguf source")
         loaded = load_hf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantization:
         from .quant import quantize_model
