@@ -81,7 +81,7 @@ def engine(pm, image_dir):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(create_app(engine, max_body_bytes=MAX_BODY)) as s:
+    with ServerThread(create_app(engine, max_body_bytes=MAX_BODY, allowed_hosts=["127.0.0.1", "localhost"])) as s:
         yield s
 
 
@@ -266,6 +266,23 @@ def test_malformed_json_and_unknown_model_and_route(server):
     assert_error(httpx.get(server.url + "/v1/nothing-here"), 404)
     assert_error(httpx.get(server.url + "/v1/models/ghost"), 404, code="model_not_found")
     assert httpx.get(server.url + "/v1/models/tiny").json()["id"] == "tiny"
+
+
+def test_foreign_host_and_non_json_content_type_refused(server):
+    """A page on another site cannot drive the local server through a visitor's browser: a rebound domain
+    arrives with its own Host name (400), and a cross-site form or text/plain POST is not JSON (415)."""
+    body = {"model": "tiny", "messages": user("hi"), "max_tokens": 1}
+    assert_error(post(server, body, headers={"Host": "evil.example"}), 400, code="invalid_host")
+    assert_error(httpx.get(server.url + "/v1/models", headers={"Host": "evil.example:8000"}), 400,
+                 code="invalid_host")
+    assert post(server, body, headers={"Host": "localhost"}).status_code == 200
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body),
+                   headers={"Content-Type": "text/plain"})
+    assert_error(r, 415, code="unsupported_media_type")
+    r = httpx.post(server.url + "/v1/chat/completions", data={"model": "tiny"})  # a form post
+    assert_error(r, 415, code="unsupported_media_type")
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body))  # no Content-Type: fine
+    assert r.status_code == 200
 
 
 def test_prompt_over_context_window_is_400(server, pm):
@@ -745,6 +762,7 @@ def test_cli_serve_defaults_are_safe():
 
     a = build_parser().parse_args(["serve", "some-model"])
     assert a.host == "127.0.0.1" and a.api_key is None and not a.allow_remote_images and a.allowed_image_dir is None
+    assert a.allowed_host is None  # cmd_serve then accepts only loopback Host names (tested in the subprocess)
     assert a.model == ["some-model"]
 
 
@@ -769,6 +787,7 @@ def test_cli_serve_subprocess(tiny_dir):
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health", headers={"Host": "rebound.example"}).status_code == 400
         c = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["tiny-cli"]
         r = c.chat.completions.create(model="tiny-cli", messages=user("hi"), max_tokens=3)

@@ -56,8 +56,14 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    """The FastAPI application serving ``engine``."""
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allowed_hosts: list[str] | None = None):
+    """The FastAPI application serving ``engine``. ``allowed_hosts``: accepted ``Host`` header names (None:
+    any); a server on loopback should accept only loopback names, so that a web page whose domain is
+    rebound to 127.0.0.1 cannot use the models through the visitor's browser."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -205,16 +211,25 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return BodyLimit(app, max_body_bytes)
+    return Guard(app, max_body_bytes, allowed_hosts)
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 to request bodies over ``limit`` bytes (by Content-Length, or counted
-    while reading a chunked body) before the application sees them."""
+def _host_name(host: str) -> str:
+    """The name part of a Host header: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1"."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
-    def __init__(self, app, limit: int):
+
+class Guard:
+    """ASGI middleware run before the application: refuses a ``Host`` not in ``allowed_hosts`` (400), a POST
+    whose Content-Type is not JSON (415: browsers send form and text/plain bodies cross-site without asking),
+    and request bodies over ``limit`` bytes (413, by Content-Length or counted while reading)."""
+
+    def __init__(self, app, limit: int, allowed_hosts: list[str] | None = None):
         self.app = app
         self.limit = int(limit)
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
 
     def __getattr__(self, name):  # expose the wrapped FastAPI app's attributes (state, routes, ...)
         return getattr(self.app, name)
@@ -227,8 +242,20 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.allowed_hosts is not None:
+            host = headers.get("host", "").strip().lower()
+            if _host_name(host) not in self.allowed_hosts:
+                return await self._reply(send, 400, f"Host {host!r} is not served here (allowed: "
+                                         f"{', '.join(sorted(self.allowed_hosts))}; see --allowed-host)", "invalid_host")
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            return await self._reply(send, 415, f"Content-Type {ctype!r} is not accepted; send JSON with "
+                                     "'Content-Type: application/json'", "unsupported_media_type")
         too_big = f"the request body is over the limit of {self.limit:,} bytes (--max-body-bytes); send smaller images"
         for k, v in scope.get("headers", []):
             if k == b"content-length":
@@ -317,6 +344,9 @@ def register_cli(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $POCKETVLM_API_KEY if set)")
+    p.add_argument("--allowed-host", action="append", default=None,
+                   help="Host header names to accept (repeatable). Default: on a loopback --host only 127.0.0.1, "
+                        "localhost and ::1 (DNS-rebinding guard); on other addresses any")
     p.add_argument("--allowed-image-dir", default=None, help="allow local image paths, only inside this folder")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (public hosts only; never loopback or private addresses)")
@@ -363,8 +393,13 @@ def cmd_serve(a) -> int:
                     allow_local_images=False,
                     allowed_image_dir=a.allowed_image_dir, max_image_pixels=a.max_image_pixels,
                     max_image_bytes=a.max_image_bytes)
-    app = create_app(engine, api_key=api_key, max_body_bytes=a.max_body_bytes)
-    if a.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    allowed_hosts = a.allowed_host
+    if allowed_hosts is None and a.host in LOOPBACK_NAMES:
+        allowed_hosts = LOOPBACK_NAMES
+    elif allowed_hosts is not None:
+        allowed_hosts = allowed_hosts + LOOPBACK_NAMES
+    app = create_app(engine, api_key=api_key, max_body_bytes=a.max_body_bytes, allowed_hosts=allowed_hosts)
+    if a.host not in LOOPBACK_NAMES and not api_key:
         print(f"warning: listening on {a.host} without --api-key: anyone who can reach this address can use "
               "the models", file=sys.stderr)
     print(f"pocketvlm: serving {', '.join(ids)} at http://{a.host}:{a.port} (web chat at /, API at /v1)",

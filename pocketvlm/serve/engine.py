@@ -214,7 +214,8 @@ class Engine:
 
     ``models``: ``{id: source or PocketModel}``, a list of sources (ids from their names), or a single
     source / PocketModel. Sources are loaded with ``pocketvlm.load(source, **load_kwargs)``.
-    ``slots``: concurrent generations per model. Image options: see :class:`ImagePolicy`; in-process use
+    ``slots``: concurrent generations per model; ``max_waiting``: requests that may queue behind them (more
+    raise ServerBusyError). Image options: see :class:`ImagePolicy`; in-process use
     allows local paths by default, the server only inside ``allowed_image_dir``.
     """
 
