@@ -184,3 +184,67 @@ def test_ops_pass_opcheck_for_torch_compile():
     x = torch.randn(3, 64)
     torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w.packed, w.scales, w.biases, 7.0, True, 0))
     torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w.packed, w.scales, None, 7.0))
+
+
+# ----- int8 weights -------------------------------------------------------------------------------
+Q8_SHAPES = [(1, 32, 1), (5, 96, 3), (13, 256, 1), (7, 288, 3), (130, 896, 1), (6, 4864, 3)]  # G % 8 = 1,3,0,1,4,0
+
+
+def make_q8(n, k, affine, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int16)
+    s = torch.rand(n, k // 32, generator=g) * 0.01 + 0.001
+    b = torch.randn(n, k // 32, generator=g) * 0.01 if affine else None
+    return ck.pack_q8(codes, s, biases=b)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["sym", "affine"])
+@pytest.mark.parametrize("n,k,m", Q8_SHAPES)
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+def test_q8_matches_quantized_reference(n, k, m, affine, scalar):
+    w = make_q8(n, k, affine)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
+    y = ck.q8_linear(x, w, scalar=scalar)
+    assert y.shape == (m, n)
+    wf = ck.dequantize_q8(w).double()
+    xg = x.view(m, -1, 32)
+    d = xg.abs().amax(-1, keepdim=True) / 127
+    xq = (torch.round(xg / d) * d).view(m, k)
+    ref_q = (xq.double() @ wf.t()).float()
+    assert rel_err(y, ref_q) < 1e-4
+    bound = 0.5 * d.squeeze(-1).double() @ wf.abs().view(n, -1, 32).sum(-1).t()
+    assert ((y.double() - x.double() @ wf.t()).abs() <= bound * 1.001 + 1e-6).all()
+
+
+def test_q8_extremes_do_not_saturate():
+    """-128 weights against +-127 activations: the |w| x sign trick must not overflow int16."""
+    codes = torch.full((4, 64), -128, dtype=torch.int16)
+    w = ck.pack_q8(codes, torch.ones(4, 2), dtype=torch.float32)  # also covers float32 scales
+    x = torch.full((1, 64), -1.0)
+    assert torch.allclose(ck.q8_linear(x, w), torch.full((1, 4), 128.0 * 64))
+
+
+def test_q8_rejects_bad_input():
+    with pytest.raises(QuantizationError):
+        ck.pack_q8(torch.zeros(2, 48, dtype=torch.int8), torch.ones(2, 1))
+    with pytest.raises(QuantizationError):
+        ck.pack_q8(torch.full((2, 32), 200, dtype=torch.int16), torch.ones(2, 1))
+    with pytest.raises(QuantizationError):
+        ck.pack_q8(torch.zeros(2, 32, dtype=torch.int8), torch.ones(2, 2))
+    w = ck.pack_q8(torch.zeros(2, 32, dtype=torch.int8), torch.ones(2, 1))
+    with pytest.raises(QuantizationError, match="pad x"):
+        ck.q8_linear(torch.randn(1, 31), w)
+
+
+def test_q8_fallback_without_kernel(monkeypatch):
+    w = make_q8(9, 96, True)
+    x = torch.randn(2, 96)
+    monkeypatch.setitem(ck._state, "tried", True)
+    monkeypatch.setitem(ck._state, "ok", False)
+    assert rel_err(ck.q8_linear(x, w), (x.double() @ ck.dequantize_q8(w).double().t()).float()) < 1e-5
+
+
+def test_q8_opcheck():
+    w = make_q8(12, 288, True)
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q8_linear.default, (torch.randn(2, 288), w.qweight, w.scales,
+                                                                      w.biases, 0))

@@ -240,3 +240,61 @@ def _check_linear_args(x: torch.Tensor, k: int, act: str) -> None:
         raise QuantizationError(f"q4_linear: x has last dim {x.shape[-1]} but the weight has K = {k}; pad x to K")
     if x.device.type != "cpu":
         raise QuantizationError(f"q4_linear is a CPU kernel; x is on {x.device} (use the dense path there)")
+
+
+# ----- int8 weights -------------------------------------------------------------------------------
+class Q8Weight(NamedTuple):
+    """int8 weights for :func:`q8_linear`: ``W[n, 32g + i] = qweight * scales[n, g] (+ biases[n, g])``."""
+
+    qweight: torch.Tensor  # int8 [N, K], natural order
+    scales: torch.Tensor  # float16|float32 [N, K/32]
+    biases: torch.Tensor | None  # like scales, or None
+
+
+def pack_q8(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None = None,
+            dtype: torch.dtype = torch.float16) -> Q8Weight:
+    """codes ``[N, K]`` (ints -128..127), scales/biases ``[N, K/32]`` -> :class:`Q8Weight`
+    (MLC q8f16_1, GGUF Q8_0 / Q5_0 as signed codes times a per-32 scale)."""
+    if codes.dim() != 2 or codes.shape[1] % GROUP:
+        raise QuantizationError(f"pack_q8: codes must be [N, K] with K a multiple of {GROUP} (pad K), "
+                                f"got {tuple(codes.shape)}")
+    if codes.is_floating_point() or codes.is_complex():
+        raise QuantizationError(f"pack_q8: codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < -128 or int(codes.max()) > 127):
+        raise QuantizationError("pack_q8: codes must lie in -128..127")
+    n, g = codes.shape[0], codes.shape[1] // GROUP
+    if dtype not in (torch.float16, torch.float32):
+        raise QuantizationError(f"pack_q8: scale dtype must be float16 or float32, got {dtype}")
+    for name, t in (("scales", scales), ("biases", biases)):
+        if t is not None and tuple(t.shape) != (n, g):
+            raise QuantizationError(f"pack_q8: {name} must be [N, K/32] = {(n, g)}, got {tuple(t.shape)}")
+    s = scales.to(device="cpu", dtype=dtype).contiguous()
+    b = None if biases is None else biases.to(device="cpu", dtype=dtype).contiguous()
+    for name, t in (("scales", s), ("biases", b)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise QuantizationError(f"pack_q8: {name} are not finite in {dtype} (overflow?); use dtype=torch.float32")
+    return Q8Weight(codes.to(device="cpu", dtype=torch.int8).contiguous(), s, b)
+
+
+def dequantize_q8(w: Q8Weight) -> torch.Tensor:
+    """Float32 ``[N, K]`` weight (plain PyTorch: the fallback, the dense path and the tests' reference)."""
+    n = w.qweight.shape[0]
+    out = w.qweight.float().view(n, -1, GROUP) * w.scales.float().unsqueeze(-1)
+    if w.biases is not None:
+        out = out + w.biases.float().unsqueeze(-1)
+    return out.view(n, -1)
+
+
+def q8_linear(x: torch.Tensor, w: Q8Weight, scalar: bool = False) -> torch.Tensor:
+    """``x [..., K] @ W.T`` -> float32 ``[..., N]`` with int8 activations (same per-32-block
+    quantization and error bound as ``q4_linear(act="int8")``). Without the kernel: PyTorch matmul."""
+    k = w.qweight.shape[1]
+    if x.shape[-1] != k or x.device.type != "cpu":
+        _check_linear_args(x, k, "int8")
+    if not (_state["ok"] or available()):
+        return x.to(torch.float32) @ dequantize_q8(w).t()
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    y = _ops.q8_linear(x2, w.qweight, w.scales, w.biases, 1 if scalar else 0)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.qweight.shape[0])

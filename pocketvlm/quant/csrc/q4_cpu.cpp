@@ -55,14 +55,15 @@ struct QuantX {
   std::vector<float> qs;         // [M, G]
 };
 
-void quantize_x(const float* x, int64_t M, int64_t K, QuantX& q) {
+// paired: the q4 pair layout above; otherwise natural order, 32 bytes per group (the q8 kernel).
+void quantize_x(const float* x, int64_t M, int64_t K, QuantX& q, bool paired = true) {
   q.M = M;
   q.G = K / kGroup;
   q.P = (q.G + 1) / 2;
   q.xq.resize(M * q.P * 64);
   q.dx.resize(M * q.G);
   q.qs.resize(M * q.G);
-  if (q.G & 1)  // the odd last group's partner half stays zero
+  if (paired && (q.G & 1))  // the odd last group's partner half stays zero
     for (int64_t m = 0; m < M; ++m) {
       int8_t* last = q.xq.data() + (m * q.P + q.P - 1) * 64;
       std::memset(last + 16, 0, 16);
@@ -71,7 +72,8 @@ void quantize_x(const float* x, int64_t M, int64_t K, QuantX& q) {
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < q.G; ++g) {
       const float* xg = x + m * K + g * kGroup;
-      int8_t* dst = q.xq.data() + (m * q.P + g / 2) * 64 + (g & 1) * 16;
+      int8_t* dst = paired ? q.xq.data() + (m * q.P + g / 2) * 64 + (g & 1) * 16 : q.xq.data() + (m * q.G + g) * 32;
+      const int hi_off = paired ? 32 : 16;  // where x16..31 go
 #if PVLM_AVX2
       const __m256 sign = _mm256_set1_ps(-0.f);
       const __m256 v0 = _mm256_loadu_ps(xg), v1 = _mm256_loadu_ps(xg + 8);
@@ -90,7 +92,7 @@ void quantize_x(const float* x, int64_t M, int64_t K, QuantX& q) {
       const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);  // x16..31 int16
       const __m256i p8 = _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8);   // x0..31 int8
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p8));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(p8, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + hi_off), _mm256_extracti128_si256(p8, 1));
       __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
       __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
@@ -105,7 +107,7 @@ void quantize_x(const float* x, int64_t M, int64_t K, QuantX& q) {
       for (int i = 0; i < kGroup; ++i) {
         const int v = static_cast<int>(std::nearbyint(xg[i] * id));
         s += v;
-        dst[(i < 16) ? i : i + 16] = static_cast<int8_t>(v);  // i>=16 -> second half of the pair
+        dst[(i < 16) ? i : i - 16 + hi_off] = static_cast<int8_t>(v);
       }
 #endif
       q.dx[m * q.G + g] = d;
@@ -526,6 +528,155 @@ at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& scales, con
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// q8: int8 codes [N, K] (natural order), scales/biases [N, K/32] as for q4; W = q * scale (+ bias).
+// Int8 activations only (x quantized per 32-block exactly as in the q4 int8 path).
+template <typename S, bool AFFINE>
+void rows_q8_scalar(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y, int64_t N,
+                    int64_t n0, int64_t n1) {
+  const int64_t G = K / kGroup;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < q.M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int8_t* wg = w + n * K + g * kGroup;
+        const int8_t* xg = q.xq.data() + (m * G + g) * kGroup;
+        int32_t dot = 0;
+        for (int i = 0; i < kGroup; ++i) dot += int32_t(wg[i]) * int32_t(xg[i]);
+        acc += to_f(sc[n * G + g]) * q.dx[m * G + g] * float(dot);
+        if (AFFINE) acc += to_f(bi[n * G + g]) * q.qs[m * G + g];
+      }
+      y[m * N + n] = acc;
+    }
+}
+
+#if PVLM_AVX2
+// int32 partial dot products of one group (32 int8 weights x 32 int8 activations), 8 lanes
+inline __m256i q8_dot(const int8_t* wp, const int8_t* xp, __m256i ones) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+  // vpmaddubsw wants one unsigned operand: |w| x (x with w's sign); |pair sums| <= 2*128*127 fits int16
+  const __m256i s16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+  return _mm256_madd_epi16(s16, ones);
+}
+
+template <typename S, bool AFFINE, int R>
+inline void block_q8_avx2(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y,
+                          int64_t N, int64_t n) {
+  const int64_t G = K / kGroup, G8 = G / 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t m = 0; m < q.M; ++m) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    const int8_t* xp = q.xq.data() + m * G * kGroup;
+    for (int64_t b = 0; b < G8; ++b) {
+      const __m256 dx8 = _mm256_loadu_ps(q.dx.data() + m * G + 8 * b);
+      const int8_t* xb = xp + b * 256;
+      for (int r = 0; r < R; ++r) {
+        const int8_t* wb = w + (n + r) * K + b * 256;
+        // 3 hadds + a 128-bit lane swap turn 8 per-group vectors into [g0 .. g7] in natural order
+        const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_dot(wb, xb, ones), q8_dot(wb + 32, xb + 32, ones)),
+                                            _mm256_hadd_epi32(q8_dot(wb + 64, xb + 64, ones),
+                                                              q8_dot(wb + 96, xb + 96, ones)));
+        const __m256i u = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(q8_dot(wb + 128, xb + 128, ones), q8_dot(wb + 160, xb + 160, ones)),
+            _mm256_hadd_epi32(q8_dot(wb + 192, xb + 192, ones), q8_dot(wb + 224, xb + 224, ones)));
+        const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(t, u, 0x20), _mm256_permute2x128_si256(t, u, 0x31));
+        const __m256 dot = _mm256_cvtepi32_ps(sum);
+        acc[r] = _mm256_fmadd_ps(load8(sc + (n + r) * G + 8 * b), _mm256_mul_ps(dx8, dot), acc[r]);
+        if (AFFINE)
+          acc[r] = _mm256_fmadd_ps(load8(bi + (n + r) * G + 8 * b), _mm256_loadu_ps(q.qs.data() + m * G + 8 * b), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float t = hsum8(acc[r]);
+      for (int64_t g = 8 * G8; g < G; ++g) {  // leftover groups
+        __m256i d = q8_dot(w + (n + r) * K + g * kGroup, xp + g * kGroup, ones);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        t += to_f(sc[(n + r) * G + g]) * q.dx[m * G + g] * float(_mm_cvtsi128_si32(s4));
+        if (AFFINE) t += to_f(bi[(n + r) * G + g]) * q.qs[m * G + g];
+      }
+      y[m * N + n + r] = t;
+    }
+  }
+}
+#endif  // PVLM_AVX2
+
+template <typename S, bool AFFINE>
+void run_q8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
+            bool scalar, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
+  const int8_t* w = qw.data_ptr<int8_t>();
+  const S* sc = scales.data_ptr<S>();
+  const S* bi = AFFINE ? biases->data_ptr<S>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  thread_local QuantX q_buf;  // see run_linear: capture the reference, not the thread_local
+  QuantX& q = q_buf;
+  quantize_x(x.data_ptr<float>(), M, K, q, /*paired=*/false);
+  const int64_t nblocks = (N + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (K * kRows * std::max<int64_t>(1, M)));
+#if !PVLM_AVX2
+  scalar = true;
+#endif
+  if (scalar) {
+    for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
+      rows_q8_scalar<S, AFFINE>(q, K, w, sc, bi, yp, N, b0 * kRows, std::min(N, b1 * kRows));
+    });
+    return;
+  }
+#if PVLM_AVX2
+  for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * kRows;
+      if (n + kRows <= N) block_q8_avx2<S, AFFINE, kRows>(q, K, w, sc, bi, yp, N, n);
+      else for (int64_t r = n; r < N; ++r) block_q8_avx2<S, AFFINE, 1>(q, K, w, sc, bi, yp, N, r);
+    }
+  });
+#endif
+}
+
+void check_q8_args(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
+  TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kChar && qw.dim() == 2 && qw.is_contiguous(),
+              "q8: qweight must be a contiguous CPU int8 [N, K] tensor");
+  TORCH_CHECK(qw.size(1) % kGroup == 0, "q8: K must be a multiple of 32, got ", qw.size(1));
+  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == qw.size(0) && scales.size(1) == qw.size(1) / kGroup,
+              "q8: scales must be a contiguous CPU [N, K/32] tensor");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat,
+              "q8: scales must be float16 or float32");
+  if (biases.has_value())
+    TORCH_CHECK(biases->sizes() == scales.sizes() && biases->scalar_type() == scales.scalar_type() &&
+                    biases->is_contiguous() && biases->device().is_cpu(),
+                "q8: biases must match scales (shape, dtype, contiguous CPU)");
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& biases, int64_t impl) {
+  check_q8_args(qw, scales, biases);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+                  x.size(1) == qw.size(1),
+              "q8_linear: x must be a contiguous CPU float32 [M, K] tensor with K = qweight.size(1)");
+  at::Tensor y = at::empty({x.size(0), qw.size(0)}, x.options());
+  if (x.size(0) == 0 || qw.size(0) == 0) return y;
+  const bool scalar = impl == 1;
+  if (scales.scalar_type() == at::kHalf) {
+    if (biases.has_value()) run_q8<c10::Half, true>(x, qw, scales, biases, scalar, y);
+    else run_q8<c10::Half, false>(x, qw, scales, biases, scalar, y);
+  } else {
+    if (biases.has_value()) run_q8<float, true>(x, qw, scales, biases, scalar, y);
+    else run_q8<float, false>(x, qw, scales, biases, scalar, y);
+  }
+  return y;
+}
+
+at::Tensor q8_linear_meta(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
+                          const c10::optional<at::Tensor>& biases, int64_t impl) {
+  return at::empty({x.size(0), qw.size(0)}, x.options());
+}
+
 bool has_avx2() { return PVLM_AVX2 != 0; }
 
 // Shape-only versions so torch.compile (fake tensors) can trace through the ops without a graph break.
@@ -544,15 +695,18 @@ at::Tensor q4_dequantize_meta(const at::Tensor& packed, const at::Tensor& scales
 TORCH_LIBRARY(pocketvlm_q4, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? biases, float offset, bool int8_act, int impl) -> Tensor");
   m.def("q4_dequantize(Tensor packed, Tensor scales, Tensor? biases, float offset) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? biases, int impl) -> Tensor");
   m.def("simd() -> bool", &has_avx2);
 }
 
 TORCH_LIBRARY_IMPL(pocketvlm_q4, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q4_dequantize", &q4_dequantize);
+  m.impl("q8_linear", &q8_linear);
 }
 
 TORCH_LIBRARY_IMPL(pocketvlm_q4, Meta, m) {
   m.impl("q4_linear", &q4_linear_meta);
   m.impl("q4_dequantize", &q4_dequantize_meta);
+  m.impl("q8_linear", &q8_linear_meta);
 }
