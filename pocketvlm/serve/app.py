@@ -51,6 +51,10 @@ def error_response_for(e: BaseException) -> tuple[int, dict]:
     return 500, schemas.error_body(f"internal error: {type(e).__name__}: {msg}", "server_error")
 
 
+class ClientGone(Exception):
+    """The client closed the connection while its answer was being generated."""
+
+
 def _sse(obj) -> bytes:
     data = obj.model_dump() if isinstance(obj, schemas.OpenAIObject) else obj
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
@@ -66,7 +70,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     rebound to 127.0.0.1 cannot use the models through the visitor's browser."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.staticfiles import StaticFiles
@@ -127,7 +131,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                 checked[0] = time.monotonic()
                 if await request.is_disconnected():
                     job.cancel()
-                    raise asyncio.CancelledError()
+                    raise ClientGone()
             try:
                 return await asyncio.wait_for(q.get(), timeout=0.5)
             except asyncio.TimeoutError:
@@ -160,6 +164,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         except BaseException as ex:
             if job is not None:
                 job.cancel()
+            if isinstance(ex, ClientGone):
+                return Response(status_code=499)  # nobody reads it; the status is for access logs
             if isinstance(ex, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 raise
             status, body = error_response_for(ex)
@@ -170,7 +176,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             parts = [value.text]
             try:
                 while not value.finish_reason:
-                    kind, value = await next_item(q, request, job, checked)
+                    try:
+                        kind, value = await next_item(q, request, job, checked)
+                    except ClientGone:
+                        return Response(status_code=499)
                     if kind == "error":
                         status, body = error_response_for(value)
                         return JSONResponse(body, status_code=status)
