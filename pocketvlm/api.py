@@ -272,7 +272,10 @@ class PocketModel:
             filt = StopStringFilter(stops)
             n_prompt, n_out = len(prompt.ids), 0
             stop_ids = prompt.stop_ids if prompt.stop_ids is not None else self.tokenizer.eos_token_ids
-            for step in slot.generate(prompt.keys, prompt.ids, params, max_tokens, stop_ids, prompt.embed_fn):
+            banned = [i for i in [getattr(self.model, "image_token_id", None)]
+                      if i is not None and 0 <= i < self.text_config.vocab_size]
+            for step in slot.generate(prompt.keys, prompt.ids, params, max_tokens, stop_ids, prompt.embed_fn,
+                                      banned_ids=banned):
                 n_out += 1
                 finish = step.finish_reason
                 text = "" if step.token in stop_ids else filt.push(dec.push(step.token))

@@ -89,16 +89,19 @@ class Slot:
 
     def generate(self, keys: Sequence, ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
                  stop_ids: set[int] | frozenset = frozenset(), embed_fn: EmbedFn | None = None,
-                 generator: torch.Generator | None = None) -> Iterator[StepResult]:
+                 generator: torch.Generator | None = None, banned_ids: Sequence[int] = ()) -> Iterator[StepResult]:
         """Yield generated tokens; the last one carries ``finish_reason``. Stops on a stop id (not yielded
         as text by callers, but yielded here with finish_reason "stop"), on ``max_new_tokens`` or at the
-        end of the context window ("length")."""
+        end of the context window ("length"). ``banned_ids`` are never sampled (a VLM's image token)."""
         logits = self.prefill(keys, ids, embed_fn)
         gen = generator or make_generator(params.seed)
         budget = min(max_new_tokens, self.context_window_size - len(self.keys))
         history = [k for k in keys if isinstance(k, int)]
         for i in range(budget):
             prev = torch.tensor(history, dtype=torch.long) if params.repetition_penalty != 1.0 else None
+            if banned_ids:
+                logits = logits.clone()  # an inference tensor: modify a copy
+                logits[list(banned_ids)] = float("-inf")
             tok = sample(logits, params, gen, prev)
             history.append(tok)
             if tok in stop_ids:
