@@ -25,6 +25,14 @@ Activations (``act``):
 ``M > 1`` rows of x are handled inside the kernel (weight rows stay in L1 across x rows), which is
 good for small M; for long prefills dequantize once (:func:`dequantize_q4`) and use an fp32 GEMM.
 
+int8 weights (:func:`pack_q8` / :func:`q8_linear`): int8 codes ``[N, K]`` in natural order, same
+scales/biases, ``W = q * scale (+ bias)``; int8 activations only (same error bound).
+
+Threads: rows are split over torch's intra-op threads (``torch.get_num_threads()``), chunks claimed
+dynamically; matrices under ~256k weights run on the calling thread. On an oversubscribed machine set
+``OMP_WAIT_POLICY=passive`` (before torch starts): spinning OpenMP workers otherwise make 2-thread
+calls take milliseconds (benchmarks/cpu_kernel.py).
+
 Build: the C++ is compiled once per (source, torch version, flags) with the system C++ compiler
 (``$CXX`` or ``c++``) straight into the torch extensions cache (``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``) and loaded with ``torch.ops.load_library`` - no ninja, no pybind.
