@@ -340,7 +340,7 @@ def load_image_processor(loaded: loading.Loaded):
     from .image import ImageProcessorConfig
 
     f = Path(loaded.path) / "preprocessor_config.json"
-    if loaded.kind == "hf" and f.exists():
+    if loaded.kind in ("hf", "package") and f.exists():
         import json
 
         return ImageProcessorConfig.from_dict(json.loads(f.read_text()))

@@ -23,6 +23,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, help="quantize on load, e.g. q4f16_1 (see `pocketvlm convert`)")
     p.add_argument("--context-window-size", type=int, default=None, help="KV cache length (default: min(model, 4096))")
     p.add_argument("--prefill-chunk-size", type=int, default=512)
+    p.add_argument("--verify", action="store_true", help="check the sha256 of every file of a package folder")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (eager fallback)")
+    p.add_argument("--vision-precision", default="fp32", help="vision tower: fp32 (exact), bf16, int8 or auto")
     p.add_argument("--template", default=None,
                    help="built-in chat template name (chatml, llama-2, vicuna, gemma, phi-3, zephyr, redpajama_chat); "
                         "default: the checkpoint's own")
@@ -53,7 +56,8 @@ def load_model(a):
                        repetition_penalty=a.repetition_penalty)
     return load(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
                 context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
-                template=a.template)
+                template=a.template, verify=getattr(a, "verify", False), compile=getattr(a, "compile", False),
+                vision_precision=getattr(a, "vision_precision", "fp32"))
 
 
 # --- chat ---------------------------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def _plugins():
     """Subcommands that live with their own module (convert, package, fit, bench, serve)."""
     import importlib
 
-    for mod, fn in [("pocketvlm.package", "register_cli"), ("pocketvlm.bench", "register_cli"),
+    for mod, fn in [("pocketvlm.package.cli", "register_cli"), ("pocketvlm.bench", "register_cli"),
                     ("pocketvlm.serve.app", "register_cli")]:
         try:
             yield getattr(importlib.import_module(mod), fn)

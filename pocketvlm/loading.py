@@ -332,9 +332,22 @@ def build(fam, cfg, weights: dict[str, torch.Tensor], *, device="cpu", dtype=tor
 
 
 def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-         quantization: str | None = None) -> Loaded:
-    kind, path = resolve(source)
+         quantization: str | None = None, verify: bool = False) -> Loaded:
+    """Load any supported source; a pocketvlm package folder (``manifest.json``) is checked against its
+    manifest (file sizes; sha256 too with ``verify``) and loaded with its recorded quantization."""
+    from .package import is_package, load_package
+
     dtype = parse_dtype(dtype)
+    if is_package(source):
+        loaded = load_package(source, device=device, dtype=dtype, max_seq_len=max_seq_len, verify=verify)
+        recorded = (loaded.quantization or {}).get("mode")
+        if quantization and quantization != recorded:
+            from .errors import QuantizationError
+
+            raise QuantizationError(f"{source} is a package already quantized as {recorded!r}; "
+                                    f"convert the original model to get {quantization!r}")
+        return loaded
+    kind, path = resolve(source)
     if kind == "gguf":
         native = quantization == "gguf"
         loaded = load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len, keep_quantized=native)

@@ -40,13 +40,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantizationError
-from . import formats, kernels
+from . import cpu_kernel, formats, kernels
 
 #: Token count from which the dense (dequantize to fp32 + GEMM) path beats the int4 kernel.
 #: benchmarks/kernels.py on the shared 2-core Xeon (heavily loaded, 2 threads, 4864x896): the kernel
 #: won up to 256 tokens for q4/q8/q3; at 512 the dense path tied (q4) or won (q8, q3).
 #: Re-measure on a quiet machine; override per module with ``module.dense_min_tokens``.
 DENSE_MIN_TOKENS = 512
+
+#: pocketvlm's own CPU kernel (``cpu_kernel``, AVX2 with a portable fallback) is used below this many
+#: tokens when it built; its time grows linearly with the token count, so prefill goes dense earlier.
+OWN_KERNEL_MAX_TOKENS = 16
+#: Activations in the own kernel: "int8" (quantized per 32 values, as llama.cpp does; fast) or "fp32" (exact).
+OWN_KERNEL_ACT = "int8"
 
 
 class QuantLinear(nn.Module):
@@ -65,7 +71,8 @@ class QuantLinear(nn.Module):
         # dense (prefill) path dtype on CPU: a bf16 GEMM measured ~6x slower than fp32 on the shared
         # 2-core box (benchmarks/kernels.py), so float32 unless a caller knows better
         self.dense_dtype = torch.float32
-        self._layout = "plain"  # or "cpu": qweight holds kernels.pack_int4_cpu(kernel codes)
+        self._layout = "plain"  # or "cpu": qweight holds kernels.pack_int4_cpu(kernel codes); "own": see _prepare_own
+        self._own = None  # cpu_kernel.Q4Weight / Q8Weight for pocketvlm's own kernel
         self.register_buffer("_scale_zeros", None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._register_state_dict_hook(QuantLinear._plain_state_hook)
@@ -98,13 +105,38 @@ class QuantLinear(nn.Module):
         """Kernel codes (all, or the given kernel rows) from whichever layout is held."""
         if self._layout == "cpu":
             return kernels.unpack_int4_cpu(self.qweight, rows)
+        if self._layout == "own":
+            codes = cpu_kernel.unpack_q4(self.qweight)
+            return codes if rows is None else codes[rows]
         codes = self._kernel_codes(self.qweight)
         return codes if rows is None else codes[rows]
 
     def _to_plain(self) -> None:
-        if self._layout == "cpu":
-            self.qweight = self._plain_from_kernel_codes(kernels.unpack_int4_cpu(self.qweight))
+        if self._layout in ("cpu", "own"):
+            self.qweight = self._plain_from_kernel_codes(self._codes_now())
             self._layout = "plain"
+        self._own = None
+
+    def _own_ok(self, device: torch.device, m: int) -> bool:
+        return device.type == "cpu" and m < OWN_KERNEL_MAX_TOKENS and cpu_kernel.available()
+
+    def _prepare_own(self) -> None:
+        """Weights for pocketvlm's own kernel: w = (c - 8) * S + Z per kernel group, as q * S + (Z - 8 S)."""
+        if self._own is not None:
+            return
+        codes = self._codes_now()
+        s, z = self._kernel_scale_zero()
+        rep = self.kernel_group // 32
+        if rep > 1:
+            s, z = s.repeat_interleave(rep, 1), z.repeat_interleave(rep, 1)
+        self._own = cpu_kernel.pack_q4(codes, s, biases=z - 8 * s, dtype=torch.float32)
+
+    def _own_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        self._prepare_own()
+        xk = self._to_kernel_x(x2.float()).contiguous()
+        if isinstance(self._own, cpu_kernel.Q8Weight):
+            return cpu_kernel.q8_linear(xk, self._own)
+        return self._fold_rows(cpu_kernel.q4_linear(xk, self._own, act=OWN_KERNEL_ACT))
 
     def _prepare_kernel(self) -> None:
         """Repack ``qweight`` for the CPU kernel (once) and cache bf16 ``[G', N', 2]`` scale/zero."""
@@ -117,15 +149,16 @@ class QuantLinear(nn.Module):
 
     @staticmethod
     def _plain_state_hook(module, state_dict, prefix, local_metadata):
-        if module._layout == "cpu":
-            state_dict[prefix + "qweight"] = module._plain_from_kernel_codes(kernels.unpack_int4_cpu(module.qweight))
+        if module._layout in ("cpu", "own"):
+            state_dict[prefix + "qweight"] = module._plain_from_kernel_codes(module._codes_now())
         return state_dict
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self._layout == "cpu":  # loading brings the plain layout; drop the packed one first
+        if self._layout in ("cpu", "own"):  # loading brings the plain layout; drop the packed one first
             self.qweight = torch.empty(self.plain_shape, dtype=self.plain_dtype, device=self.qweight.device)
             self._layout = "plain"
         self._scale_zeros = None
+        self._own = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -183,7 +216,9 @@ class QuantLinear(nn.Module):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] < self.dense_min_tokens and self._kernel_ok(x.device):
+        if self._own_ok(x.device, x2.shape[0]):
+            y = self._own_forward(x2)
+        elif x2.shape[0] < self.dense_min_tokens and self._kernel_ok(x.device) and not cpu_kernel.available():
             self._prepare_kernel()
             xk = self._to_kernel_x(x2.to(torch.bfloat16)).contiguous()
             y = self._fold_rows(kernels.int4_mm(xk, self.qweight, self.kernel_group, self._scale_zeros).float())
@@ -226,6 +261,21 @@ class Int4Linear(QuantLinear):
         s = self.scales.float()
         return s, (s if self.zeros is None else self.zeros.float())
 
+    def _prepare_own(self):
+        if self._own is not None:
+            return
+        if self._layout == "cpu":
+            self._to_plain()
+        codes = self._codes_now()
+        if self.zeros is None:  # MLC symmetric: (q - 7) * s, 4.5 bits per weight with fp16 scales
+            self._own = cpu_kernel.pack_q4(codes, self.scales.float(), offset=7.0,
+                                           dtype=torch.float16 if self.scales.dtype == torch.float16 else torch.float32)
+        else:
+            s, z = self._kernel_scale_zero()
+            self._own = cpu_kernel.pack_q4(codes, s, biases=z - 8 * s, dtype=torch.float32)
+        self.qweight = self._own.packed  # same bytes as the plain layout, in the kernel's nibble order
+        self._layout = "own"
+
     def _group_dequant(self, c, s, z):
         # MLC's own formula, (q - 7) * s: identical to the kernel's (q - 8) * s + s in exact
         # arithmetic, and bit-exact in float32 even for q4f32_1's fp32 scales
@@ -264,6 +314,13 @@ class Int8Linear(QuantLinear):
     def _fold_rows(self, y):
         n = self.out_features
         return y[..., :n] + y[..., n:]
+
+    def _prepare_own(self):
+        if self._own is None:
+            if self._layout == "cpu":
+                self._to_plain()
+            self._own = cpu_kernel.pack_q8(self.qweight, self.scales.float(), dtype=torch.float32)
+            self.qweight = self._own.qweight  # hold the codes once
 
 
 class Int3Linear(QuantLinear):
