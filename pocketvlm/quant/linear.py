@@ -178,7 +178,13 @@ class QuantLinear(nn.Module):
         """The float weight ``[out, in]`` (or only ``rows``), computed in float32 from codes and the
         stored (not bf16-rounded) scales."""
         krows = None if rows is None else self._kernel_rows_for(rows)
-        codes = self._codes_now(krows)
+        if rows is not None and self._layout in ("plain", "own"):
+            # unpack only the requested rows (an embedding lookup must not touch the whole table);
+            # for Int8 the kernel rows (rows, rows + N) come out of _kernel_codes in that same order
+            sub = self.qweight[rows.reshape(-1)]
+            codes = cpu_kernel.unpack_q4(sub) if self._layout == "own" else self._kernel_codes(sub)
+        else:
+            codes = self._codes_now(krows)
         s, z = self._kernel_scale_zero()
         if krows is not None:
             s, z = s[krows], z[krows]
