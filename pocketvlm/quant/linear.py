@@ -73,6 +73,7 @@ class QuantLinear(nn.Module):
         self.dense_dtype = torch.float32
         self._layout = "plain"  # or "cpu": qweight holds kernels.pack_int4_cpu(kernel codes); "own": see _prepare_own
         self._own = None  # cpu_kernel.Q4Weight / Q8Weight for pocketvlm's own kernel
+        self._own_direct = False  # True when _own can be called on the raw input (no padding, no row folding)
         self.register_buffer("_scale_zeros", None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._register_state_dict_hook(QuantLinear._plain_state_hook)
@@ -116,6 +117,7 @@ class QuantLinear(nn.Module):
             self.qweight = self._plain_from_kernel_codes(self._codes_now())
             self._layout = "plain"
         self._own = None
+        self._own_direct = False
 
     def _own_ok(self, device: torch.device, m: int) -> bool:
         return device.type == "cpu" and m < OWN_KERNEL_MAX_TOKENS and cpu_kernel.available()
@@ -159,6 +161,7 @@ class QuantLinear(nn.Module):
             self._layout = "plain"
         self._scale_zeros = None
         self._own = None
+        self._own_direct = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -216,6 +219,19 @@ class QuantLinear(nn.Module):
         return torch.cat([rows + p * self.out_features for p in self._kernel_row_parts])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        own = self._own
+        if own is not None and self._own_direct and x.dtype == torch.float32 and x.shape[-1] == self.in_features:
+            # decode fast path: straight to the op (the general path below costs ~90 us of Python per call)
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] < OWN_KERNEL_MAX_TOKENS and x2.is_contiguous() and x.device.type == "cpu":
+                if isinstance(own, cpu_kernel.Q8Weight):
+                    y = cpu_kernel._ops.q8_linear(x2, own.qweight, own.scales, own.biases, 0)
+                else:
+                    y = cpu_kernel._ops.q4_linear(x2, own.packed, own.scales, own.biases, own.offset,
+                                                  OWN_KERNEL_ACT == "int8", 0)
+                if self.bias is not None:
+                    y += self.bias
+                return y.view(*x.shape[:-1], self.out_features)
         if x.shape[-1] != self.in_features:
             raise QuantizationError(
                 f"{type(self).__name__} expects inputs with last dim {self.in_features}, got {tuple(x.shape)}"
@@ -281,6 +297,7 @@ class Int4Linear(QuantLinear):
             self._own = cpu_kernel.pack_q4(codes, s, biases=z - 8 * s, dtype=torch.float32)
         self.qweight = self._own.packed  # same bytes as the plain layout, in the kernel's nibble order
         self._layout = "own"
+        self._own_direct = self.k_padded == self.in_features
 
     def _group_dequant(self, c, s, z):
         # MLC's own formula, (q - 7) * s: identical to the kernel's (q - 8) * s + s in exact
@@ -327,6 +344,7 @@ class Int8Linear(QuantLinear):
                 self._to_plain()
             self._own = cpu_kernel.pack_q8(self.qweight, self.scales.float(), dtype=torch.float32)
             self.qweight = self._own.qweight  # hold the codes once
+            self._own_direct = self.k_padded == self.in_features
 
 
 class Int3Linear(QuantLinear):

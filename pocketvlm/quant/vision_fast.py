@@ -9,8 +9,9 @@ picking by measured facts:
   fp32, so "auto" never picks it there. On CUDA/MPS, bf16/fp16 is the natural fast path.
 * ``"int8"``: every linear layer of the tower as a dynamically quantized int8 GEMM (per-output-channel
   symmetric int8 weights, activations quantized per call to uint8 per tensor, fbgemm/oneDNN kernels that
-  use AVX2 ``vpmaddubsw``): measured ~2.5x fp32 GEMM throughput on the 2-core AVX2 EPYC; about 1% relative
-  error per layer (the test states the tolerance on the final image features).
+  use AVX2 ``vpmaddubsw``): measured ~2.5x fp32 GEMM throughput on the 2-core AVX2 EPYC and 1.5-2x per
+  image tile end to end; about 1% relative error per layer, which accumulates: 1.4% on CLIP ViT-L/14-336
+  features but 30% on a full-size random SigLIP-so400m, so "auto" does not pick it.
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type != "cpu":
         return "bf16" if device.type == "cuda" else "fp32"
-    if cpu_has_native_bf16():
-        return "bf16"
-    return "int8" if _int8_engine_ok() else "fp32"
+    # int8 is ~2x faster on AVX2 but not accurate enough to be a silent default: its per-tensor activation
+    # scale lost 30% (relative L2) of full-size random SigLIP-so400m features (1.4% on CLIP ViT-L), measured
+    # by benchmarks/compare.py. It stays an explicit choice.
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 class DynamicInt8Linear(nn.Module):
