@@ -59,6 +59,20 @@ def gguf_tensor_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
 
 
+def gguf_type_mix(path: Path) -> str:
+    """Share of the GGUF's weights per tensor type: llama.cpp's "Q4_K_M" falls back to Q5_0/Q8_0 for
+    rows not a multiple of 256 (896 for Qwen-0.5B, 640 for Gemma-270M), so these files are mostly 5-8 bit."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    mix = Counter()
+    for t in GGUFReader(path).tensors:
+        mix[t.tensor_type.name] += int(t.n_elements)
+    total = sum(mix.values())
+    return ", ".join(f"{k} {v / total:.1%}" for k, v in mix.most_common())
+
+
 def llama_window_ppls(log: str) -> list[float]:
     return [float(x) for x in re.findall(r"\[\d+\]([0-9.]+),", log)]
 
@@ -116,6 +130,7 @@ def run_model(key: str, args, text: str, text_file: Path) -> list[dict]:
               f"per-window running PPL {running}", flush=True)
         rows.append(dict(model=label, engine="llama.cpp", mode="Q4_K_M (llama-perplexity)", ppl=res.ppl,
                          stderr=res.stderr, bytes=gguf_tensor_bytes(path), windows=res.n_chunks,
+                         mix=gguf_type_mix(path),
                          scored=res.n_chunks * (args.context - args.context // 2 - 1), seconds=secs, running=running))
     return rows
 
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     info = llamacpp.build_info()
     load = os.getloadavg()
     cmd = "python benchmarks/perplexity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    mixes = "\n".join(f"  * {r['model']}: {r['mix']}" for r in rows if "mix" in r)
     details = "\n".join(f"* {r['model']} / {r['mode']}: running PPL after each window "
                         f"{', '.join(f'{x:.4f}' for x in r['running'])}" for r in rows)
     doc = f"""# Perplexity of pocketvlm quantization modes
@@ -178,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
   the quantized modules' prefill path (weight dequantized to fp32 per call + dense GEMM); the LM head
   runs only on the {args.context - args.context // 2} scored rows (`logits_to_keep`), below
   `DENSE_MIN_TOKENS`, so it takes the int4 kernel (bf16 activations, bf16-rounded scales).
+* what the GGUF source holds (share of weights by type; the "Q4_K_M" files are mostly 5-8 bit, so
+  the 4-bit MLC modes are a real step down from them):
+{mixes}
 * `MODE:decoder` rows (diagnostic): only the decoder's linears quantized; embedding and LM head fp32.
 * weight MiB: persistent tensors (codes, scales, norms, biases; shared tensors once); for llama.cpp the
   GGUF's tensor data. wall s: this run's wall time on the shared machine (not a speed benchmark).
