@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import clip
-from .clip import Encoder, MLP, check_size, interpolate_positions, layer_index, select_features
+from .clip import Encoder, MLP, check_size, interpolate_positions, select_features
 
 __all__ = ["Config", "Model", "sanitize", "select_features"]
 
@@ -102,15 +102,11 @@ class VisionTransformer(nn.Module):
         if cfg.vision_use_head:
             self.head = PoolingHead(cfg)
 
-    def hidden_states(self, pixel_values, layers, interpolate_pos_encoding=False) -> list[torch.Tensor]:
-        n = len(self.encoder.layers)
-        want = [layer_index(i, n) for i in layers]
-        h = self.embeddings(pixel_values, interpolate_pos_encoding)
-        states = {0: h}
-        for i, layer in enumerate(self.encoder.layers[:max(want)], start=1):
-            h = layer(h)
-            states[i] = h
-        return [states[j] for j in want]
+    def embed(self, pixel_values, interpolate_pos_encoding=False):
+        return self.embeddings(pixel_values, interpolate_pos_encoding)  # no pre-layernorm in SigLIP
+
+    # the same layer walk as CLIP's; only ``embed`` differs
+    hidden_states = clip.VisionTransformer.hidden_states
 
     def pool(self, last_hidden):
         if not self.config.vision_use_head:
