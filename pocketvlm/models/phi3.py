@@ -98,15 +98,11 @@ sanitize = llama.sanitize
 GGUF_ARCHITECTURES = ("phi3",)
 
 GGUF_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    # embeddings, norms, output head and o_proj/down_proj as in llama; q/k/v and gate/up are fused
+    **{k: v for k, v in llama.GGUF_TENSORS.items()
+       if not any(p in k for p in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"))},
     "blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",  # fused gate+up, as in HF
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
     # the 128k models carry their LongRoPE factors as tensors; see gguf_sanitize
     "rope_factors_long.weight": "rope_factors_long.weight",
     "rope_factors_short.weight": "rope_factors_short.weight",
