@@ -59,8 +59,6 @@ def bytes_per_token(model: nn.Module) -> int:
     for t in list(lm.parameters()) + [b for b in lm.buffers() if b is not None]:
         if id(t) in seen or id(t) in skip or t.device.type == "meta":
             continue
-        if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.dim() == 1 and t.numel() < 64:
-            pass  # rotary tables etc. are negligible; counted anyway below
         seen.add(id(t))
         total += _tensor_bytes(t)
     if not tied:
