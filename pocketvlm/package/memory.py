@@ -37,10 +37,11 @@ from torch import nn
 
 from ..models import registry
 
-#: Resident set of ``python -c "import torch, pocketvlm.api, pocketvlm.quant, tokenizers"`` on the
-#: dev machine (Linux x86-64, torch 2.13 CPU): 236 MB peak, measured with ru_maxrss
-#: (tests/test_memory.py::test_runtime_overhead re-measures it and prints the value).
-RUNTIME_BYTES = 240 * 1024 ** 2
+#: Resident set of ``python -c "import torch, pocketvlm.api, pocketvlm.quant, tokenizers"`` (Linux x86-64,
+#: torch 2.13 CPU), VmHWM: 229 MiB on the dev VM, 290 MiB on the CI VM (same packages; the difference is
+#: the machine), so the constant sits between them (tests/test_memory.py::test_runtime_overhead_is_measured
+#: re-measures it, prints the value and allows 15%).
+RUNTIME_BYTES = 256 * 1024 ** 2
 #: Tokenizer in memory per byte of tokenizer.json (Qwen2.5's 7 MB file: ~60 MB resident, measured).
 TOKENIZER_FACTOR = 9
 #: Bytes per weight held while the dense prefill path dequantizes one quantized layer (see docstring).
