@@ -101,7 +101,8 @@ class PocketModel:
 
     def __init__(self, loaded: loading.Loaded, tokenizer, *, template: str | None = None,
                  context_window_size: int | None = None, prefill_chunk_size: int = 512,
-                 image_processor=None, image_cache_size: int = 32, compile: bool = False):
+                 image_processor=None, image_cache_size: int = 32, compile: bool = False,
+                 fused: bool | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -113,10 +114,19 @@ class PocketModel:
         self.template = self._pick_template(template)
         self._slot: Slot | None = None
         self.decode_step = None
+        #: why the fused CPU decode step is not used (None when it is); see engine/fused.py
+        self.fused_reason: str | None = "off"
         if compile:
             from .engine.compiled import CompiledDecode
 
             self.decode_step = CompiledDecode(self.model)
+            self.fused_reason = "torch.compile was asked for"
+        elif fused is not False:
+            from .engine.fused import plan_or_reason
+
+            self.decode_step, self.fused_reason = plan_or_reason(self.model)
+            if fused and self.decode_step is None:
+                raise ValueError(f"the fused decode step cannot run this model: {self.fused_reason}")
         self._lock = threading.Lock()
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._image_cache_size = image_cache_size
@@ -162,6 +172,7 @@ class PocketModel:
             "max_position_embeddings": getattr(self.text_config, "max_position_embeddings", None),
             "vocab_size": getattr(self.text_config, "vocab_size", None),
             "template": self.template_name, "vision": self.is_vlm,
+            "decode": "fused" if self.fused_reason is None else f"eager ({self.fused_reason})",
         }
 
     # --- templates ---------------------------------------------------------------------------------
@@ -351,12 +362,16 @@ def load_image_processor(loaded: loading.Loaded):
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
          context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
          quantization: str | None = None, compile: bool = False, vision_precision: str = "fp32",
-         **kw) -> PocketModel:
+         fused: bool | None = None, **kw) -> PocketModel:
     """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
     or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct).
 
     ``vision_precision`` ("fp32" exact, "bf16", "int8", or "auto" = fastest for this device, see
-    :mod:`pocketvlm.quant.vision_fast`) applies to a VLM's vision tower only."""
+    :mod:`pocketvlm.quant.vision_fast`) applies to a VLM's vision tower only.
+
+    ``fused``: the one-call-per-token CPU decode step (:mod:`pocketvlm.engine.fused`) - ``None`` (default)
+    uses it when the model qualifies (CPU, q4/q8 layers on pocketvlm's kernel), ``True`` requires it (an
+    error says why a model does not qualify), ``False`` decodes with the eager PyTorch modules."""
     from .real_models import DEFAULT_MODEL
 
     max_seq = context_window_size
@@ -369,4 +384,4 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     tok = load_tokenizer(loaded)
     proc = load_image_processor(loaded) if hasattr(loaded.model, "encode_images") else None
     return PocketModel(loaded, tok, template=template, context_window_size=context_window_size,
-                       prefill_chunk_size=prefill_chunk_size, image_processor=proc, compile=compile)
+                       prefill_chunk_size=prefill_chunk_size, image_processor=proc, compile=compile, fused=fused)

@@ -93,11 +93,13 @@ class BenchResult:
     bandwidth_gb_s: float = 0.0
     decode_limit_tok_s: float = 0.0
     bandwidth_share: float = 0.0
+    decode_path: str = ""
 
 
 def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3, threads: int | None = None,
               image: str | None = None, device: str = "cpu", dtype: str = "float32", quantization: str | None = None,
-              compile: bool = False, measure_bw: bool = True, progress: bool = True) -> BenchResult:
+              compile: bool = False, fused: bool | None = None, measure_bw: bool = True,
+              progress: bool = True) -> BenchResult:
     from .api import load
     from .engine.sampling import SamplingParams
 
@@ -107,7 +109,7 @@ def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat
     t0 = time.perf_counter()
     pm = load(source, device=device, dtype=dtype, quantization=quantization,
               context_window_size=prompt_tokens + gen_tokens + 8, prefill_chunk_size=max(prompt_tokens, 1),
-              compile=compile)
+              compile=compile, fused=fused)
     load_s = time.perf_counter() - t0
     vocab = pm.text_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -116,6 +118,7 @@ def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat
     greedy = SamplingParams(temperature=0)
     res = BenchResult(str(source), threads, device, str(pm.dtype).replace("torch.", ""), quantization, load_s,
                       prompt_tokens, gen_tokens)
+    res.decode_path = pm.info()["decode"]
 
     t0 = time.perf_counter()  # warm-up (compilation, lazy kernel packing) measured on its own
     slot = pm.new_slot()
@@ -180,7 +183,7 @@ def format_result(r: BenchResult) -> str:
         f"device / dtype   {r.device} / {r.dtype}   threads {r.threads}   quantization {r.quantization or '-'}",
         f"load             {r.load_s:.2f} s   (warm-up {r.warmup_s:.2f} s)",
         f"prefill          {ms(r.prefill_tok_s)} tokens/s   ({r.prompt_tokens} tokens, {r.prefill_tok_s['n']} runs)",
-        f"decode           {ms(r.decode_tok_s)} tokens/s   ({r.gen_tokens} tokens)",
+        f"decode           {ms(r.decode_tok_s)} tokens/s   ({r.gen_tokens} tokens; {r.decode_path})",
     ]
     if r.image_encode_ms:
         per_tile = r.image_encode_ms["mean"] / r.image_tiles
@@ -197,7 +200,7 @@ def format_result(r: BenchResult) -> str:
 def cmd_bench(a) -> int:
     r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat, threads=a.threads,
                   image=a.image, device=a.device, dtype=a.dtype, quantization=a.quantization, compile=a.compile,
-                  progress=not a.json)
+                  fused=False if a.no_fused else None, progress=not a.json)
     print(json.dumps(asdict(r), indent=2) if a.json else format_result(r))
     return 0
 
@@ -214,5 +217,6 @@ def register_cli(sub) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--no-fused", action="store_true", help="decode with the eager PyTorch modules, not the fused step")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench)

@@ -83,6 +83,10 @@ class DecoderLayer(gemma.DecoderLayer):
         x = x + self.post_attention_layernorm(a)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
+    def parts(self) -> dict:
+        return {**super().parts(), "attn_out_norm": self.post_attention_layernorm,
+                "ffn_in_norm": self.pre_feedforward_layernorm, "ffn_out_norm": self.post_feedforward_layernorm}
+
 
 class TextModel(gemma.TextModel):
     layer_cls = DecoderLayer

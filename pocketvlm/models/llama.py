@@ -82,6 +82,10 @@ class Attention(nn.Module):
     def qkv_bias(cfg: Config) -> bool:
         return cfg.attention_bias
 
+    def projections(self) -> list:
+        """The q/k/v projection layers, in output order (one fused layer in Phi-3)."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
     def project_qkv(self, x):
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
@@ -105,7 +109,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act_name = cfg.hidden_act
         self.act = ACT[cfg.hidden_act]
+
+    def projections(self) -> list:
+        """The gate and up projection layers, in output order (one fused layer in Phi-3)."""
+        return [self.gate_proj, self.up_proj]
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -127,6 +136,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, input_pos=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def parts(self) -> dict:
+        """The layer's pieces in the order ``forward`` runs them, for the fused CPU decode step
+        (engine/fused.py): ``x += attn_out_norm(attn(in_norm(x)))``, ``x += ffn_out_norm(mlp(ffn_in_norm(x)))``
+        (a ``None`` norm is the identity)."""
+        a, m = self.self_attn, self.mlp
+        return {"in_norm": self.input_layernorm, "attn_out_norm": None,
+                "ffn_in_norm": self.post_attention_layernorm, "ffn_out_norm": None,
+                "qkv": a.projections(), "o": [a.o_proj], "gate_up": m.projections(), "down": [m.down_proj],
+                "q_norm": getattr(a, "q_norm", None), "k_norm": getattr(a, "k_norm", None)}
 
 
 class TextModel(nn.Module):

@@ -65,13 +65,20 @@ class Attention(llama.Attention):
         v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         return q, k, v  # [B, H, S, D]
 
+    def projections(self) -> list:
+        return [self.qkv_proj]
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act_name = cfg.hidden_act
         self.act = llama.ACT[cfg.hidden_act]
+
+    def projections(self) -> list:
+        return [self.gate_up_proj]
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -59,7 +59,9 @@ import torch
 from ..errors import QuantizationError
 
 GROUP = 32
-_SOURCE = Path(__file__).parent / "csrc" / "q4_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCE = _CSRC / "q4_cpu.cpp"
+_SOURCES = (_SOURCE, _CSRC / "decode_cpu.cpp")  # one library; kernels.h is what they share
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "path": None}
 _ops = torch.ops.pocketvlm_q4  # resolves its ops once the library is loaded
@@ -111,7 +113,7 @@ def _compile_command(cxx: str, out: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
         cxx, "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", *_simd_flags(),
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc, str(_SOURCE),
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc, *map(str, _SOURCES),
         *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu",
         "-o", str(out),
     ]
@@ -122,7 +124,7 @@ def _build() -> Path:
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx!r}) on PATH")
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join([torch.__version__, sys.version, cxx, *_simd_flags()]).encode()
+        b"".join(p.read_bytes() for p in (*_SOURCES, _CSRC / "kernels.h")) + " ".join([torch.__version__, sys.version, cxx, *_simd_flags()]).encode()
     ).hexdigest()[:16]
     d = _build_root() / "pocketvlm_q4"
     d.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,7 @@ def _build() -> Path:
     try:
         r = subprocess.run(_compile_command(cxx, Path(tmp)), capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{r.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {', '.join(p.name for p in _SOURCES)} failed:\n{r.stderr[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

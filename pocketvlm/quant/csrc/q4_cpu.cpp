@@ -23,6 +23,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -696,6 +698,128 @@ at::Tensor q4_dequantize_meta(const at::Tensor& packed, const at::Tensor& scales
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Several layers sharing one input token (the fused decode step, decode_cpu.cpp).
+namespace pvlm {
+
+LinRef make_linref(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
+                   double offset, const c10::optional<at::Tensor>& bias) {
+  LinRef r;
+  r.q8 = w.scalar_type() == at::kChar;
+  if (r.q8) check_q8_args(w, scales, biases);
+  else check_args(w, scales, biases);
+  r.w = w;
+  r.scales = scales;
+  if (biases.has_value()) r.biases = *biases;
+  r.offset = offset;
+  r.N = w.size(0);
+  r.K = r.q8 ? w.size(1) : w.size(1) * 2;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == r.N &&
+                    bias->device().is_cpu(),
+                "linear bias must be a contiguous CPU float32 [N] tensor");
+    r.bias = *bias;
+  }
+  return r;
+}
+
+namespace {
+
+template <typename S, bool AFFINE>
+void q4_blocks(const QuantX& q, const PairVecs& pv, const LinRef& l, float* y, int64_t b0, int64_t b1) {
+#if PVLM_AVX2
+  const uint8_t* w = l.w.data_ptr<uint8_t>();
+  const S* sc = l.scales.data_ptr<S>();
+  const S* bi = AFFINE ? l.biases.data_ptr<S>() : nullptr;
+  const float off = float(l.offset);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n = b * kRows;
+    if (n + kRows <= l.N) block_i8_avx2<S, AFFINE, kRows>(q, pv, l.K, w, sc, bi, off, y, l.N, n);
+    else for (int64_t r = n; r < l.N; ++r) block_i8_avx2<S, AFFINE, 1>(q, pv, l.K, w, sc, bi, off, y, l.N, r);
+  }
+#else
+  rows_i8_scalar<S, AFFINE>(q, l.K, l.w.data_ptr<uint8_t>(), l.scales.data_ptr<S>(),
+                            AFFINE ? l.biases.data_ptr<S>() : nullptr, float(l.offset), y, l.N, b0 * kRows,
+                            std::min(l.N, b1 * kRows));
+#endif
+}
+
+template <typename S, bool AFFINE>
+void q8_blocks(const QuantX& q, const LinRef& l, float* y, int64_t b0, int64_t b1) {
+#if PVLM_AVX2
+  const int8_t* w = l.w.data_ptr<int8_t>();
+  const S* sc = l.scales.data_ptr<S>();
+  const S* bi = AFFINE ? l.biases.data_ptr<S>() : nullptr;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n = b * kRows;
+    if (n + kRows <= l.N) block_q8_avx2<S, AFFINE, kRows>(q, l.K, w, sc, bi, y, l.N, n);
+    else for (int64_t r = n; r < l.N; ++r) block_q8_avx2<S, AFFINE, 1>(q, l.K, w, sc, bi, y, l.N, r);
+  }
+#else
+  rows_q8_scalar<S, AFFINE>(q, l.K, l.w.data_ptr<int8_t>(), l.scales.data_ptr<S>(),
+                            AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0 * kRows, std::min(l.N, b1 * kRows));
+#endif
+}
+
+void lin_blocks(const QuantX& q4x, const PairVecs& pv, const QuantX& q8x, const LinRef& l, float* y, int64_t b0,
+                int64_t b1) {
+  const bool half = l.scales.scalar_type() == at::kHalf, affine = l.biases.defined();
+  if (l.q8) {
+    if (half) affine ? q8_blocks<c10::Half, true>(q8x, l, y, b0, b1) : q8_blocks<c10::Half, false>(q8x, l, y, b0, b1);
+    else affine ? q8_blocks<float, true>(q8x, l, y, b0, b1) : q8_blocks<float, false>(q8x, l, y, b0, b1);
+  } else {
+    if (half) affine ? q4_blocks<c10::Half, true>(q4x, pv, l, y, b0, b1) : q4_blocks<c10::Half, false>(q4x, pv, l, y, b0, b1);
+    else affine ? q4_blocks<float, true>(q4x, pv, l, y, b0, b1) : q4_blocks<float, false>(q4x, pv, l, y, b0, b1);
+  }
+}
+
+}  // namespace
+
+void multi_linear(const float* x, const std::vector<const LinRef*>& lins, float* y) {
+  const int64_t n = static_cast<int64_t>(lins.size());
+  if (n == 0) return;
+  const int64_t K = lins[0]->K;
+  thread_local QuantX q4x_buf, q8x_buf;
+  thread_local std::vector<PairVecs> pv_buf;
+  QuantX &q4x = q4x_buf, &q8x = q8x_buf;
+  std::vector<PairVecs>& pv = pv_buf;
+  pv.resize(n);
+  bool have4 = false, have8 = false;
+  std::vector<int64_t> first(n + 1, 0), yoff(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lins[i]->K == K, "multi_linear: layers with different input sizes");
+    have4 |= !lins[i]->q8;
+    have8 |= lins[i]->q8;
+    first[i + 1] = first[i] + (lins[i]->N + kRows - 1) / kRows;
+    yoff[i + 1] = yoff[i] + lins[i]->N;
+  }
+  if (have4) quantize_x(x, 1, K, q4x, /*paired=*/true);
+  if (have8) quantize_x(x, 1, K, q8x, /*paired=*/false);
+#if PVLM_AVX2
+  for (int64_t i = 0; i < n; ++i)
+    if (!lins[i]->q8) make_pair_vecs(q4x, float(lins[i]->offset), lins[i]->biases.defined(), pv[i]);
+#endif
+  const int64_t total = first[n];
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (K * kRows));
+  for_blocks(total, grain, [&](int64_t b0, int64_t b1) {
+    int64_t i = 0;
+    while (b0 < b1) {
+      while (first[i + 1] <= b0) ++i;
+      const int64_t e = std::min(b1, first[i + 1]);
+      lin_blocks(q4x, pv[i], q8x, *lins[i], y + yoff[i], b0 - first[i], e - first[i]);
+      b0 = e;
+    }
+  });
+  for (int64_t i = 0; i < n; ++i)
+    if (lins[i]->bias.defined()) {
+      const float* b = lins[i]->bias.data_ptr<float>();
+      float* yi = y + yoff[i];
+      for (int64_t r = 0; r < lins[i]->N; ++r) yi[r] += b[r];
+    }
+}
+
+}  // namespace pvlm
 
 TORCH_LIBRARY(pocketvlm_q4, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? biases, float offset, bool int8_act, int impl) -> Tensor");

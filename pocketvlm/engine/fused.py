@@ -1,0 +1,137 @@
+"""The fused CPU decode step: one C++ call per generated token (``csrc/decode_cpu.cpp``).
+
+Eager decode of a quantized 0.5B model spends about as long dispatching its ~400 small PyTorch operators
+per token as reading the weights. :class:`FusedDecode` hands a ``DecodePlan`` references to the model's
+quantized weights and norms once (no copies), then runs every layer of a token in one call: the same q4/q8
+kernels with int8 activations as the per-layer path, RMSNorm, RoPE, KV-cache writes, (sliding-window,
+soft-capped) attention and the gated MLP. The embedding lookup, the RoPE tables (so every RoPE scaling type
+is the model's own code), the final norm and the LM head stay in PyTorch.
+
+Used for the llama-like families (llama, qwen2, gemma, gemma2, gemma3 text, phi3 and the VLMs built on
+them) when the model is on the CPU, float32, and every projection of its layers is a q4 or q8 layer
+running on pocketvlm's own kernel. :func:`plan_or_reason` says why a model does not qualify; it then
+decodes eagerly, exactly as before.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import gemma, layers as L, llama
+from ..quant import cpu_kernel
+from ..quant.linear import Int4Linear, Int8Linear
+
+_ACT = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
+
+
+def text_decoder(model):
+    """The llama-like causal LM inside ``model`` (itself, or a VLM's language model)."""
+    sync = getattr(model, "_sync_text", None)
+    if sync is not None:
+        sync()
+    return getattr(model, "_text", model)
+
+
+def _norm(module, what: str, plus_one: bool | None):
+    """(weight, plus_one) of an RMSNorm the kernel can run, else raise ValueError."""
+    if type(module) is gemma.RMSNorm:
+        kind = True
+    elif type(module) is L.RMSNorm:
+        kind = False
+    else:
+        raise ValueError(f"{what} is a {type(module).__name__}, not an RMSNorm the fused step runs")
+    if plus_one is not None and kind != plus_one:
+        raise ValueError("the model mixes Llama and Gemma RMSNorms")
+    w = module.weight.detach()
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        raise ValueError(f"{what} is {w.dtype} on {w.device}; the fused step runs float32 on the CPU")
+    return w.contiguous(), kind
+
+
+def _linear_args(layer) -> tuple:
+    """(weight, scales, biases, offset, bias) of a q4/q8 layer on the own kernel, else raise ValueError."""
+    if type(layer) not in (Int4Linear, Int8Linear):
+        raise ValueError(f"a projection is a {type(layer).__name__}, not a q4/q8 layer on pocketvlm's kernel")
+    layer._prepare_own()
+    if not layer._own_direct:
+        raise ValueError(f"{layer.mode} layer with padded input size {layer.in_features}")
+    own = layer._own
+    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+    if isinstance(own, cpu_kernel.Q8Weight):
+        return own.qweight, own.scales, own.biases, 0.0, bias
+    return own.packed, own.scales, own.biases, float(own.offset), bias
+
+
+def build_plan(text) -> tuple:
+    """(DecodePlan, layer types in rope-table order) for a llama-like ``text`` model; ValueError if not."""
+    if not isinstance(text, llama.Model):
+        raise ValueError(f"{type(text).__name__} is not a llama-like decoder")
+    cfg = text.config
+    layers = list(text.model.layers)
+    if not layers:
+        raise ValueError("the model has no layers")
+    a0, m0 = layers[0].self_attn, layers[0].mlp
+    act = _ACT.get(getattr(m0, "act_name", None))
+    if act is None:
+        raise ValueError(f"activation {getattr(m0, 'act_name', None)!r} is not supported by the fused step")
+    _, plus_one = _norm(layers[0].input_layernorm, "input_layernorm", None)
+    plan = torch.classes.pocketvlm_q4.DecodePlan(
+        cfg.hidden_size, a0.n_heads, a0.n_kv, a0.head_dim, cfg.intermediate_size, float(cfg.rms_norm_eps),
+        plus_one, act, float(a0.scale), float(a0.softcap or 0.0))
+    types: list[str] = []
+    for i, layer in enumerate(layers):
+        a, m = layer.self_attn, layer.mlp
+        if (a.scale, a.softcap, a.n_heads, a.n_kv, a.head_dim) != (a0.scale, a0.softcap, a0.n_heads, a0.n_kv,
+                                                                    a0.head_dim) or _ACT.get(m.act_name) != act:
+            raise ValueError(f"layer {i} differs from layer 0 in its attention or activation settings")
+        parts = layer.parts()
+        norms = {}
+        for key in ("in_norm", "attn_out_norm", "ffn_in_norm", "ffn_out_norm", "q_norm", "k_norm"):
+            norms[key] = None if parts[key] is None else _norm(parts[key], f"layer {i} {key}", plus_one)[0]
+        if layer.layer_type not in types:
+            types.append(layer.layer_type)
+        window = cfg.sliding_window if layer.layer_type == "sliding_attention" else None
+        plan.add_layer(norms["in_norm"], norms["attn_out_norm"], norms["ffn_in_norm"], norms["ffn_out_norm"],
+                       norms["q_norm"], norms["k_norm"], int(window or 0), types.index(layer.layer_type))
+        for slot, key in enumerate(("qkv", "o", "gate_up", "down")):
+            for lin in parts[key]:
+                plan.add_linear(slot, *_linear_args(lin))
+    plan.finalize()
+    return plan, types
+
+
+def plan_or_reason(model) -> tuple:
+    """(FusedDecode, None) when ``model`` can use the fused step, else (None, why not)."""
+    try:
+        p = next(model.parameters())
+    except StopIteration:
+        return None, "the model has no parameters"
+    if p.device.type != "cpu":
+        return None, f"the model is on {p.device} (the fused step is a CPU kernel)"
+    if not cpu_kernel.available():
+        return None, "pocketvlm's CPU kernel did not build"
+    try:
+        return FusedDecode(model), None
+    except (ValueError, RuntimeError) as e:
+        return None, str(e)
+
+
+class FusedDecode:
+    """A :class:`~pocketvlm.engine.generate.Slot` ``decode_step``: token id -> fp32 logits ``[V]``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.text = text_decoder(model)
+        self.plan, self.types = build_plan(self.text)
+
+    def __call__(self, slot, token: int, pos: int) -> torch.Tensor:
+        text = self.text.model
+        ids = torch.tensor([[token]], device=slot.device)
+        x = text.scale_embeddings(self.text.get_input_embeddings()(ids)).float().reshape(-1)
+        p = torch.tensor([pos], device=slot.device)
+        cos, sin = [], []
+        for t in self.types:
+            c, s = text.rope(p, torch.float32, t)
+            cos.append(c.reshape(-1).contiguous())
+            sin.append(s.reshape(-1).contiguous())
+        h = self.plan.step(x, pos, cos, sin, slot.cache.k, slot.cache.v)
+        return self.text.final_logits(text.norm(h.view(1, 1, -1)))[0, -1]

@@ -1,0 +1,87 @@
+"""The fused C++ decode step (engine/fused.py, csrc/decode_cpu.cpp) against the eager PyTorch decode of the
+same quantized model: every llama-like family and its quirks (q/k/v biases, GQA, sliding windows shorter
+than the sequence, Gemma norms, sandwich norms, soft-capping, QK-norm, two RoPE tables, partial rotary,
+fused projections), q4 and q8 layers, then greedy generation on the real Qwen2.5-0.5B."""
+import pytest
+import torch
+
+from pocketvlm.engine.fused import FusedDecode, plan_or_reason
+from pocketvlm.engine.generate import Slot
+from pocketvlm.quant import cpu_kernel, quantize_model
+
+import test_families
+import test_models
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="pocketvlm's CPU kernel did not build")
+
+CASES = [(test_models, k) for k in ("llama", "llama3-rope", "mistral-sliding", "qwen2", "qwen2-yarn")] + \
+        [(test_families, k) for k in ("gemma", "gemma-untied", "gemma2", "gemma3", "phi3", "phi3-sliding")]
+
+
+def _pair(model):
+    """(eager slot, fused slot) over the same model, with their own caches."""
+    fused = FusedDecode(model)
+    return Slot(model, 64, prefill_chunk_size=5), Slot(model, 64, prefill_chunk_size=5, decode_step=fused)
+
+
+def _decode_both(model, prompt, steps=12):
+    eager, fused = _pair(model)
+    a, b = eager.prefill(prompt, prompt), fused.prefill(prompt, prompt)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # prefill is the same code
+    worst = 0.0
+    for i in range(steps):
+        tok = int(a.argmax())
+        a, b = eager.decode(tok), fused.decode(tok)
+        worst = max(worst, float((a - b).abs().max() / a.abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("mod,kind", CASES, ids=[k for _, k in CASES])
+@pytest.mark.parametrize("mode", ["q4f16_1", "q8f16_1"])
+def test_fused_decode_matches_eager(mod, kind, mode, tmp_path):
+    _, model = mod.tiny(kind, tmp_path)
+    quantize_model(model, mode)
+    # 7 prompt + 12 generated positions: past every sliding window (4) of these configs
+    worst = _decode_both(model, [5, 17, 99, 3, 250, 41, 7])
+    # same kernels and int8 activation rounding on both sides: only the float summation order differs
+    # (attention, norms); a rounding flip of one int8 activation moves a logit by ~1e-3 of its range
+    assert worst < 5e-4, worst
+
+
+def test_fused_decode_q4f32_and_affine_gguf_style_layers(tmp_path):
+    _, model = test_models.tiny("qwen2", tmp_path)
+    quantize_model(model, "q4f32_1")
+    assert _decode_both(model, [1, 2, 3, 4, 5]) < 5e-4
+
+
+def test_models_that_do_not_qualify_say_why(tmp_path):
+    _, model = test_models.tiny("llama", tmp_path)
+    fused, why = plan_or_reason(model)  # unquantized
+    assert fused is None and "not a q4/q8 layer" in why
+    quantize_model(model, "q3f16_1")
+    fused, why = plan_or_reason(model)
+    assert fused is None and "Int3Linear" in why
+
+
+def test_fused_step_rejects_a_position_outside_the_cache(tmp_path):
+    _, model = test_models.tiny("llama", tmp_path)
+    quantize_model(model, "q4f16_1")
+    eager, fused = _pair(model)
+    fused.prefill([1, 2], [1, 2])
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        fused.decode_step(fused, 3, 64)
+
+
+def test_real_qwen_greedy_tokens_identical(qwen_gguf):
+    import pocketvlm
+
+    pm = pocketvlm.load(qwen_gguf, quantization="q4f16_1", context_window_size=256, fused=False)
+    ids = pm.tokenizer.encode("def fibonacci(n):")
+    eager = Slot(pm.model, 256)
+    fused = Slot(pm.model, 256, decode_step=FusedDecode(pm.model))
+    from pocketvlm.engine.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    a = [r.token for r in eager.generate(ids, ids, greedy, 32)]
+    b = [r.token for r in fused.generate(ids, ids, greedy, 32)]
+    assert a == b
