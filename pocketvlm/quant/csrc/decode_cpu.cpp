@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include "kernels.h"
@@ -77,7 +78,8 @@ struct DecodePlan : torch::CustomClassHolder {
   double eps, scale, softcap;
   bool plus_one;
   std::vector<Layer> layers;
-  std::vector<float> h, qkv, att, o, gu, scores;
+  std::vector<float> h, qkv, att, o, gu, scores;  // scratch, so one step at a time:
+  std::mutex busy;
 
   DecodePlan(int64_t hidden_, int64_t n_heads_, int64_t n_kv_, int64_t head_dim_, int64_t inter_, double eps_,
              bool plus_one_, int64_t act_, double scale_, double softcap_)
@@ -214,6 +216,7 @@ struct DecodePlan : torch::CustomClassHolder {
   // (before the final norm). k_cache/v_cache: per layer [1, n_kv, max_len, head_dim] float32.
   at::Tensor step(at::Tensor x, int64_t pos, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
                   std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache) {
+    std::lock_guard<std::mutex> guard(busy);
     const int64_t L = static_cast<int64_t>(layers.size());
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == hidden && x.device().is_cpu(),
                 "DecodePlan.step: x must be a CPU float32 tensor of ", hidden, " values");

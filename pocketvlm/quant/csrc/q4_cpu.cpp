@@ -686,6 +686,36 @@ at::Tensor q8_linear_meta(const at::Tensor& x, const at::Tensor& qw, const at::T
 
 bool has_avx2() { return PVLM_AVX2 != 0; }
 
+// Reads every byte of buf once on torch's intra-op threads (the memory-bandwidth probe of
+// ``pocketvlm bench``); returns a checksum so the compiler cannot drop the loads.
+int64_t stream_read(const at::Tensor& buf) {
+  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte,
+              "stream_read: buf must be a contiguous CPU uint8 tensor");
+  const uint8_t* p = buf.data_ptr<uint8_t>();
+  const int64_t n = buf.numel() / 64;  // 64-byte lines
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, n, 1 << 14, [&](int64_t a, int64_t b) {
+#if PVLM_AVX2
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t i = a; i < b; ++i) {
+      acc = _mm256_xor_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * i)));
+      acc = _mm256_xor_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * i + 32)));
+    }
+    total += _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
+#else
+    int64_t acc = 0;
+    for (int64_t i = a; i < b; ++i)
+      for (int j = 0; j < 8; ++j) {
+        int64_t v;
+        std::memcpy(&v, p + 64 * i + 8 * j, 8);
+        acc ^= v;
+      }
+    total += acc;
+#endif
+  });
+  return total.load();
+}
+
 // Shape-only versions so torch.compile (fake tensors) can trace through the ops without a graph break.
 at::Tensor q4_linear_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                           const c10::optional<at::Tensor>& biases, double offset, bool int8_act, int64_t impl) {
@@ -826,6 +856,7 @@ TORCH_LIBRARY(pocketvlm_q4, m) {
   m.def("q4_dequantize(Tensor packed, Tensor scales, Tensor? biases, float offset) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? biases, int impl) -> Tensor");
   m.def("simd() -> bool", &has_avx2);
+  m.def("stream_read(Tensor buf) -> int", &stream_read);
 }
 
 TORCH_LIBRARY_IMPL(pocketvlm_q4, CPU, m) {
