@@ -85,3 +85,13 @@ def test_real_qwen_greedy_tokens_identical(qwen_gguf):
     a = [r.token for r in eager.generate(ids, ids, greedy, 32)]
     b = [r.token for r in fused.generate(ids, ids, greedy, 32)]
     assert a == b
+
+
+@pytest.mark.parametrize("mod,kind", [(test_models, "qwen2"), (test_models, "llama"), (test_families, "gemma")],
+                         ids=["qwen2-tied", "llama-untied", "gemma-scaled"])
+def test_fused_decode_with_quantized_embedding_and_head(mod, kind, tmp_path):
+    _, model = mod.tiny(kind, tmp_path)
+    quantize_model(model, "q4f16_1", embeddings=True)
+    plan = FusedDecode(model).plan
+    assert plan.has_embedding() and plan.has_head()  # the whole token runs in the plan
+    assert _decode_both(model, [5, 17, 99, 3, 250, 41, 7]) < 5e-4

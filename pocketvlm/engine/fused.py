@@ -4,8 +4,9 @@ Eager decode of a quantized 0.5B model spends about as long dispatching its ~400
 per token as reading the weights. :class:`FusedDecode` hands a ``DecodePlan`` references to the model's
 quantized weights and norms once (no copies), then runs every layer of a token in one call: the same q4/q8
 kernels with int8 activations as the per-layer path, RMSNorm, RoPE, KV-cache writes, (sliding-window,
-soft-capped) attention and the gated MLP. The embedding lookup, the RoPE tables (so every RoPE scaling type
-is the model's own code), the final norm and the LM head stay in PyTorch.
+soft-capped) attention, the gated MLP, the final norm and a quantized LM head, on a persistent thread team
+with spin barriers between the phases. The embedding lookup, the RoPE tables (so every RoPE scaling type is
+the model's own code) and the final soft-capping stay in PyTorch.
 
 Used for the llama-like families (llama, qwen2, gemma, gemma2, gemma3 text, phi3 and the VLMs built on
 them) when the model is on the CPU, float32, and every projection of its layers is a q4 or q8 layer
@@ -95,8 +96,35 @@ def build_plan(text) -> tuple:
         for slot, key in enumerate(("qkv", "o", "gate_up", "down")):
             for lin in parts[key]:
                 plan.add_linear(slot, *_linear_args(lin))
+    emb = text.model.embed_tokens
+    table = getattr(emb, "table", None)  # QuantEmbedding
+    if (type(table) in (Int4Linear, Int8Linear)
+            and type(text.model).scale_embeddings is llama.TextModel.scale_embeddings):
+        try:
+            w, scales, biases, offset, _ = _linear_args(table)
+            plan.set_embedding(w, scales, biases, offset, float(text.model.embed_scale()))
+        except ValueError:
+            pass  # the embedding is looked up in PyTorch
+    head = _head_layer(text)
+    if head is not None:  # else the LM head runs in PyTorch after the step
+        plan.set_final_norm(_norm(text.model.norm, "final norm", plus_one)[0])
+        plan.add_linear(4, *_linear_args(head))
     plan.finalize()
     return plan, types
+
+
+def _head_layer(text):
+    """The LM head as a q4/q8 layer on the own kernel (the embedding table when tied), or None."""
+    head = text.lm_head
+    table = getattr(getattr(head, "_embedding", None), "table", None)  # TiedQuantHead
+    layer = table if table is not None else head
+    if type(layer) not in (Int4Linear, Int8Linear):
+        return None
+    try:
+        _linear_args(layer)
+    except ValueError:
+        return None
+    return layer
 
 
 def plan_or_reason(model) -> tuple:
@@ -118,20 +146,37 @@ def plan_or_reason(model) -> tuple:
 class FusedDecode:
     """A :class:`~pocketvlm.engine.generate.Slot` ``decode_step``: token id -> fp32 logits ``[V]``."""
 
+    ROPE_BLOCK = 256  # positions whose cos/sin are computed at once (by the model's own RoPE code)
+
     def __init__(self, model):
         self.model = model
         self.text = text_decoder(model)
         self.plan, self.types = build_plan(self.text)
+        self._rope_start = None
+        self._tables: list = []
+
+    def _rope(self, pos: int):
+        start = pos - pos % self.ROPE_BLOCK
+        if start != self._rope_start:
+            p = torch.arange(start, start + self.ROPE_BLOCK)
+            self._tables = []
+            for t in self.types:
+                c, s = self.text.model.rope(p, torch.float32, t)
+                self._tables.append((c.reshape(self.ROPE_BLOCK, -1).contiguous(),
+                                     s.reshape(self.ROPE_BLOCK, -1).contiguous()))
+            self._rope_start = start
+        i = pos - start
+        return [c[i] for c, _ in self._tables], [s[i] for _, s in self._tables]
 
     def __call__(self, slot, token: int, pos: int) -> torch.Tensor:
         text = self.text.model
-        ids = torch.tensor([[token]], device=slot.device)
-        x = text.scale_embeddings(self.text.get_input_embeddings()(ids)).float().reshape(-1)
-        p = torch.tensor([pos], device=slot.device)
-        cos, sin = [], []
-        for t in self.types:
-            c, s = text.rope(p, torch.float32, t)
-            cos.append(c.reshape(-1).contiguous())
-            sin.append(s.reshape(-1).contiguous())
-        h = self.plan.step(x, pos, cos, sin, slot.cache.k, slot.cache.v)
-        return self.text.final_logits(text.norm(h.view(1, 1, -1)))[0, -1]
+        cos, sin = self._rope(pos)
+        if self.plan.has_embedding():
+            out = self.plan.step_token(token, pos, cos, sin, slot.cache.k, slot.cache.v)
+        else:
+            ids = torch.tensor([[token]], device=slot.device)
+            x = text.scale_embeddings(self.text.get_input_embeddings()(ids)).float().reshape(-1)
+            out = self.plan.step(x, pos, cos, sin, slot.cache.k, slot.cache.v)
+        if self.plan.has_head():
+            return self.text.finish_logits(out)
+        return self.text.final_logits(text.norm(out.view(1, 1, -1)))[0, -1]

@@ -78,6 +78,9 @@ class TextModel(llama.TextModel):
         scale = torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32, device=e.device).to(e.dtype)
         return e * scale
 
+    def embed_scale(self) -> float:
+        return float(torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32))
+
     def forward(self, input_ids=None, inputs_embeds=None, input_pos=None, cache=None, attention_mask=None,
                 position_ids=None):
         if inputs_embeds is None:

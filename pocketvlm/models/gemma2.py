@@ -99,8 +99,8 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 class Model(gemma.Model):
     text_model_cls = TextModel
 
-    def final_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return softcap(self.lm_head(h), self.config.final_logit_softcapping)
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return softcap(logits, self.config.final_logit_softcapping)
 
 
 sanitize = gemma.sanitize

@@ -169,6 +169,10 @@ class TextModel(nn.Module):
     def scale_embeddings(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
+    def embed_scale(self) -> float:
+        """The factor the model applies to ``embed_tokens``' rows for token ids (Gemma: sqrt(hidden))."""
+        return 1.0
+
     def rope(self, positions, dtype, layer_type: str):
         return self.rotary(positions, dtype)
 
@@ -225,7 +229,11 @@ class Model(nn.Module):
                        self.config.dim_head, dtype or p.dtype, device or p.device)
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+        return self.finish_logits(self.lm_head(h))
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family does to the LM head's output (Gemma 2: soft-capping)."""
+        return logits
 
     def forward(self, input_ids=None, *, inputs_embeds=None, input_pos=None, cache=None, attention_mask=None,
                 position_ids=None, logits_to_keep: int = 0):

@@ -88,6 +88,12 @@ class QuantLinear(nn.Module):
     def _kernel_scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:  # float32 [N', G'] each
         raise NotImplementedError
 
+    def _kernel_scale_zero_rows(self, krows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_kernel_scale_zero()`` of some kernel rows only (an embedding lookup must not convert the
+        scales of the whole table: 2.8 ms per token for Qwen2.5-0.5B's)."""
+        s, z = self._kernel_scale_zero()
+        return s[krows], z[krows]
+
     def _to_kernel_x(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, K']
         return F.pad(x, (0, self.k_padded - self.in_features)) if self.k_padded != self.in_features else x
 
@@ -188,9 +194,7 @@ class QuantLinear(nn.Module):
             codes = cpu_kernel.unpack_q4(sub) if self._layout == "own" else self._kernel_codes(sub)
         else:
             codes = self._codes_now(krows)
-        s, z = self._kernel_scale_zero()
-        if krows is not None:
-            s, z = s[krows], z[krows]
+        s, z = self._kernel_scale_zero() if krows is None else self._kernel_scale_zero_rows(krows)
         g = self.kernel_group
         w = self._group_dequant(codes.view(codes.shape[0], -1, g).float(), s.unsqueeze(-1), z.unsqueeze(-1))
         w = w.view(codes.shape[0], -1)
@@ -283,6 +287,10 @@ class Int4Linear(QuantLinear):
         s = self.scales.float()
         return s, (s if self.zeros is None else self.zeros.float())
 
+    def _kernel_scale_zero_rows(self, krows):
+        s = self.scales[krows].float()
+        return s, (s if self.zeros is None else self.zeros[krows].float())
+
     def _prepare_own(self):
         if self._own is not None:
             return
@@ -333,6 +341,11 @@ class Int8Linear(QuantLinear):
     def _kernel_scale_zero(self):
         s = self.scales.float()
         return torch.cat([16 * s, s]), torch.cat([8 * s, torch.zeros_like(s)])
+
+    def _kernel_scale_zero_rows(self, krows):
+        high = (krows < self.out_features)[:, None]  # kernel rows [0, N): high halves, [N, 2N): low halves
+        s = self.scales[krows % self.out_features].float()
+        return torch.where(high, 16 * s, s), torch.where(high, 8 * s, torch.zeros_like(s))
 
     def _fold_rows(self, y):
         n = self.out_features

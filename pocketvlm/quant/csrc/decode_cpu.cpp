@@ -21,8 +21,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <functional>
+#include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "kernels.h"
@@ -32,6 +37,13 @@
 #define PVLM_DEC_AVX2 1
 #else
 #define PVLM_DEC_AVX2 0
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+inline void cpu_relax() { _mm_pause(); }
+#else
+inline void cpu_relax() {}
 #endif
 
 namespace {
@@ -64,6 +76,75 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// The threads of one token: torch's own intra-op (OpenMP) threads, entered once per token through one
+// at::parallel_for, with spin barriers (~1 us) between the phases instead of one parallel region per
+// matrix (10-20 us each on these VMs, where the second thread often joined too late to help with the
+// small matrices). Using torch's threads rather than a team of our own matters: an extra spinning team
+// competes with torch's spinning workers for the cores (measured: 30 instead of 46 tokens/s on 2 cores).
+// Spinning yields after a while, so an oversubscribed machine still makes progress.
+class Team {
+ public:
+  explicit Team(int n) : n_(n) {}
+  int size() const { return n_; }
+
+  // job(tid) on n threads; if the runtime gives fewer threads than asked, thread 0 runs job alone with
+  // a team of one (every participant agrees on that before any barrier).
+  void run(const std::function<void(int, int)>& job) {
+    if (n_ == 1) {
+      job(0, 1);
+      return;
+    }
+    arrived_.store(0, std::memory_order_relaxed);
+    alone_.store(false, std::memory_order_relaxed);
+    at::parallel_for(0, n_, 1, [&](int64_t b, int64_t e) {
+      if (b == 0 && e != 1) {  // fewer threads than indices: run it alone
+        alone_.store(true, std::memory_order_release);
+        job(0, 1);
+        return;
+      }
+      arrived_.fetch_add(1, std::memory_order_acq_rel);
+      spin_until([&] { return arrived_.load(std::memory_order_acquire) == n_ || alone_.load(std::memory_order_acquire); });
+      if (alone_.load(std::memory_order_acquire)) return;
+      job(static_cast<int>(b), n_);
+    });
+  }
+
+  void barrier() {
+    const int64_t g = bar_gen_.load(std::memory_order_acquire);
+    if (bar_count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      bar_count_.store(0, std::memory_order_relaxed);
+      bar_gen_.fetch_add(1, std::memory_order_release);
+    } else {
+      spin_until([&] { return bar_gen_.load(std::memory_order_acquire) != g; });
+    }
+  }
+
+ private:
+  template <class F>
+  static void spin_until(F ready) {
+    for (int i = 0; !ready(); ++i) {
+      if (i < 2000) cpu_relax();
+      else std::this_thread::yield();
+    }
+  }
+
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<bool> alone_{false};
+  std::atomic<int> bar_count_{0};
+  std::atomic<int64_t> bar_gen_{0};
+};
+
+// f(b0, b1) over chunks of [0, total) claimed first come first served by the team's threads
+template <typename F>
+void claim(std::atomic<int64_t>& next, int64_t total, int64_t chunk, const F& f) {
+  for (;;) {
+    const int64_t b = next.fetch_add(chunk, std::memory_order_relaxed);
+    if (b >= total) return;
+    f(b, std::min(total, b + chunk));
+  }
+}
+
 struct Layer {
   std::vector<pvlm::LinRef> lin[4];  // qkv, o, gate_up, down
   at::Tensor in_norm, attn_out_norm, ffn_in_norm, ffn_out_norm, q_norm, k_norm;  // undefined when absent
@@ -78,7 +159,21 @@ struct DecodePlan : torch::CustomClassHolder {
   double eps, scale, softcap;
   bool plus_one;
   std::vector<Layer> layers;
-  std::vector<float> h, qkv, att, o, gu, scores;  // scratch, so one step at a time:
+  at::Tensor final_norm;             // with head: the model's last norm, then the LM head below
+  std::vector<pvlm::LinRef> head;
+  std::vector<pvlm::LinRef> embedding;  // optional: the token embedding table (step_token)
+  double embed_scale = 1.0;
+
+  // shared scratch of one step (so one step at a time: `busy`)
+  std::vector<float> qkv, att, o, gu, scores;
+  struct Local {  // per thread: its copy of the residual stream, the normed input, its kernel state
+    std::vector<float> r, h;
+    pvlm::MultiLinear ml;
+  };
+  std::vector<std::unique_ptr<Local>> locals;
+  std::unique_ptr<Team> team;
+  std::unique_ptr<std::atomic<int64_t>[]> counters;
+  int64_t n_counters = 0;
   std::mutex busy;
 
   DecodePlan(int64_t hidden_, int64_t n_heads_, int64_t n_kv_, int64_t head_dim_, int64_t inter_, double eps_,
@@ -88,7 +183,6 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(hidden > 0 && n_heads > 0 && n_kv > 0 && head_dim > 0 && inter > 0 && n_heads % n_kv == 0,
                 "DecodePlan: bad model dimensions");
     TORCH_CHECK(act >= 0 && act <= 2, "DecodePlan: act must be 0 (silu), 1 (gelu tanh) or 2 (gelu erf)");
-    h.resize(std::max(hidden, n_heads * head_dim));
     qkv.resize((n_heads + 2 * n_kv) * head_dim);
     att.resize(n_heads * head_dim);
     o.resize(hidden);
@@ -123,11 +217,41 @@ struct DecodePlan : torch::CustomClassHolder {
     layers.push_back(std::move(l));
   }
 
-  // slot: 0 q/k/v (one fused or three separate), 1 o, 2 gate/up (one fused or two), 3 down
+  // slot: 0 q/k/v (one fused or three separate), 1 o, 2 gate/up (one fused or two), 3 down, 4 LM head
   void add_linear(int64_t slot, at::Tensor w, at::Tensor scales, c10::optional<at::Tensor> biases, double offset,
                   c10::optional<at::Tensor> bias) {
-    TORCH_CHECK(!layers.empty() && slot >= 0 && slot < 4, "DecodePlan.add_linear: add_layer first; slot 0..3");
-    layers.back().lin[slot].push_back(pvlm::make_linref(w, scales, biases, offset, bias));
+    TORCH_CHECK(slot >= 0 && slot <= 4, "DecodePlan.add_linear: slot 0..4");
+    auto ref = pvlm::make_linref(w, scales, biases, offset, bias);
+    if (slot == 4) {
+      head.push_back(std::move(ref));
+      return;
+    }
+    TORCH_CHECK(!layers.empty(), "DecodePlan.add_linear: add_layer first");
+    layers.back().lin[slot].push_back(std::move(ref));
+  }
+
+  void set_embedding(at::Tensor w, at::Tensor scales, c10::optional<at::Tensor> biases, double offset,
+                     double scale) {
+    embedding.clear();
+    embedding.push_back(pvlm::make_linref(w, scales, biases, offset, c10::nullopt));
+    TORCH_CHECK(embedding[0].K == hidden, "DecodePlan: embedding width ", embedding[0].K, " != hidden ", hidden);
+    embed_scale = scale;
+  }
+
+  bool has_embedding() const { return !embedding.empty(); }
+
+  // step() for a token id looked up in the plan's embedding table (times embed_scale, as Gemma does)
+  at::Tensor step_token(int64_t token, int64_t pos, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
+                        std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache) {
+    TORCH_CHECK(has_embedding(), "DecodePlan.step_token: no embedding table set");
+    at::Tensor x = at::empty({hidden}, at::TensorOptions().dtype(at::kFloat));
+    pvlm::dequantize_row(embedding[0], token, float(embed_scale), x.data_ptr<float>());
+    return step(x, pos, std::move(cos), std::move(sin), std::move(k_cache), std::move(v_cache));
+  }
+
+  void set_final_norm(at::Tensor w) {
+    check_norm(w, hidden, "final norm");
+    final_norm = w;
   }
 
   void check_slot(const std::vector<pvlm::LinRef>& lins, int64_t n, int64_t k, const char* what) const {
@@ -139,14 +263,20 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(total == n, "DecodePlan: ", what, " has ", total, " output rows, expected ", n);
   }
 
-  void finalize() const {
+  void finalize() {
     for (const auto& l : layers) {
       check_slot(l.lin[0], (n_heads + 2 * n_kv) * head_dim, hidden, "q/k/v");
       check_slot(l.lin[1], hidden, n_heads * head_dim, "o_proj");
       check_slot(l.lin[2], 2 * inter, hidden, "gate/up");
       check_slot(l.lin[3], hidden, inter, "down_proj");
     }
+    TORCH_CHECK(head.empty() == !final_norm.defined(), "DecodePlan: the LM head needs the final norm and back");
+    for (const auto& l : head) TORCH_CHECK(l.K == hidden, "DecodePlan: LM head has input size ", l.K);
+    n_counters = static_cast<int64_t>(layers.size()) * 5 + 1;
+    counters.reset(new std::atomic<int64_t>[n_counters]);
   }
+
+  bool has_head() const { return !head.empty(); }
 
   void rmsnorm(const float* x, const at::Tensor& w, float* y, int64_t n) const {
     double ss = 0.0;
@@ -166,38 +296,30 @@ struct DecodePlan : torch::CustomClassHolder {
     }
   }
 
-  void attention(const Layer& l, const at::Tensor& kc, const at::Tensor& vc, int64_t pos) {
-    const int64_t max_len = kc.size(2), D = head_dim, rep = n_heads / n_kv;
+  void attend_head(const Layer& l, int64_t hd, const float* kb, const float* vb, int64_t max_len, int64_t pos) {
+    const int64_t D = head_dim, rep = n_heads / n_kv;
     const int64_t t0 = l.window > 0 ? std::max<int64_t>(0, pos - l.window + 1) : 0, T = pos + 1 - t0;
-    if (static_cast<int64_t>(scores.size()) < n_heads * max_len) scores.resize(n_heads * max_len);
-    const float* kb = kc.data_ptr<float>();
-    const float* vb = vc.data_ptr<float>();
     const float sc = float(scale), cap = float(softcap);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T * D));
-    at::parallel_for(0, n_heads, grain, [&](int64_t h0, int64_t h1) {
-      for (int64_t hd = h0; hd < h1; ++hd) {
-        const float* q = qkv.data() + hd * D;
-        const float* K = kb + (hd / rep) * max_len * D;
-        const float* V = vb + (hd / rep) * max_len * D;
-        float* s = scores.data() + hd * max_len;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < T; ++t) {
-          float v = dot(q, K + (t0 + t) * D, D) * sc;
-          if (cap > 0.f) v = std::tanh(v / cap) * cap;
-          s[t] = v;
-          mx = std::max(mx, v);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < T; ++t) {
-          s[t] = std::exp(s[t] - mx);
-          sum += s[t];
-        }
-        float* out = att.data() + hd * D;
-        std::fill(out, out + D, 0.f);
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < T; ++t) axpy(s[t] * inv, V + (t0 + t) * D, out, D);
-      }
-    });
+    const float* q = qkv.data() + hd * D;
+    const float* K = kb + (hd / rep) * max_len * D;
+    const float* V = vb + (hd / rep) * max_len * D;
+    float* s = scores.data() + hd * max_len;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < T; ++t) {
+      float v = dot(q, K + (t0 + t) * D, D) * sc;
+      if (cap > 0.f) v = std::tanh(v / cap) * cap;
+      s[t] = v;
+      mx = std::max(mx, v);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < T; ++t) {
+      s[t] = std::exp(s[t] - mx);
+      sum += s[t];
+    }
+    float* out = att.data() + hd * D;
+    std::fill(out, out + D, 0.f);
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < T; ++t) axpy(s[t] * inv, V + (t0 + t) * D, out, D);
   }
 
   float activate(float g) const {
@@ -212,11 +334,95 @@ struct DecodePlan : torch::CustomClassHolder {
     return r;
   }
 
-  // x [hidden] (the token's embedding as the model feeds it to layer 0) -> the last layer's output
-  // (before the final norm). k_cache/v_cache: per layer [1, n_kv, max_len, head_dim] float32.
+  // One parallel phase of matrix products: every thread quantizes x itself, then claims row blocks.
+  void linear_phase(Local& loc, const float* x, const std::vector<pvlm::LinRef>& lins, float* y, int64_t& phase,
+                    int nt) {
+    loc.ml.prepare(x, refs(lins));
+    const int64_t total = loc.ml.blocks();
+    const int64_t chunk = std::max<int64_t>(1, total / (8 * nt));
+    claim(counters[phase++], total, chunk, [&](int64_t b0, int64_t b1) { loc.ml.run(b0, b1, y); });
+  }
+
+  // The token's work on thread tid of nt.
+  void work(int tid, int nt, const float* x, int64_t pos, const std::vector<at::Tensor>& cos,
+            const std::vector<at::Tensor>& sin, const std::vector<at::Tensor>& k_cache,
+            const std::vector<at::Tensor>& v_cache, float* out) {
+    Team& team_ref = *team;
+    auto barrier = [&] { if (nt > 1) team_ref.barrier(); };
+    Local& loc = *locals[tid];
+    float* r = loc.r.data();
+    float* h = loc.h.data();
+    std::copy(x, x + hidden, r);
+    const int64_t D = head_dim, qn = n_heads * D, kn = n_kv * D;
+    int64_t phase = 0;
+    for (size_t li = 0; li < layers.size(); ++li) {
+      const Layer& l = layers[li];
+      rmsnorm(r, l.in_norm, h, hidden);
+      linear_phase(loc, h, l.lin[0], qkv.data(), phase, nt);
+      barrier();
+      // q/k norm and RoPE, k/v into the cache: heads dealt out round-robin
+      const float* c = cos[l.rope].data_ptr<float>();
+      const float* s = sin[l.rope].data_ptr<float>();
+      const int64_t rot = cos[l.rope].numel(), max_len = k_cache[li].size(2);
+      float* kc = k_cache[li].data_ptr<float>();
+      float* vc = v_cache[li].data_ptr<float>();
+      for (int64_t j = tid; j < n_heads; j += nt) {
+        float* q = qkv.data() + j * D;
+        if (l.q_norm.defined()) rmsnorm(q, l.q_norm, q, D);
+        rope(q, c, s, rot);
+      }
+      for (int64_t j = tid; j < n_kv; j += nt) {
+        float* k = qkv.data() + qn + j * D;
+        const float* v = qkv.data() + qn + kn + j * D;
+        if (l.k_norm.defined()) rmsnorm(k, l.k_norm, k, D);
+        rope(k, c, s, rot);
+        std::copy(k, k + D, kc + (j * max_len + pos) * D);
+        std::copy(v, v + D, vc + (j * max_len + pos) * D);
+      }
+      barrier();
+      claim(counters[phase++], n_heads, 1, [&](int64_t h0, int64_t h1) {
+        for (int64_t hd = h0; hd < h1; ++hd) attend_head(l, hd, kc, vc, max_len, pos);
+      });
+      barrier();
+      linear_phase(loc, att.data(), l.lin[1], o.data(), phase, nt);
+      barrier();
+      if (l.attn_out_norm.defined()) {  // into h (o is shared and read by every thread)
+        rmsnorm(o.data(), l.attn_out_norm, h, hidden);
+        for (int64_t i = 0; i < hidden; ++i) r[i] += h[i];
+      } else {
+        for (int64_t i = 0; i < hidden; ++i) r[i] += o[i];
+      }
+      rmsnorm(r, l.ffn_in_norm, h, hidden);
+      linear_phase(loc, h, l.lin[2], gu.data(), phase, nt);
+      barrier();
+      for (int64_t i = inter * tid / nt, e = inter * (tid + 1) / nt; i < e; ++i) gu[i] = activate(gu[i]) * gu[inter + i];
+      barrier();
+      linear_phase(loc, gu.data(), l.lin[3], o.data(), phase, nt);
+      barrier();
+      if (l.ffn_out_norm.defined()) {
+        rmsnorm(o.data(), l.ffn_out_norm, h, hidden);
+        for (int64_t i = 0; i < hidden; ++i) r[i] += h[i];
+      } else {
+        for (int64_t i = 0; i < hidden; ++i) r[i] += o[i];
+      }
+      // the next layer's first phase writes qkv, which no thread reads any more; o is rewritten only
+      // after two more barriers
+    }
+    if (has_head()) {
+      rmsnorm(r, final_norm, h, hidden);
+      linear_phase(loc, h, head, out, phase, nt);
+    } else if (tid == 0) {
+      std::copy(r, r + hidden, out);
+    }
+  }
+
+  // x [hidden] (the token's embedding as the model feeds it to layer 0) -> the logits [vocab] when the
+  // plan has the LM head, else the last layer's output [hidden] (before the final norm).
+  // k_cache/v_cache: per layer [1, n_kv, max_len, head_dim] float32, written at pos.
   at::Tensor step(at::Tensor x, int64_t pos, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
                   std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache) {
     std::lock_guard<std::mutex> guard(busy);
+    TORCH_CHECK(counters, "DecodePlan.step: call finalize() first");
     const int64_t L = static_cast<int64_t>(layers.size());
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == hidden && x.device().is_cpu(),
                 "DecodePlan.step: x must be a CPU float32 tensor of ", hidden, " values");
@@ -228,6 +434,7 @@ struct DecodePlan : torch::CustomClassHolder {
                       sin[i].is_contiguous() && cos[i].numel() == sin[i].numel() && cos[i].numel() <= head_dim &&
                       cos[i].numel() % 2 == 0,
                   "DecodePlan.step: cos/sin must be contiguous float32 with an even size <= head_dim");
+    int64_t max_len = 0;
     for (int64_t i = 0; i < L; ++i) {
       for (const at::Tensor* c : {&k_cache[i], &v_cache[i]})
         TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(0) == 1 &&
@@ -236,44 +443,28 @@ struct DecodePlan : torch::CustomClassHolder {
       TORCH_CHECK(pos >= 0 && pos < k_cache[i].size(2) && v_cache[i].size(2) == k_cache[i].size(2),
                   "DecodePlan.step: position ", pos, " is outside the KV cache");
       TORCH_CHECK(layers[i].rope < static_cast<int64_t>(cos.size()), "DecodePlan.step: missing cos/sin table");
+      max_len = std::max(max_len, k_cache[i].size(2));
     }
-    at::Tensor out = x.reshape({hidden}).contiguous().clone();
-    float* r = out.data_ptr<float>();
-    const int64_t D = head_dim, qn = n_heads * D, kn = n_kv * D;
-    for (int64_t li = 0; li < L; ++li) {
-      const Layer& l = layers[li];
-      rmsnorm(r, l.in_norm, h.data(), hidden);
-      pvlm::multi_linear(h.data(), refs(l.lin[0]), qkv.data());
-      float* q = qkv.data();
-      float* k = q + qn;
-      float* v = k + kn;
-      if (l.q_norm.defined())
-        for (int64_t j = 0; j < n_heads; ++j) rmsnorm(q + j * D, l.q_norm, q + j * D, D);
-      if (l.k_norm.defined())
-        for (int64_t j = 0; j < n_kv; ++j) rmsnorm(k + j * D, l.k_norm, k + j * D, D);
-      const float* c = cos[l.rope].data_ptr<float>();
-      const float* s = sin[l.rope].data_ptr<float>();
-      const int64_t rot = cos[l.rope].numel();
-      for (int64_t j = 0; j < n_heads; ++j) rope(q + j * D, c, s, rot);
-      for (int64_t j = 0; j < n_kv; ++j) rope(k + j * D, c, s, rot);
-      const int64_t max_len = k_cache[li].size(2);
-      float* kc = k_cache[li].data_ptr<float>();
-      float* vc = v_cache[li].data_ptr<float>();
-      for (int64_t j = 0; j < n_kv; ++j) {
-        std::copy(k + j * D, k + (j + 1) * D, kc + (j * max_len + pos) * D);
-        std::copy(v + j * D, v + (j + 1) * D, vc + (j * max_len + pos) * D);
-      }
-      attention(l, k_cache[li], v_cache[li], pos);
-      pvlm::multi_linear(att.data(), refs(l.lin[1]), o.data());
-      if (l.attn_out_norm.defined()) rmsnorm(o.data(), l.attn_out_norm, o.data(), hidden);
-      for (int64_t i = 0; i < hidden; ++i) r[i] += o[i];
-      rmsnorm(r, l.ffn_in_norm, h.data(), hidden);
-      pvlm::multi_linear(h.data(), refs(l.lin[2]), gu.data());
-      for (int64_t i = 0; i < inter; ++i) gu[i] = activate(gu[i]) * gu[inter + i];
-      pvlm::multi_linear(gu.data(), refs(l.lin[3]), o.data());
-      if (l.ffn_out_norm.defined()) rmsnorm(o.data(), l.ffn_out_norm, o.data(), hidden);
-      for (int64_t i = 0; i < hidden; ++i) r[i] += o[i];
+    if (static_cast<int64_t>(scores.size()) < n_heads * max_len) scores.resize(n_heads * max_len);
+    const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+    if (!team || team->size() != nt) {
+      team.reset();
+      team.reset(new Team(nt));
     }
+    while (static_cast<int>(locals.size()) < nt) {
+      locals.emplace_back(new Local);
+      locals.back()->r.resize(hidden);
+      locals.back()->h.resize(std::max(hidden, 2 * inter));
+    }
+    for (int64_t i = 0; i < n_counters; ++i) counters[i].store(0, std::memory_order_relaxed);
+    int64_t vocab = 0;
+    for (const auto& l : head) vocab += l.N;
+    at::Tensor out = at::empty({has_head() ? vocab : hidden}, x.options());
+    const at::Tensor xc = x.reshape({hidden}).contiguous();
+    const float* xp = xc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    std::function<void(int, int)> job = [&](int tid, int n) { work(tid, n, xp, pos, cos, sin, k_cache, v_cache, op); };
+    team->run(job);
     return out;
   }
 };
@@ -285,6 +476,11 @@ TORCH_LIBRARY_FRAGMENT(pocketvlm_q4, m) {
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, bool, int64_t, double, double>())
       .def("add_layer", &DecodePlan::add_layer)
       .def("add_linear", &DecodePlan::add_linear)
+      .def("set_final_norm", &DecodePlan::set_final_norm)
+      .def("has_head", &DecodePlan::has_head)
+      .def("set_embedding", &DecodePlan::set_embedding)
+      .def("has_embedding", &DecodePlan::has_embedding)
+      .def("step_token", &DecodePlan::step_token)
       .def("finalize", &DecodePlan::finalize)
       .def("step", &DecodePlan::step);
 }

@@ -21,9 +21,29 @@ struct LinRef {
 LinRef make_linref(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
                    double offset, const c10::optional<at::Tensor>& bias);
 
-// y = concat_i(W_i x (+ bias_i)) for one token x [K] (every W_i has the same K), int8 activations:
-// one activation quantization and one parallel region over the row blocks of all the layers, so a
-// q/k/v or gate/up group costs one thread hand-off instead of one per layer.
+// y = concat_i(W_i x (+ bias_i)) for one token x [K] (every W_i has the same K), int8 activations.
+// One object per thread: prepare() quantizes x once for all the layers (a q/k/v or gate/up group), then
+// run() computes any range of the group's row blocks (kRows = 4 rows each, numbered across the layers in
+// order), so threads can share the rows of several layers in one parallel phase.
+class MultiLinear {
+ public:
+  MultiLinear();
+  ~MultiLinear();
+  MultiLinear(const MultiLinear&) = delete;
+  MultiLinear& operator=(const MultiLinear&) = delete;
+  void prepare(const float* x, const std::vector<const LinRef*>& lins);
+  int64_t blocks() const;
+  void run(int64_t b0, int64_t b1, float* y) const;  // rows of blocks [b0, b1), layer biases added
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
+
+// Row n of a q4/q8 weight as float32 (an embedding lookup), times mul.
+void dequantize_row(const LinRef& l, int64_t n, float mul, float* out);
+
+// The whole group on torch's intra-op threads (a convenience over MultiLinear).
 void multi_linear(const float* x, const std::vector<const LinRef*>& lins, float* y);
 
 }  // namespace pvlm

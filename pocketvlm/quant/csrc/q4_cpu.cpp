@@ -806,47 +806,92 @@ void lin_blocks(const QuantX& q4x, const PairVecs& pv, const QuantX& q8x, const 
 
 }  // namespace
 
-void multi_linear(const float* x, const std::vector<const LinRef*>& lins, float* y) {
+struct MultiLinear::Impl {
+  std::vector<const LinRef*> lins;
+  std::vector<int64_t> first, yoff;  // first block / first output row of each layer
+  QuantX q4x, q8x;
+  std::vector<PairVecs> pv;
+};
+
+MultiLinear::MultiLinear() : impl_(new Impl) {}
+MultiLinear::~MultiLinear() { delete impl_; }
+
+void MultiLinear::prepare(const float* x, const std::vector<const LinRef*>& lins) {
+  Impl& m = *impl_;
   const int64_t n = static_cast<int64_t>(lins.size());
-  if (n == 0) return;
+  TORCH_CHECK(n > 0, "multi_linear: no layers");
   const int64_t K = lins[0]->K;
-  thread_local QuantX q4x_buf, q8x_buf;
-  thread_local std::vector<PairVecs> pv_buf;
-  QuantX &q4x = q4x_buf, &q8x = q8x_buf;
-  std::vector<PairVecs>& pv = pv_buf;
-  pv.resize(n);
+  m.lins = lins;
+  m.first.assign(n + 1, 0);
+  m.yoff.assign(n + 1, 0);
+  m.pv.resize(n);
   bool have4 = false, have8 = false;
-  std::vector<int64_t> first(n + 1, 0), yoff(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(lins[i]->K == K, "multi_linear: layers with different input sizes");
     have4 |= !lins[i]->q8;
     have8 |= lins[i]->q8;
-    first[i + 1] = first[i] + (lins[i]->N + kRows - 1) / kRows;
-    yoff[i + 1] = yoff[i] + lins[i]->N;
+    m.first[i + 1] = m.first[i] + (lins[i]->N + kRows - 1) / kRows;
+    m.yoff[i + 1] = m.yoff[i] + lins[i]->N;
   }
-  if (have4) quantize_x(x, 1, K, q4x, /*paired=*/true);
-  if (have8) quantize_x(x, 1, K, q8x, /*paired=*/false);
+  if (have4) quantize_x(x, 1, K, m.q4x, /*paired=*/true);
+  if (have8) quantize_x(x, 1, K, m.q8x, /*paired=*/false);
 #if PVLM_AVX2
   for (int64_t i = 0; i < n; ++i)
-    if (!lins[i]->q8) make_pair_vecs(q4x, float(lins[i]->offset), lins[i]->biases.defined(), pv[i]);
+    if (!lins[i]->q8) make_pair_vecs(m.q4x, float(lins[i]->offset), lins[i]->biases.defined(), m.pv[i]);
 #endif
-  const int64_t total = first[n];
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (K * kRows));
-  for_blocks(total, grain, [&](int64_t b0, int64_t b1) {
-    int64_t i = 0;
-    while (b0 < b1) {
-      while (first[i + 1] <= b0) ++i;
-      const int64_t e = std::min(b1, first[i + 1]);
-      lin_blocks(q4x, pv[i], q8x, *lins[i], y + yoff[i], b0 - first[i], e - first[i]);
-      b0 = e;
+}
+
+int64_t MultiLinear::blocks() const { return impl_->first.empty() ? 0 : impl_->first.back(); }
+
+void MultiLinear::run(int64_t b0, int64_t b1, float* y) const {
+  const Impl& m = *impl_;
+  int64_t i = 0;
+  while (b0 < b1) {
+    while (m.first[i + 1] <= b0) ++i;
+    const LinRef& l = *m.lins[i];
+    const int64_t e = std::min(b1, m.first[i + 1]);
+    float* yi = y + m.yoff[i];
+    lin_blocks(m.q4x, m.pv[i], m.q8x, l, yi, b0 - m.first[i], e - m.first[i]);
+    if (l.bias.defined()) {
+      const float* bias = l.bias.data_ptr<float>();
+      for (int64_t r = (b0 - m.first[i]) * kRows, r1 = std::min(l.N, (e - m.first[i]) * kRows); r < r1; ++r)
+        yi[r] += bias[r];
     }
-  });
-  for (int64_t i = 0; i < n; ++i)
-    if (lins[i]->bias.defined()) {
-      const float* b = lins[i]->bias.data_ptr<float>();
-      float* yi = y + yoff[i];
-      for (int64_t r = 0; r < lins[i]->N; ++r) yi[r] += b[r];
+    b0 = e;
+  }
+}
+
+void dequantize_row(const LinRef& l, int64_t n, float mul, float* out) {
+  TORCH_CHECK(n >= 0 && n < l.N, "token id ", n, " is outside the embedding table [0, ", l.N, ")");
+  const int64_t G = l.K / kGroup;
+  const bool half = l.scales.scalar_type() == at::kHalf, affine = l.biases.defined();
+  auto val = [&](const at::Tensor& t, int64_t g) {
+    return half ? static_cast<float>(t.data_ptr<c10::Half>()[n * G + g]) : t.data_ptr<float>()[n * G + g];
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    const float s = val(l.scales, g);
+    const float b = affine ? val(l.biases, g) : 0.f;
+    float* o = out + g * kGroup;
+    if (l.q8) {
+      const int8_t* q = l.w.data_ptr<int8_t>() + n * l.K + g * kGroup;
+      for (int i = 0; i < kGroup; ++i) o[i] = (float(q[i]) * s + b) * mul;
+    } else {
+      const uint8_t* q = l.w.data_ptr<uint8_t>() + n * (l.K / 2) + g * 16;
+      const float off = affine ? 0.f : float(l.offset);
+      for (int j = 0; j < 16; ++j) {
+        o[j] = ((float(q[j] & 15) - off) * s + b) * mul;
+        o[j + 16] = ((float(q[j] >> 4) - off) * s + b) * mul;
+      }
     }
+  }
+}
+
+void multi_linear(const float* x, const std::vector<const LinRef*>& lins, float* y) {
+  thread_local MultiLinear ml_buf;
+  MultiLinear& ml = ml_buf;  // the reference, not the thread_local, goes into the lambda (see run_linear)
+  ml.prepare(x, lins);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (lins[0]->K * kRows));
+  for_blocks(ml.blocks(), grain, [&](int64_t b0, int64_t b1) { ml.run(b0, b1, y); });
 }
 
 }  // namespace pvlm
