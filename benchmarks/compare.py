@@ -138,14 +138,17 @@ def main(argv=None) -> int:
     rows, notes = {}, []
     ids = torch.randint(100, 30000, (a.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     if "llm-pocketvlm" not in a.skip:
-        for q in [a.quantization, None]:
+        # the fused decode step (default), the same weights decoded by the eager PyTorch modules, and fp32
+        for q, fused, name in [(a.quantization, None, f"pocketvlm {a.quantization}"),
+                               (a.quantization, False, f"pocketvlm {a.quantization} eager decode"),
+                               (None, None, "pocketvlm fp32")]:
             r = run_bench(path, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat,
-                          threads=a.threads, quantization=q, progress=True)
-            rows[f"pocketvlm {q or 'fp32'}"] = {"prefill": (r.prefill_tok_s["mean"], r.prefill_tok_s["stdev"]),
-                                                "decode": (r.decode_tok_s["mean"], r.decode_tok_s["stdev"]),
-                                                "bandwidth share": r.bandwidth_share,
-                                                "MB/token": r.bytes_per_token / 1e6, "load s": r.load_s,
-                                                "bandwidth GB/s": r.bandwidth_gb_s}
+                          threads=a.threads, quantization=q, fused=fused, progress=True)
+            rows[name] = {"prefill": (r.prefill_tok_s["mean"], r.prefill_tok_s["stdev"]),
+                          "decode": (r.decode_tok_s["mean"], r.decode_tok_s["stdev"]),
+                          "bandwidth share": r.bandwidth_share, "decode path": r.decode_path,
+                          "MB/token": r.bytes_per_token / 1e6, "load s": r.load_s,
+                          "bandwidth GB/s": r.bandwidth_gb_s}
             gc.collect()
     if "transformers" not in a.skip:
         for name, dt in [("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16)]:
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
             vis[name] = bench_vision(folder, a.repeat)
             gc.collect()
 
-    lines = [f"# pocketvlm compare — {datetime.date.today()}",
+    lines = [f"# pocketvlm compare — {datetime.datetime.now():%Y-%m-%d %H:%M}",
              f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}; model: Qwen2.5-Coder-0.5B-Instruct ({path.name}); prompt {a.prompt_tokens} "
              f"tokens, {a.gen_tokens} generated, {a.repeat} repeats",
@@ -195,7 +198,7 @@ def main(argv=None) -> int:
     lines += [""] + notes
     text = "\n".join(lines)
     print(text)
-    out = HERE / "results" / f"compare-{datetime.date.today()}.md"
+    out = HERE / "results" / f"compare-{datetime.datetime.now():%Y-%m-%d-%H%M}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text + "\n")
     (out.with_suffix(".json")).write_text(json.dumps({"llm": rows, "vision": vis}, indent=1, default=str))
