@@ -95,3 +95,17 @@ def test_fused_decode_with_quantized_embedding_and_head(mod, kind, tmp_path):
     plan = FusedDecode(model).plan
     assert plan.has_embedding() and plan.has_head()  # the whole token runs in the plan
     assert _decode_both(model, [5, 17, 99, 3, 250, 41, 7]) < 5e-4
+
+
+def test_load_reports_and_enforces_the_decode_path(tmp_path):
+    import pocketvlm
+    from serve_fixtures import write_tokenizer
+
+    test_models.tiny("qwen2", tmp_path)
+    write_tokenizer(tmp_path)
+    pm = pocketvlm.load(tmp_path, quantization="q4f16_1")
+    assert pm.info()["decode"] == "fused"
+    assert pocketvlm.load(tmp_path, quantization="q4f16_1", fused=False).info()["decode"].startswith("eager (off")
+    assert "not a q4/q8 layer" in pocketvlm.load(tmp_path).info()["decode"]  # fp32: eager, and why
+    with pytest.raises(ValueError, match="cannot run this model"):
+        pocketvlm.load(tmp_path, fused=True)
