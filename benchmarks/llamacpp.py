@@ -56,28 +56,39 @@ class Speed:
 @dataclass(frozen=True)
 class BenchResult:
     prefill: Speed | None  # llama-bench's ppN test
-    decode: Speed | None  # llama-bench's tgM test
+    decode: Speed | None  # llama-bench's tgM test, from an empty context
     raw: list[dict]  # llama-bench's JSON records, for reports
+    decode_at_depth: Speed | None = None  # tgM after ``depth`` tokens already in the cache (``-d``)
+    depth: int = 0
 
 
 def parse_bench_json(text: str) -> BenchResult:
     """Split llama-bench ``-o json`` records into the prompt-processing and generation tests."""
     records = json.loads(text)
-    prefill = decode = None
+    prefill = decode = deep = None
+    depth = 0
     for rec in records:
         ts, sd = float(rec["avg_ts"]), float(rec["stddev_ts"])
-        if rec["n_prompt"] > 0 and rec["n_gen"] == 0:
+        d = int(rec.get("n_depth", 0) or 0)
+        if rec["n_prompt"] > 0 and rec["n_gen"] == 0 and d == 0:
             prefill = Speed(ts, sd, int(rec["n_prompt"]))
         elif rec["n_gen"] > 0 and rec["n_prompt"] == 0:
-            decode = Speed(ts, sd, int(rec["n_gen"]))
-    return BenchResult(prefill, decode, records)
+            if d == 0:
+                decode = Speed(ts, sd, int(rec["n_gen"]))
+            else:
+                deep, depth = Speed(ts, sd, int(rec["n_gen"])), d
+    return BenchResult(prefill, decode, records, deep, depth)
 
 
 def run_bench(model: str | Path, threads: int = 2, n_prompt: int = 512, n_gen: int = 128,
-              repetitions: int = 3, extra: list[str] | None = None, timeout: float = 1800) -> BenchResult:
-    """llama-bench prefill (pp``n_prompt``) and decode (tg``n_gen``) speed in tokens/s."""
+              repetitions: int = 3, extra: list[str] | None = None, timeout: float = 1800,
+              depth: int = 0) -> BenchResult:
+    """llama-bench prefill (pp``n_prompt``) and decode (tg``n_gen``) speed in tokens/s; with ``depth`` the
+    decode is also measured after ``depth`` tokens in the cache (as after a prompt of that length)."""
     cmd = [str(binary("llama-bench")), "-m", str(model), "-t", str(threads),
            "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions), "-o", "json", *(extra or [])]
+    if depth:
+        cmd += ["-d", f"0,{depth}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-2000:]}")

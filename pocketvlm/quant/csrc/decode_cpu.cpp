@@ -67,6 +67,51 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+#if PVLM_DEC_AVX2
+// e^x for 8 floats (the Cephes single-precision method: x = n ln2 + r, a degree-6 polynomial in r, 2^n
+// from the exponent bits); ~2 ulp, inputs clamped to [-87.3, 88.7]. std::exp per attention score cost
+// ~1.5 ms per token at a 512-token context.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// s[t] = exp(s[t] - mx) for t < n; returns the sum
+inline float exp_shift_sum(float* s, int64_t n, float mx) {
+  int64_t t = 0;
+  float sum = 0.f;
+#if PVLM_DEC_AVX2
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  sum = _mm_cvtss_f32(r);
+#endif
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - mx);
+    sum += s[t];
+  }
+  return sum;
+}
+
 inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   int64_t i = 0;
 #if PVLM_DEC_AVX2
@@ -311,11 +356,7 @@ struct DecodePlan : torch::CustomClassHolder {
       s[t] = v;
       mx = std::max(mx, v);
     }
-    float sum = 0.f;
-    for (int64_t t = 0; t < T; ++t) {
-      s[t] = std::exp(s[t] - mx);
-      sum += s[t];
-    }
+    const float sum = exp_shift_sum(s, T, mx);
     float* out = att.data() + hd * D;
     std::fill(out, out + D, 0.f);
     const float inv = 1.f / sum;
