@@ -43,7 +43,4 @@ class MultiLinear {
 // Row n of a q4/q8 weight as float32 (an embedding lookup), times mul.
 void dequantize_row(const LinRef& l, int64_t n, float mul, float* out);
 
-// The whole group on torch's intra-op threads (a convenience over MultiLinear).
-void multi_linear(const float* x, const std::vector<const LinRef*>& lins, float* y);
-
 }  // namespace pvlm

@@ -348,6 +348,8 @@ inline void block_exact_avx2(const float* x, const float* xs, int64_t M, int64_t
     for (int r = 0; r < R; ++r) y[m * N + n + r] = hsum8(acc[r]) + bacc[r];
   }
 }
+#else
+struct PairVecs {};  // the portable loops need no prepared activation vectors
 #endif  // PVLM_AVX2
 
 constexpr int64_t kRows = 4;  // output rows per inner block
@@ -886,13 +888,6 @@ void dequantize_row(const LinRef& l, int64_t n, float mul, float* out) {
   }
 }
 
-void multi_linear(const float* x, const std::vector<const LinRef*>& lins, float* y) {
-  thread_local MultiLinear ml_buf;
-  MultiLinear& ml = ml_buf;  // the reference, not the thread_local, goes into the lambda (see run_linear)
-  ml.prepare(x, lins);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (lins[0]->K * kRows));
-  for_blocks(ml.blocks(), grain, [&](int64_t b0, int64_t b1) { ml.run(b0, b1, y); });
-}
 
 }  // namespace pvlm
 
