@@ -12,7 +12,7 @@
 //               h = norm(x); g|u = [Wg|Wu] h; a = act(g) * u; d = Wd a; x += ffn_out_norm ? norm(d) : d
 //
 // Norms are RMSNorm, weight * n(x) or (1 + weight) * n(x) (Gemma). The matrix products go through
-// pvlm::multi_linear (q4/q8 weights, int8 activations: the same arithmetic as the per-layer q4_linear /
+// pvlm::MultiLinear (q4/q8 weights, int8 activations: the same arithmetic as the per-layer q4_linear /
 // q8_linear ops, so fused and eager decode agree to float rounding).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -48,6 +47,10 @@ inline void cpu_relax() {}
 
 namespace {
 
+#if PVLM_DEC_AVX2
+using pvlm::hsum8;
+#endif
+
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
@@ -57,11 +60,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  s = _mm_cvtss_f32(r);
+  s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
@@ -100,10 +99,7 @@ inline float exp_shift_sum(float* s, int64_t n, float mx) {
     _mm256_storeu_ps(s + t, e);
     acc = _mm256_add_ps(acc, e);
   }
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  sum = _mm_cvtss_f32(r);
+  sum = hsum8(acc);
 #endif
   for (; t < n; ++t) {
     s[t] = std::exp(s[t] - mx);
@@ -192,6 +188,7 @@ void claim(std::atomic<int64_t>& next, int64_t total, int64_t chunk, const F& f)
 
 struct Layer {
   std::vector<pvlm::LinRef> lin[4];  // qkv, o, gate_up, down
+  std::vector<const pvlm::LinRef*> ref[4];  // pointers into lin, set by finalize() (what MultiLinear takes)
   at::Tensor in_norm, attn_out_norm, ffn_in_norm, ffn_out_norm, q_norm, k_norm;  // undefined when absent
   int64_t window = 0;  // sliding window (keys t > pos - window); 0 = full causal attention
   int64_t rope = 0;    // index into step()'s cos/sin lists
@@ -206,6 +203,7 @@ struct DecodePlan : torch::CustomClassHolder {
   std::vector<Layer> layers;
   at::Tensor final_norm;             // with head: the model's last norm, then the LM head below
   std::vector<pvlm::LinRef> head;
+  std::vector<const pvlm::LinRef*> head_ref;
   std::vector<pvlm::LinRef> embedding;  // optional: the token embedding table (step_token)
   double embed_scale = 1.0;
 
@@ -243,6 +241,7 @@ struct DecodePlan : torch::CustomClassHolder {
   void add_layer(at::Tensor in_norm, c10::optional<at::Tensor> attn_out_norm, at::Tensor ffn_in_norm,
                  c10::optional<at::Tensor> ffn_out_norm, c10::optional<at::Tensor> q_norm,
                  c10::optional<at::Tensor> k_norm, int64_t window, int64_t rope) {
+    counters.reset();  // finalize() again (see add_linear)
     Layer l;
     l.in_norm = in_norm;
     l.attn_out_norm = opt(attn_out_norm);
@@ -266,6 +265,7 @@ struct DecodePlan : torch::CustomClassHolder {
   void add_linear(int64_t slot, at::Tensor w, at::Tensor scales, c10::optional<at::Tensor> biases, double offset,
                   c10::optional<at::Tensor> bias) {
     TORCH_CHECK(slot >= 0 && slot <= 4, "DecodePlan.add_linear: slot 0..4");
+    counters.reset();  // finalize() again: it takes pointers into these vectors
     auto ref = pvlm::make_linref(w, scales, biases, offset, bias);
     if (slot == 4) {
       head.push_back(std::move(ref));
@@ -308,8 +308,15 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(total == n, "DecodePlan: ", what, " has ", total, " output rows, expected ", n);
   }
 
+  static std::vector<const pvlm::LinRef*> refs(const std::vector<pvlm::LinRef>& v) {
+    std::vector<const pvlm::LinRef*> r;
+    for (const auto& l : v) r.push_back(&l);
+    return r;
+  }
+
   void finalize() {
-    for (const auto& l : layers) {
+    for (auto& l : layers) {
+      for (int i = 0; i < 4; ++i) l.ref[i] = refs(l.lin[i]);
       check_slot(l.lin[0], (n_heads + 2 * n_kv) * head_dim, hidden, "q/k/v");
       check_slot(l.lin[1], hidden, n_heads * head_dim, "o_proj");
       check_slot(l.lin[2], 2 * inter, hidden, "gate/up");
@@ -317,6 +324,7 @@ struct DecodePlan : torch::CustomClassHolder {
     }
     TORCH_CHECK(head.empty() == !final_norm.defined(), "DecodePlan: the LM head needs the final norm and back");
     for (const auto& l : head) TORCH_CHECK(l.K == hidden, "DecodePlan: LM head has input size ", l.K);
+    head_ref = refs(head);
     n_counters = static_cast<int64_t>(layers.size()) * 5 + 1;
     counters.reset(new std::atomic<int64_t>[n_counters]);
   }
@@ -369,16 +377,10 @@ struct DecodePlan : torch::CustomClassHolder {
     return 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f));
   }
 
-  static std::vector<const pvlm::LinRef*> refs(const std::vector<pvlm::LinRef>& v) {
-    std::vector<const pvlm::LinRef*> r;
-    for (const auto& l : v) r.push_back(&l);
-    return r;
-  }
-
   // One parallel phase of matrix products: every thread quantizes x itself, then claims row blocks.
-  void linear_phase(Local& loc, const float* x, const std::vector<pvlm::LinRef>& lins, float* y, int64_t& phase,
-                    int nt) {
-    loc.ml.prepare(x, refs(lins));
+  void linear_phase(Local& loc, const float* x, const std::vector<const pvlm::LinRef*>& lins, float* y,
+                    int64_t& phase, int nt) {
+    loc.ml.prepare(x, lins);
     const int64_t total = loc.ml.blocks();
     const int64_t chunk = std::max<int64_t>(1, total / (8 * nt));
     claim(counters[phase++], total, chunk, [&](int64_t b0, int64_t b1) { loc.ml.run(b0, b1, y); });
@@ -399,7 +401,7 @@ struct DecodePlan : torch::CustomClassHolder {
     for (size_t li = 0; li < layers.size(); ++li) {
       const Layer& l = layers[li];
       rmsnorm(r, l.in_norm, h, hidden);
-      linear_phase(loc, h, l.lin[0], qkv.data(), phase, nt);
+      linear_phase(loc, h, l.ref[0], qkv.data(), phase, nt);
       barrier();
       // q/k norm and RoPE, k/v into the cache: heads dealt out round-robin
       const float* c = cos[l.rope].data_ptr<float>();
@@ -425,7 +427,7 @@ struct DecodePlan : torch::CustomClassHolder {
         for (int64_t hd = h0; hd < h1; ++hd) attend_head(l, hd, kc, vc, max_len, pos);
       });
       barrier();
-      linear_phase(loc, att.data(), l.lin[1], o.data(), phase, nt);
+      linear_phase(loc, att.data(), l.ref[1], o.data(), phase, nt);
       barrier();
       if (l.attn_out_norm.defined()) {  // into h (o is shared and read by every thread)
         rmsnorm(o.data(), l.attn_out_norm, h, hidden);
@@ -434,11 +436,11 @@ struct DecodePlan : torch::CustomClassHolder {
         for (int64_t i = 0; i < hidden; ++i) r[i] += o[i];
       }
       rmsnorm(r, l.ffn_in_norm, h, hidden);
-      linear_phase(loc, h, l.lin[2], gu.data(), phase, nt);
+      linear_phase(loc, h, l.ref[2], gu.data(), phase, nt);
       barrier();
       for (int64_t i = inter * tid / nt, e = inter * (tid + 1) / nt; i < e; ++i) gu[i] = activate(gu[i]) * gu[inter + i];
       barrier();
-      linear_phase(loc, gu.data(), l.lin[3], o.data(), phase, nt);
+      linear_phase(loc, gu.data(), l.ref[3], o.data(), phase, nt);
       barrier();
       if (l.ffn_out_norm.defined()) {
         rmsnorm(o.data(), l.ffn_out_norm, h, hidden);
@@ -451,7 +453,7 @@ struct DecodePlan : torch::CustomClassHolder {
     }
     if (has_head()) {
       rmsnorm(r, final_norm, h, hidden);
-      linear_phase(loc, h, head, out, phase, nt);
+      linear_phase(loc, h, head_ref, out, phase, nt);
     } else if (tid == 0) {
       std::copy(r, r + hidden, out);
     }

@@ -6,7 +6,21 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace pvlm {
+
+#if defined(__AVX2__)
+// sum of the 8 lanes
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 // One quantized linear layer as the kernels read it: q4 (packed uint8 [N, K/2]) or q8 (int8 [N, K]),
 // scales/biases float16|float32 [N, K/32] (biases optional), an optional float32 layer bias [N].

@@ -171,12 +171,7 @@ void rows_i8_scalar(const QuantX& q, int64_t K, const uint8_t* w, const S* sc, c
 }
 
 #if PVLM_AVX2
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using pvlm::hsum8;
 
 // two consecutive per-group values as [v0 x4 | v1 x4]
 inline __m256 pair_bcast(const float* p) {
@@ -375,6 +370,24 @@ void for_blocks(int64_t nblocks, int64_t grain, const F& f) {
   });
 }
 
+// Row blocks [b0, b1) of kRows rows of y = W x, q4 weights, int8 activations: the AVX2 blocks, or the
+// portable loops when scalar (forced without AVX2). Shared by the per-layer op and MultiLinear.
+template <typename S, bool AFFINE>
+void q4_i8_blocks(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t* w, const S* sc, const S* bi,
+                  float off, float* y, int64_t N, int64_t b0, int64_t b1, bool scalar) {
+#if PVLM_AVX2
+  if (!scalar) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * kRows;
+      if (n + kRows <= N) block_i8_avx2<S, AFFINE, kRows>(q, pv, K, w, sc, bi, off, y, N, n);
+      else for (int64_t r = n; r < N; ++r) block_i8_avx2<S, AFFINE, 1>(q, pv, K, w, sc, bi, off, y, N, r);
+    }
+    return;
+  }
+#endif
+  rows_i8_scalar<S, AFFINE>(q, K, w, sc, bi, off, y, N, b0 * kRows, std::min(N, b1 * kRows));
+}
+
 template <typename S, bool AFFINE>
 void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& biases, double offset, bool int8_act, bool scalar,
@@ -399,27 +412,14 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
     thread_local QuantX q_buf;
     QuantX& q = q_buf;
     quantize_x(xp, M, K, q);
-    if (scalar) {
-      for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-        rows_i8_scalar<S, AFFINE>(q, K, w, sc, bi, off, yp, N, b0 * kRows, std::min(N, b1 * kRows));
-      });
-      return;
-    }
-#if PVLM_AVX2
     thread_local PairVecs pv_buf;
     PairVecs& pv = pv_buf;
-    make_pair_vecs(q, off, AFFINE, pv);
-    for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n = b * kRows;
-        if (n + kRows <= N) {
-          block_i8_avx2<S, AFFINE, kRows>(q, pv, K, w, sc, bi, off, yp, N, n);
-        } else {
-          for (int64_t r = n; r < N; ++r) block_i8_avx2<S, AFFINE, 1>(q, pv, K, w, sc, bi, off, yp, N, r);
-        }
-      }
-    });
+#if PVLM_AVX2
+    if (!scalar) make_pair_vecs(q, off, AFFINE, pv);
 #endif
+    for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
+      q4_i8_blocks<S, AFFINE>(q, pv, K, w, sc, bi, off, yp, N, b0, b1, scalar);
+    });
   } else {
     if (scalar) {
       for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
@@ -614,6 +614,23 @@ inline void block_q8_avx2(const QuantX& q, int64_t K, const int8_t* w, const S* 
 }
 #endif  // PVLM_AVX2
 
+// The same for q8 weights.
+template <typename S, bool AFFINE>
+void q8_i8_blocks(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y, int64_t N,
+                  int64_t b0, int64_t b1, bool scalar) {
+#if PVLM_AVX2
+  if (!scalar) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * kRows;
+      if (n + kRows <= N) block_q8_avx2<S, AFFINE, kRows>(q, K, w, sc, bi, y, N, n);
+      else for (int64_t r = n; r < N; ++r) block_q8_avx2<S, AFFINE, 1>(q, K, w, sc, bi, y, N, r);
+    }
+    return;
+  }
+#endif
+  rows_q8_scalar<S, AFFINE>(q, K, w, sc, bi, y, N, b0 * kRows, std::min(N, b1 * kRows));
+}
+
 template <typename S, bool AFFINE>
 void run_q8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
             bool scalar, at::Tensor& y) {
@@ -627,24 +644,9 @@ void run_q8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
   quantize_x(x.data_ptr<float>(), M, K, q, /*paired=*/false);
   const int64_t nblocks = (N + kRows - 1) / kRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (K * kRows * std::max<int64_t>(1, M)));
-#if !PVLM_AVX2
-  scalar = true;
-#endif
-  if (scalar) {
-    for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-      rows_q8_scalar<S, AFFINE>(q, K, w, sc, bi, yp, N, b0 * kRows, std::min(N, b1 * kRows));
-    });
-    return;
-  }
-#if PVLM_AVX2
   for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * kRows;
-      if (n + kRows <= N) block_q8_avx2<S, AFFINE, kRows>(q, K, w, sc, bi, yp, N, n);
-      else for (int64_t r = n; r < N; ++r) block_q8_avx2<S, AFFINE, 1>(q, K, w, sc, bi, yp, N, r);
-    }
+    q8_i8_blocks<S, AFFINE>(q, K, w, sc, bi, yp, N, b0, b1, scalar);
   });
-#endif
 }
 
 void check_q8_args(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
@@ -760,38 +762,14 @@ namespace {
 
 template <typename S, bool AFFINE>
 void q4_blocks(const QuantX& q, const PairVecs& pv, const LinRef& l, float* y, int64_t b0, int64_t b1) {
-#if PVLM_AVX2
-  const uint8_t* w = l.w.data_ptr<uint8_t>();
-  const S* sc = l.scales.data_ptr<S>();
-  const S* bi = AFFINE ? l.biases.data_ptr<S>() : nullptr;
-  const float off = float(l.offset);
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n = b * kRows;
-    if (n + kRows <= l.N) block_i8_avx2<S, AFFINE, kRows>(q, pv, l.K, w, sc, bi, off, y, l.N, n);
-    else for (int64_t r = n; r < l.N; ++r) block_i8_avx2<S, AFFINE, 1>(q, pv, l.K, w, sc, bi, off, y, l.N, r);
-  }
-#else
-  rows_i8_scalar<S, AFFINE>(q, l.K, l.w.data_ptr<uint8_t>(), l.scales.data_ptr<S>(),
-                            AFFINE ? l.biases.data_ptr<S>() : nullptr, float(l.offset), y, l.N, b0 * kRows,
-                            std::min(l.N, b1 * kRows));
-#endif
+  q4_i8_blocks<S, AFFINE>(q, pv, l.K, l.w.data_ptr<uint8_t>(), l.scales.data_ptr<S>(),
+                          AFFINE ? l.biases.data_ptr<S>() : nullptr, float(l.offset), y, l.N, b0, b1, false);
 }
 
 template <typename S, bool AFFINE>
 void q8_blocks(const QuantX& q, const LinRef& l, float* y, int64_t b0, int64_t b1) {
-#if PVLM_AVX2
-  const int8_t* w = l.w.data_ptr<int8_t>();
-  const S* sc = l.scales.data_ptr<S>();
-  const S* bi = AFFINE ? l.biases.data_ptr<S>() : nullptr;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n = b * kRows;
-    if (n + kRows <= l.N) block_q8_avx2<S, AFFINE, kRows>(q, l.K, w, sc, bi, y, l.N, n);
-    else for (int64_t r = n; r < l.N; ++r) block_q8_avx2<S, AFFINE, 1>(q, l.K, w, sc, bi, y, l.N, r);
-  }
-#else
-  rows_q8_scalar<S, AFFINE>(q, l.K, l.w.data_ptr<int8_t>(), l.scales.data_ptr<S>(),
-                            AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0 * kRows, std::min(l.N, b1 * kRows));
-#endif
+  q8_i8_blocks<S, AFFINE>(q, l.K, l.w.data_ptr<int8_t>(), l.scales.data_ptr<S>(),
+                          AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0, b1, false);
 }
 
 void lin_blocks(const QuantX& q4x, const PairVecs& pv, const QuantX& q8x, const LinRef& l, float* y, int64_t b0,
