@@ -171,6 +171,21 @@ def simd() -> bool:
 
 
 # ----- packing (pure PyTorch) ---------------------------------------------------------------------
+def _pack_scales(fn: str, scales: torch.Tensor, biases: torch.Tensor | None, n: int, g: int, dtype: torch.dtype):
+    """pack_q4 / pack_q8's scales and biases: checked ``[N, K/32]``, stored in ``dtype`` on the CPU, finite."""
+    if dtype not in (torch.float16, torch.float32):
+        raise QuantizationError(f"{fn}: scale dtype must be float16 or float32, got {dtype}")
+    for name, t in (("scales", scales), ("biases", biases)):
+        if t is not None and tuple(t.shape) != (n, g):
+            raise QuantizationError(f"{fn}: {name} must be [N, K/32] = {(n, g)}, got {tuple(t.shape)}")
+    s = scales.to(device="cpu", dtype=dtype).contiguous()
+    b = None if biases is None else biases.to(device="cpu", dtype=dtype).contiguous()
+    for name, t in (("scales", s), ("biases", b)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise QuantizationError(f"{fn}: {name} are not finite in {dtype} (overflow?); use dtype=torch.float32")
+    return s, b
+
+
 def pack_q4(codes: torch.Tensor, scales: torch.Tensor, offset: float = 7.0, biases: torch.Tensor | None = None,
             dtype: torch.dtype = torch.float16) -> Q4Weight:
     """codes ``[N, K]`` (ints 0..15), scales ``[N, K/32]``, optional biases ``[N, K/32]`` -> :class:`Q4Weight`.
@@ -187,16 +202,7 @@ def pack_q4(codes: torch.Tensor, scales: torch.Tensor, offset: float = 7.0, bias
         raise QuantizationError(f"pack_q4: codes must be an integer tensor, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
         raise QuantizationError("pack_q4: codes must lie in 0..15")
-    if dtype not in (torch.float16, torch.float32):
-        raise QuantizationError(f"pack_q4: scale dtype must be float16 or float32, got {dtype}")
-    for name, t in (("scales", scales), ("biases", biases)):
-        if t is not None and tuple(t.shape) != (n, g):
-            raise QuantizationError(f"pack_q4: {name} must be [N, K/32] = {(n, g)}, got {tuple(t.shape)}")
-    s = scales.to(device="cpu", dtype=dtype).contiguous()
-    b = None if biases is None else biases.to(device="cpu", dtype=dtype).contiguous()
-    for name, t in (("scales", s), ("biases", b)):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise QuantizationError(f"pack_q4: {name} are not finite in {dtype} (overflow?); use dtype=torch.float32")
+    s, b = _pack_scales("pack_q4", scales, biases, n, g, dtype)
     c = codes.to(device="cpu", dtype=torch.uint8).view(n, g, 2, 16)
     packed = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
     return Q4Weight(packed, s, b, float(offset))
@@ -273,16 +279,7 @@ def pack_q8(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | No
     if codes.numel() and (int(codes.min()) < -128 or int(codes.max()) > 127):
         raise QuantizationError("pack_q8: codes must lie in -128..127")
     n, g = codes.shape[0], codes.shape[1] // GROUP
-    if dtype not in (torch.float16, torch.float32):
-        raise QuantizationError(f"pack_q8: scale dtype must be float16 or float32, got {dtype}")
-    for name, t in (("scales", scales), ("biases", biases)):
-        if t is not None and tuple(t.shape) != (n, g):
-            raise QuantizationError(f"pack_q8: {name} must be [N, K/32] = {(n, g)}, got {tuple(t.shape)}")
-    s = scales.to(device="cpu", dtype=dtype).contiguous()
-    b = None if biases is None else biases.to(device="cpu", dtype=dtype).contiguous()
-    for name, t in (("scales", s), ("biases", b)):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise QuantizationError(f"pack_q8: {name} are not finite in {dtype} (overflow?); use dtype=torch.float32")
+    s, b = _pack_scales("pack_q8", scales, biases, n, g, dtype)
     return Q8Weight(codes.to(device="cpu", dtype=torch.int8).contiguous(), s, b)
 
 
