@@ -14,25 +14,14 @@ policy idle OpenMP threads steal the cores the working ones need and 2-thread ca
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from pocketvlm.bench import best_time
 from pocketvlm.quant import cpu_kernel as ck
 
 SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896)]
-
-
-def best_time(fn, reps: int) -> float:
-    """Fastest single call: on a shared, oversubscribed machine the minimum is the uninterrupted run."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -25,6 +25,18 @@ def peak_rss_bytes() -> int:
     return kb * (1 if sys.platform == "darwin" else 1024)
 
 
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls after one warm-up call: on a shared machine the minimum is
+    the uninterrupted run."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def measure_bandwidth(total_bytes: int = 400 << 20, repeats: int = 5) -> float:
     """Bytes/s of this machine's memory read bandwidth on torch's threads: a streaming read of a buffer far
     larger than the caches (pocketvlm's C++ probe, AVX2 loads), or, without the compiled kernel, fp32
@@ -42,13 +54,7 @@ def measure_bandwidth(total_bytes: int = 400 << 20, repeats: int = 5) -> float:
         x = torch.randn(cols)
         run = lambda: [torch.mv(w, x) for w in ws]  # noqa: E731
         nbytes = len(ws) * rows * cols * 4
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best
+    return nbytes / best_time(run, repeats)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
