@@ -2,11 +2,11 @@
 
 Eager decode of a quantized 0.5B model spends about as long dispatching its ~400 small PyTorch operators
 per token as reading the weights. :class:`FusedDecode` hands a ``DecodePlan`` references to the model's
-quantized weights and norms once (no copies), then runs every layer of a token in one call: the same q4/q8
-kernels with int8 activations as the per-layer path, RMSNorm, RoPE, KV-cache writes, (sliding-window,
-soft-capped) attention, the gated MLP, the final norm and a quantized LM head, on a persistent thread team
-with spin barriers between the phases. The embedding lookup, the RoPE tables (so every RoPE scaling type is
-the model's own code) and the final soft-capping stay in PyTorch.
+quantized weights and norms once (no copies), then runs a whole token in one call: the embedding row of a
+quantized table, the same q4/q8 kernels with int8 activations as the per-layer path, RMSNorm, RoPE, KV-cache
+writes, (sliding-window, soft-capped) attention, the gated MLP, the final norm and a quantized LM head, on
+torch's own threads with spin barriers between the phases. The RoPE tables (so every RoPE scaling type is the
+model's own code), the final soft-capping, and an unquantized embedding or head stay in PyTorch.
 
 Used for the llama-like families (llama, qwen2, gemma, gemma2, gemma3 text, phi3 and the VLMs built on
 them) when the model is on the CPU, float32, and every projection of its layers is a q4 or q8 layer
@@ -96,35 +96,26 @@ def build_plan(text) -> tuple:
         for slot, key in enumerate(("qkv", "o", "gate_up", "down")):
             for lin in parts[key]:
                 plan.add_linear(slot, *_linear_args(lin))
-    emb = text.model.embed_tokens
-    table = getattr(emb, "table", None)  # QuantEmbedding
-    if (type(table) in (Int4Linear, Int8Linear)
-            and type(text.model).scale_embeddings is llama.TextModel.scale_embeddings):
-        try:
-            w, scales, biases, offset, _ = _linear_args(table)
-            plan.set_embedding(w, scales, biases, offset, float(text.model.embed_scale()))
-        except ValueError:
-            pass  # the embedding is looked up in PyTorch
-    head = _head_layer(text)
-    if head is not None:  # else the LM head runs in PyTorch after the step
+    # a quantized embedding table (QuantEmbedding) is looked up in the plan, else in PyTorch
+    emb = _own_args(getattr(text.model.embed_tokens, "table", None))
+    if emb is not None and type(text.model).scale_embeddings is llama.TextModel.scale_embeddings:
+        plan.set_embedding(*emb[:4], float(text.model.embed_scale()))
+    # the LM head (a TiedQuantHead runs the embedding's table), else it runs in PyTorch after the step
+    head = text.lm_head
+    head = _own_args(getattr(getattr(head, "_embedding", None), "table", None) or head)
+    if head is not None:
         plan.set_final_norm(_norm(text.model.norm, "final norm", plus_one)[0])
-        plan.add_linear(4, *_linear_args(head))
+        plan.add_linear(4, *head)
     plan.finalize()
     return plan, types
 
 
-def _head_layer(text):
-    """The LM head as a q4/q8 layer on the own kernel (the embedding table when tied), or None."""
-    head = text.lm_head
-    table = getattr(getattr(head, "_embedding", None), "table", None)  # TiedQuantHead
-    layer = table if table is not None else head
-    if type(layer) not in (Int4Linear, Int8Linear):
-        return None
+def _own_args(layer):
+    """``_linear_args(layer)`` when the layer can run on the own kernel, else None."""
     try:
-        _linear_args(layer)
+        return _linear_args(layer)
     except ValueError:
         return None
-    return layer
 
 
 def plan_or_reason(model) -> tuple:

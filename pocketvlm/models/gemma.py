@@ -75,8 +75,7 @@ class TextModel(llama.TextModel):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         e = self.embed_tokens(input_ids)
         # HF keeps sqrt(hidden) as an fp32 buffer and casts it to the weight dtype before multiplying.
-        scale = torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32, device=e.device).to(e.dtype)
-        return e * scale
+        return e * torch.tensor(self.embed_scale(), dtype=torch.float32, device=e.device).to(e.dtype)
 
     def embed_scale(self) -> float:
         return float(torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32))
