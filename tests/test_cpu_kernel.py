@@ -9,6 +9,11 @@ SHAPES = [  # (N, K, M): N not a multiple of the 4-row unroll, odd and even grou
     (1, 32, 1), (5, 32, 3), (13, 96, 1), (7, 160, 3), (130, 896, 1), (67, 896, 3), (9, 4864, 1), (6, 4864, 3),
 ]
 FORMS = ["mlc_sym7_f16", "q4_0_sym8_f32", "affine_f16"]
+LAYOUTS = ["rows", "rows8"]  # rows8 tests round N up to a multiple of 8
+
+
+def rows_for(n, layout):
+    return -(-n // 8) * 8 if layout == "rows8" else n
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -17,15 +22,15 @@ def built():
         pytest.skip(f"kernel did not build here: {ck._state['error']}")
 
 
-def make(n, k, form, seed=0):
+def make(n, k, form, seed=0, layout="auto"):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16 if form == "affine_f16" else 15, (n, k), generator=g, dtype=torch.uint8)
     s = torch.rand(n, k // 32, generator=g) * 0.05 + 0.001
     if form == "mlc_sym7_f16":
-        return ck.pack_q4(codes, s, offset=7)
+        return ck.pack_q4(codes, s, offset=7, layout=layout)
     if form == "q4_0_sym8_f32":
-        return ck.pack_q4(codes, s, offset=8, dtype=torch.float32)
-    return ck.pack_q4(codes, s, biases=-8 * s + torch.randn(n, k // 32, generator=g) * 0.01)
+        return ck.pack_q4(codes, s, offset=8, dtype=torch.float32, layout=layout)
+    return ck.pack_q4(codes, s, biases=-8 * s + torch.randn(n, k // 32, generator=g) * 0.01, layout=layout)
 
 
 def ref_fp32(x, w):
@@ -47,8 +52,10 @@ def rel_err(y, ref):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
-def test_fp32_path_matches_reference(n, k, m, form, scalar):
-    w = make(n, k, form)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp32_path_matches_reference(n, k, m, form, scalar, layout):
+    n = rows_for(n, layout)
+    w = make(n, k, form, layout=layout)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     y = ck.q4_linear(x, w, act="fp32", scalar=scalar)
     assert y.shape == (m, n) and y.dtype == torch.float32
@@ -58,8 +65,10 @@ def test_fp32_path_matches_reference(n, k, m, form, scalar):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
-def test_int8_path_matches_quantized_reference(n, k, m, form, scalar):
-    w = make(n, k, form)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_path_matches_quantized_reference(n, k, m, form, scalar, layout):
+    n = rows_for(n, layout)
+    w = make(n, k, form, layout=layout)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
     y = ck.q4_linear(x, w, act="int8", scalar=scalar)
     assert rel_err(y, ref_int8(x, w)) < 1e-4  # exactly the activation-quantized product
@@ -102,17 +111,53 @@ def test_threads_do_not_change_result():
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_dequantize_matches_reference_and_roundtrip(form):
-    w = make(37, 4864, form)
+@pytest.mark.parametrize("n", [37, 40])  # rows (auto for N % 8 != 0), rows8
+def test_dequantize_matches_reference_and_roundtrip(form, n):
+    w = make(n, 4864, form)
+    assert w.packed.dim() == (3 if n % 8 == 0 else 2)
     assert torch.equal(ck.dequantize_q4(w), ck.dequantize_reference(w))
     g = torch.Generator().manual_seed(5)
-    codes = torch.randint(0, 16, (37, 4864), generator=g, dtype=torch.uint8)
-    assert torch.equal(ck.unpack_q4(ck.pack_q4(codes, torch.ones(37, 152)).packed), codes)
+    codes = torch.randint(0, 16, (n, 4864), generator=g, dtype=torch.uint8)
+    packed = ck.pack_q4(codes, torch.ones(n, 152)).packed
+    assert torch.equal(ck.unpack_q4(packed), codes)
+    rows = torch.tensor([n - 1, 0, 9, 9, 30])
+    assert torch.equal(ck.unpack_q4_rows(packed, rows), codes[rows])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_layouts_agree(form):
+    """The same weight packed both ways: identical dequantized values, the same products up to float
+    summation order (the integer group sums are exact in both)."""
+    a, b = make(64, 896, form, layout="rows"), make(64, 896, form, layout="rows8")
+    assert torch.equal(ck.dequantize_reference(a), ck.dequantize_reference(b))
+    assert torch.equal(ck.rows_major(b.scales), a.scales)
+    x = torch.randn(3, 896, generator=torch.Generator().manual_seed(6))
+    for act in ("int8", "fp32"):
+        assert rel_err(ck.q4_linear(x, b, act=act), ck.q4_linear(x, a, act=act)) < 1e-5
+
+
+def test_rows8_layout_is_documented_one():
+    k = torch.arange(32).view(1, 32)
+    r = torch.arange(8).view(8, 1)
+    codes = ((k + r) % 16).to(torch.uint8)  # q[r, k] = (k + r) % 16
+    w = ck.pack_q4(codes, torch.arange(1, 9, dtype=torch.float32).view(8, 1), layout="rows8")
+    assert w.packed.shape == (1, 1, 128) and w.scales.shape == (1, 1, 8)
+    p = w.packed[0, 0]
+    for c in range(4):
+        for row in range(8):
+            for j in range(4):
+                byte = int(p[32 * c + 4 * row + j])
+                assert byte & 15 == (8 * c + j + row) % 16 and byte >> 4 == (8 * c + 4 + j + row) % 16
+    assert w.scales[0, 0].tolist() == list(range(1, 9))
+    with pytest.raises(QuantizationError, match="N % 8"):
+        ck.pack_q4(codes[:7], torch.ones(7, 1), layout="rows8")
+    with pytest.raises(QuantizationError, match="layout"):
+        ck.pack_q4(codes, torch.ones(8, 1), layout="cols")
 
 
 def test_pack_layout_is_documented_one():
     codes = torch.arange(32, dtype=torch.uint8).remainder(16).view(1, 32)  # q[j] = j % 16
-    p = ck.pack_q4(codes, torch.ones(1, 1)).packed
+    p = ck.pack_q4(codes, torch.ones(1, 1), layout="rows").packed
     assert p.shape == (1, 16)
     assert [int(b) & 15 for b in p[0]] == list(range(16))  # low nibble: q[j]
     assert [int(b) >> 4 for b in p[0]] == list(range(16))  # high nibble: q[j + 16]
@@ -184,6 +229,9 @@ def test_ops_pass_opcheck_for_torch_compile():
     x = torch.randn(3, 64)
     torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w.packed, w.scales, w.biases, 7.0, True, 0))
     torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w.packed, w.scales, None, 7.0))
+    w8 = make(16, 64, "affine_f16")  # rows8
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w8.packed, w8.scales, w8.biases, 7.0, True, 0))
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w8.packed, w8.scales, None, 7.0))
 
 
 # ----- int8 weights -------------------------------------------------------------------------------

@@ -55,6 +55,24 @@ def test_fused_decode_q4f32_and_affine_gguf_style_layers(tmp_path):
     assert _decode_both(model, [1, 2, 3, 4, 5]) < 1e-2
 
 
+def test_fused_decode_with_both_q4_layouts_in_one_phase(tmp_path, monkeypatch):
+    """rows and rows8 layers side by side in one multi-layer phase (q/k/v, gate/up): the block numbering
+    across layers of different block sizes."""
+    calls = []
+    orig = cpu_kernel.pack_q4
+
+    def alternating(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw, layout="rows" if len(calls) % 2 else "auto")
+
+    monkeypatch.setattr(cpu_kernel, "pack_q4", alternating)
+    _, model = test_models.tiny("qwen2", tmp_path)
+    quantize_model(model, "q4f16_1")
+    assert _decode_both(model, [5, 17, 99, 3, 250]) < 1e-2
+    dims = {m._own.packed.dim() for m in model.modules() if getattr(m, "_own", None) is not None}
+    assert dims == {2, 3}
+
+
 def test_models_that_do_not_qualify_say_why(tmp_path):
     _, model = test_models.tiny("llama", tmp_path)
     fused, why = plan_or_reason(model)  # unquantized

@@ -4,12 +4,21 @@ Why: PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) and bf16 m
 on CPUs without AVX-512/AMX (e.g. AVX2-only AMD EPYC / laptops); decode is memory-bound and wants a
 kernel that streams ~4.5 bits per weight at full bandwidth.
 
-Weight layout (``pack_q4``), for ``W [N, K]``, ``K % 32 == 0`` (callers pad K), any ``N``:
+Weight layouts (``pack_q4``), for ``W [N, K]``, ``K % 32 == 0`` (callers pad K):
 
-* ``packed`` uint8 ``[N, K/2]``: row n, group g (32 weights) is bytes ``[16g, 16g+16)``; byte j holds
-  ``q[32g+j]`` in its low nibble and ``q[32g+16+j]`` in its high nibble.
-* ``scales`` float16 (default; float32 allowed) ``[N, K/32]``.
-* ``biases`` same dtype ``[N, K/32]`` or ``None``:
+* ``"rows8"`` (the default when ``N % 8 == 0``): 8 rows interleaved, so one 32-byte load feeds one
+  integer multiply-add for 8 rows and no horizontal sums are needed (~1.5x faster in cache than "rows").
+  ``packed`` uint8 ``[N/8, K/32, 128]``: row block b, group g, chunk c (8 codes): byte ``32c + 4r + j``
+  holds ``q[8b+r, 32g+8c+j]`` (low nibble) and ``q[8b+r, 32g+8c+4+j]`` (high nibble);
+  ``scales`` / ``biases`` ``[N/8, K/32, 8]`` (the 8 rows' values side by side).
+* ``"rows"`` (any N): ``packed`` uint8 ``[N, K/2]``: row n, group g (32 weights) is bytes ``[16g, 16g+16)``;
+  byte j holds ``q[32g+j]`` in its low nibble and ``q[32g+16+j]`` in its high nibble;
+  ``scales`` / ``biases`` ``[N, K/32]``.
+
+Both hold the same bytes per weight:
+
+* ``scales`` float16 (default; float32 allowed).
+* ``biases`` same dtype or ``None``:
   ``W = q * scale + bias`` (affine; GGUF Q4_1/Q4_K, or ``(q - 8) * S + Z`` with ``bias = Z - 8 S``), or
   ``W = (q - offset) * scale`` when ``biases is None`` (MLC q4f16_1: offset 7; GGUF Q4_0: offset 8).
   With float16 scales the symmetric form costs 4.5 bits/weight, the affine one 5.
@@ -70,8 +79,8 @@ _ops = torch.ops.pocketvlm_q4  # resolves its ops once the library is loaded
 class Q4Weight(NamedTuple):
     """The tensors the kernel reads (see the module docstring for the layout)."""
 
-    packed: torch.Tensor  # uint8 [N, K/2]
-    scales: torch.Tensor  # float16|float32 [N, K/32]
+    packed: torch.Tensor  # uint8 [N, K/2] ("rows") or [N/8, K/32, 128] ("rows8")
+    scales: torch.Tensor  # float16|float32 [N, K/32] or [N/8, K/32, 8]
     biases: torch.Tensor | None  # like scales, or None (symmetric)
     offset: float  # used only when biases is None
 
@@ -187,12 +196,15 @@ def _pack_scales(fn: str, scales: torch.Tensor, biases: torch.Tensor | None, n: 
 
 
 def pack_q4(codes: torch.Tensor, scales: torch.Tensor, offset: float = 7.0, biases: torch.Tensor | None = None,
-            dtype: torch.dtype = torch.float16) -> Q4Weight:
+            dtype: torch.dtype = torch.float16, layout: str = "auto") -> Q4Weight:
     """codes ``[N, K]`` (ints 0..15), scales ``[N, K/32]``, optional biases ``[N, K/32]`` -> :class:`Q4Weight`.
 
     ``W = (q - offset) * scale`` without biases, ``W = q * scale + bias`` with them. ``dtype``
     (float16 or float32) is the stored scale/bias dtype; float16 reads 0.5 bit/weight less.
+    ``layout``: ``"rows8"``, ``"rows"`` or ``"auto"`` (rows8 when ``N % 8 == 0``; see the module docstring).
     """
+    if layout not in ("auto", "rows", "rows8"):
+        raise QuantizationError(f"pack_q4: layout must be 'auto', 'rows' or 'rows8', got {layout!r}")
     if codes.dim() != 2 or codes.shape[1] % GROUP:
         raise QuantizationError(f"pack_q4: codes must be [N, K] with K a multiple of {GROUP} (pad K), "
                                 f"got {tuple(codes.shape)}")
@@ -202,25 +214,61 @@ def pack_q4(codes: torch.Tensor, scales: torch.Tensor, offset: float = 7.0, bias
         raise QuantizationError(f"pack_q4: codes must be an integer tensor, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
         raise QuantizationError("pack_q4: codes must lie in 0..15")
+    if layout == "rows8" and n % 8:
+        raise QuantizationError(f"pack_q4: the rows8 layout needs N % 8 == 0, got N = {n}")
     s, b = _pack_scales("pack_q4", scales, biases, n, g, dtype)
+    if layout == "rows8" or (layout == "auto" and n % 8 == 0 and n > 0):
+        v = codes.to(device="cpu", dtype=torch.uint8).view(n // 8, 8, g, 4, 2, 4)  # block, row, group, chunk, nibble, j
+        packed = (v[..., 0, :] | (v[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 8, g, 128).contiguous()
+        s, b = (None if t is None else t.view(n // 8, 8, g).transpose(1, 2).contiguous() for t in (s, b))
+        return Q4Weight(packed, s, b, float(offset))
     c = codes.to(device="cpu", dtype=torch.uint8).view(n, g, 2, 16)
     packed = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
     return Q4Weight(packed, s, b, float(offset))
 
 
+def q4_shape(packed: torch.Tensor) -> tuple[int, int]:
+    """``(N, K)`` of a packed q4 weight in either layout."""
+    if packed.dim() == 3:
+        return packed.shape[0] * 8, packed.shape[1] * GROUP
+    return packed.shape[0], packed.shape[1] * 2
+
+
 def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
-    """packed uint8 ``[N, K/2]`` -> codes uint8 ``[N, K]`` (inverse of :func:`pack_q4`'s packing)."""
+    """packed uint8 (either layout) -> codes uint8 ``[N, K]`` (inverse of :func:`pack_q4`'s packing)."""
+    if packed.dim() == 3:
+        nb, g = packed.shape[:2]
+        p = packed.view(nb, g, 4, 8, 4)  # block, group, chunk, row, j
+        return torch.stack([p & 15, p >> 4], 4).permute(0, 3, 1, 2, 4, 5).reshape(nb * 8, g * GROUP)
     n = packed.shape[0]
     p = packed.view(n, -1, 16)
     return torch.stack([p & 15, p >> 4], 2).reshape(n, -1)
 
 
+def unpack_q4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 ``[len(rows), K]`` of some rows only (an embedding lookup must not unpack the table)."""
+    rows = rows.reshape(-1)
+    if packed.dim() == 2:
+        return unpack_q4(packed[rows])
+    g = packed.shape[1]
+    p = packed[rows // 8].view(-1, g, 4, 8, 4)[torch.arange(rows.numel()), :, :, rows % 8, :]  # [R, g, chunk, j]
+    return torch.stack([p & 15, p >> 4], 3).reshape(rows.numel(), g * GROUP)
+
+
+def rows_major(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Scales or biases ``[N, K/32]`` from either layout's form."""
+    if t is None or t.dim() == 2:
+        return t
+    return t.transpose(1, 2).reshape(t.shape[0] * 8, t.shape[1])
+
+
 def dequantize_reference(w: Q4Weight) -> torch.Tensor:
     """Float32 ``[N, K]`` weight in plain PyTorch (the fallback, and the tests' reference)."""
-    q = unpack_q4(w.packed).float().view(w.packed.shape[0], -1, GROUP)
-    s = w.scales.float().unsqueeze(-1)
-    out = q * s + w.biases.float().unsqueeze(-1) if w.biases is not None else (q - w.offset) * s
-    return out.view(w.packed.shape[0], -1)
+    n, _ = q4_shape(w.packed)
+    q = unpack_q4(w.packed).float().view(n, -1, GROUP)
+    s = rows_major(w.scales).float().unsqueeze(-1)
+    out = q * s + rows_major(w.biases).float().unsqueeze(-1) if w.biases is not None else (q - w.offset) * s
+    return out.view(n, -1)
 
 
 # ----- compute ------------------------------------------------------------------------------------
@@ -237,7 +285,7 @@ def q4_linear(x: torch.Tensor, w: Q4Weight, act: str = "int8", scalar: bool = Fa
     ``act``: ``"int8"`` (fast, activation-quantized) or ``"fp32"`` (exact). ``scalar=True`` forces the
     portable C++ loops (tests). Without the compiled kernel: dequantize + matmul in PyTorch.
     """
-    k = w.packed.shape[1] * 2
+    n, k = q4_shape(w.packed)
     if x.shape[-1] != k or act not in ("int8", "fp32") or x.device.type != "cpu":
         _check_linear_args(x, k, act)
     if not (_state["ok"] or available()):
@@ -246,7 +294,7 @@ def q4_linear(x: torch.Tensor, w: Q4Weight, act: str = "int8", scalar: bool = Fa
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
     y = _ops.q4_linear(x2, w.packed, w.scales, w.biases, w.offset, act == "int8", 1 if scalar else 0)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.packed.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _check_linear_args(x: torch.Tensor, k: int, act: str) -> None:

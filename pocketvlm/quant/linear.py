@@ -190,8 +190,10 @@ class QuantLinear(nn.Module):
         if rows is not None and self._layout in ("plain", "own"):
             # unpack only the requested rows (an embedding lookup must not touch the whole table);
             # for Int8 the kernel rows (rows, rows + N) come out of _kernel_codes in that same order
-            sub = self.qweight[rows.reshape(-1)]
-            codes = cpu_kernel.unpack_q4(sub) if self._layout == "own" else self._kernel_codes(sub)
+            if self._layout == "own":
+                codes = cpu_kernel.unpack_q4_rows(self.qweight, rows)
+            else:
+                codes = self._kernel_codes(self.qweight[rows.reshape(-1)])
         else:
             codes = self._codes_now(krows)
         s, z = self._kernel_scale_zero() if krows is None else self._kernel_scale_zero_rows(krows)

@@ -22,13 +22,15 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// One quantized linear layer as the kernels read it: q4 (packed uint8 [N, K/2]) or q8 (int8 [N, K]),
-// scales/biases float16|float32 [N, K/32] (biases optional), an optional float32 layer bias [N].
+// One quantized linear layer as the kernels read it: q4 (packed uint8 [N, K/2], scales/biases [N, K/32];
+// or the rows8 layout: [N/8, K/32, 128] and [N/8, K/32, 8], see q4_cpu.cpp) or q8 (int8 [N, K], scales/biases
+// [N, K/32]); scales/biases float16|float32 (biases optional), an optional float32 layer bias [N].
 struct LinRef {
   at::Tensor w, scales, biases, bias;  // biases/bias undefined when absent
   double offset = 7.0;                 // symmetric q4: W = (q - offset) * scale
   int64_t N = 0, K = 0;
   bool q8 = false;
+  bool r8 = false;  // q4 rows8 layout
 };
 
 // Build a LinRef, checking dtypes and shapes (a clear error instead of a crash on bad input).
@@ -38,7 +40,8 @@ LinRef make_linref(const at::Tensor& w, const at::Tensor& scales, const c10::opt
 // y = concat_i(W_i x (+ bias_i)) for one token x [K] (every W_i has the same K), int8 activations.
 // One object per thread: prepare() quantizes x once for all the layers (a q/k/v or gate/up group), then
 // run() computes any range of the group's row blocks (kRows = 4 rows each, numbered across the layers in
-// order), so threads can share the rows of several layers in one parallel phase.
+// order; a q4 rows8 layer's blocks are 8 rows), so threads can share the rows of several layers in one
+// parallel phase.
 class MultiLinear {
  public:
   MultiLinear();
