@@ -618,6 +618,24 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// One weight: q * s + b (affine) or (q - off) * s (symmetric: the subtraction is exact, so this is
+// bit-identical to MLC's own formula, float32 scales included).
+inline float dq(int q, float s, float b, float off, bool affine) {
+  return affine ? float(q) * s + b : (float(q) - off) * s;
+}
+
+#if PVLM_AVX2
+// 32 weights of one group from its codes (k0: codes 0..15, k1: 16..31, one per byte) into o[0..32)
+inline void store_group(float* o, __m128i k0, __m128i k1, float s, float b, float off, bool affine) {
+  const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b), ov = _mm256_set1_ps(off);
+  const __m128i parts[4] = {k0, _mm_srli_si128(k0, 8), k1, _mm_srli_si128(k1, 8)};
+  for (int i = 0; i < 4; ++i) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+    _mm256_storeu_ps(o + 8 * i, affine ? _mm256_fmadd_ps(q, sv, bv) : _mm256_mul_ps(_mm256_sub_ps(q, ov), sv));
+  }
+}
+#endif
+
 template <typename S>
 void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
                  float off, at::Tensor& out) {
@@ -627,13 +645,29 @@ void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::
   const S* sc = scales.data_ptr<S>();
   const S* bi = biases.has_value() ? biases->data_ptr<S>() : nullptr;
   float* o = out.data_ptr<float>();
-  if (r8) {  // portable loop over the layout's accessors (a dense prefill reads unpack_q4 instead)
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
+  if (r8) {
+    at::parallel_for(0, N / 8, std::max<int64_t>(1, 2048 / K), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
         for (int64_t g = 0; g < G; ++g) {
-          const float s = to_f(sc[q4_sidx(true, G, n, g)]);
-          const float b = bi ? to_f(bi[q4_sidx(true, G, n, g)]) : -off * s;
-          for (int i = 0; i < kGroup; ++i) o[n * K + g * kGroup + i] = float(q4_code(true, w, K, n, g * kGroup + i)) * s + b;
+          const uint8_t* wg = w + (b * G + g) * 128;
+          for (int r = 0; r < 8; ++r) {
+            const int64_t n = 8 * b + r, si = (b * G + g) * 8 + r;
+            const float s = to_f(sc[si]);
+            const float bv = bi ? to_f(bi[si]) : 0.f;
+            float* og = o + n * K + g * kGroup;
+#if PVLM_AVX2
+            // the row's 4 bytes of each chunk: low nibbles are codes 8c..8c+3, high ones 8c+4..8c+7
+            int32_t wd[4];
+            for (int c = 0; c < 4; ++c) std::memcpy(&wd[c], wg + 32 * c + 4 * r, 4);
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wd));
+            const __m128i m4 = _mm_set1_epi8(0x0F);
+            const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+            const __m128i k0 = _mm_unpacklo_epi32(lo, hi), k1 = _mm_unpackhi_epi32(lo, hi);  // codes 0..15, 16..31
+            store_group(og, k0, k1, s, bv, off, bi != nullptr);
+#else
+            for (int i = 0; i < kGroup; ++i) og[i] = dq(q4_code(true, w, K, n, g * kGroup + i), s, bv, off, bi != nullptr);
+#endif
+          }
         }
     });
     return;
@@ -642,22 +676,17 @@ void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < G; ++g) {
         const float s = to_f(sc[n * G + g]);
-        const float b = bi ? to_f(bi[n * G + g]) : -off * s;
+        const float b = bi ? to_f(bi[n * G + g]) : 0.f;
         const uint8_t* wg = w + n * (K / 2) + g * 16;
         float* og = o + n * K + g * kGroup;
 #if PVLM_AVX2
         const __m128i m4 = _mm_set1_epi8(0x0F);
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg));
-        const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-        const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
-        _mm256_storeu_ps(og, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sv, bv));
-        _mm256_storeu_ps(og + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sv, bv));
-        _mm256_storeu_ps(og + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sv, bv));
-        _mm256_storeu_ps(og + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sv, bv));
+        store_group(og, _mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4), s, b, off, bi != nullptr);
 #else
         for (int j = 0; j < 16; ++j) {
-          og[j] = float(wg[j] & 15) * s + b;
-          og[j + 16] = float(wg[j] >> 4) * s + b;
+          og[j] = dq(wg[j] & 15, s, b, off, bi != nullptr);
+          og[j + 16] = dq(wg[j] >> 4, s, b, off, bi != nullptr);
         }
 #endif
       }
