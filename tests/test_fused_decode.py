@@ -73,6 +73,18 @@ def test_fused_decode_with_both_q4_layouts_in_one_phase(tmp_path, monkeypatch):
     assert dims == {2, 3}
 
 
+@pytest.mark.parametrize("head_dim,kv,window", [(96, 2, 0), (64, 1, 11), (24, 4, 0)], ids=["d96", "d64-mqa-window", "d24-mha"])
+def test_fused_attention_shapes(head_dim, kv, window, tmp_path):
+    """The attention's vector paths: 8 positions at a time plus a remainder, 64 outputs in registers plus
+    a remainder (96 = 64 + 32; 24 < 64), one kv head for all query heads (split across the threads) or one
+    per head, a sliding window whose start is not a multiple of 8; 22 positions in all."""
+    extra = dict(sliding_window=window) if window else {}
+    _, model = test_models.tiny("mistral-sliding" if window else "llama", tmp_path, head_dim=head_dim,
+                                num_key_value_heads=kv, num_attention_heads=4 if kv < 4 else kv, **extra)
+    quantize_model(model, "q4f16_1")
+    assert _decode_both(model, [5, 17, 99, 3, 250, 41, 7, 8, 9, 10], steps=12) < 1e-2
+
+
 def test_models_that_do_not_qualify_say_why(tmp_path):
     _, model = test_models.tiny("llama", tmp_path)
     fused, why = plan_or_reason(model)  # unquantized

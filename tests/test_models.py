@@ -24,8 +24,8 @@ def tiny(kind, tmp_path, **kw):
             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     }
     C, M, extra = cfgs[kind]
-    cfg = C(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=320, max_position_embeddings=256, **{**extra, **kw})
+    cfg = C(**{**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=256), **extra, **kw})
     ref = M(cfg).eval()
     ref.save_pretrained(tmp_path)
     return ref, loading.load(tmp_path).model

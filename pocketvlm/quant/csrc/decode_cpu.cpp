@@ -349,26 +349,64 @@ struct DecodePlan : torch::CustomClassHolder {
     }
   }
 
-  void attend_head(const Layer& l, int64_t hd, const float* kb, const float* vb, int64_t max_len, int64_t pos) {
-    const int64_t D = head_dim, rep = n_heads / n_kv;
+  // Query heads [h0, h1) of one kv head (GQA group): K and V rows are read once per 8 positions for all
+  // these heads while they sit in L1, and 8 scores come out of one transpose-reduce instead of 8
+  // horizontal sums; the weighted sum of V keeps 64 outputs in registers.
+  void attend_heads(const Layer& l, int64_t h0, int64_t h1, const float* kb, const float* vb, int64_t max_len,
+                    int64_t pos) {
+    const int64_t D = head_dim, rep = n_heads / n_kv, kvh = h0 / rep;
     const int64_t t0 = l.window > 0 ? std::max<int64_t>(0, pos - l.window + 1) : 0, T = pos + 1 - t0;
     const float sc = float(scale), cap = float(softcap);
-    const float* q = qkv.data() + hd * D;
-    const float* K = kb + (hd / rep) * max_len * D;
-    const float* V = vb + (hd / rep) * max_len * D;
-    float* s = scores.data() + hd * max_len;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < T; ++t) {
-      float v = dot(q, K + (t0 + t) * D, D) * sc;
-      if (cap > 0.f) v = std::tanh(v / cap) * cap;
-      s[t] = v;
-      mx = std::max(mx, v);
+    const float* K = kb + (kvh * max_len + t0) * D;
+    const float* V = vb + (kvh * max_len + t0) * D;
+    int64_t t = 0;
+#if PVLM_DEC_AVX2
+    if (D % 8 == 0) {
+      for (; t + 8 <= T; t += 8)
+        for (int64_t hd = h0; hd < h1; ++hd) {
+          const float* q = qkv.data() + hd * D;
+          __m256 a[8];
+          for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+          for (int64_t i = 0; i < D; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + (t + u) * D + i), a[u]);
+          }
+          const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+          const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+          const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+          const __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+          _mm256_storeu_ps(scores.data() + hd * max_len + t, _mm256_mul_ps(dots, _mm256_set1_ps(sc)));
+        }
     }
-    const float sum = exp_shift_sum(s, T, mx);
-    float* out = att.data() + hd * D;
-    std::fill(out, out + D, 0.f);
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < T; ++t) axpy(s[t] * inv, V + (t0 + t) * D, out, D);
+#endif
+    for (; t < T; ++t)
+      for (int64_t hd = h0; hd < h1; ++hd) scores[hd * max_len + t] = dot(qkv.data() + hd * D, K + t * D, D) * sc;
+    for (int64_t hd = h0; hd < h1; ++hd) {
+      float* s = scores.data() + hd * max_len;
+      float mx = -INFINITY;
+      for (int64_t u = 0; u < T; ++u) {
+        if (cap > 0.f) s[u] = std::tanh(s[u] / cap) * cap;
+        mx = std::max(mx, s[u]);
+      }
+      const float inv = 1.f / exp_shift_sum(s, T, mx);
+      float* out = att.data() + hd * D;
+      int64_t i = 0;
+#if PVLM_DEC_AVX2
+      for (; i + 64 <= D; i += 64) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+        for (int64_t u = 0; u < T; ++u) {
+          const __m256 p = _mm256_set1_ps(s[u]);
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(V + u * D + i + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + i + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+      }
+#endif
+      if (i < D) {
+        std::fill(out + i, out + D, 0.f);
+        for (int64_t u = 0; u < T; ++u) axpy(s[u] * inv, V + u * D + i, out + i, D - i);
+      }
+    }
   }
 
   float activate(float g) const {
@@ -423,8 +461,14 @@ struct DecodePlan : torch::CustomClassHolder {
         std::copy(v, v + D, vc + (j * max_len + pos) * D);
       }
       barrier();
-      claim(counters[phase++], n_heads, 1, [&](int64_t h0, int64_t h1) {
-        for (int64_t hd = h0; hd < h1; ++hd) attend_head(l, hd, kc, vc, max_len, pos);
+      // whole GQA groups per claim when there are enough for the threads, else parts of groups
+      const int64_t rep = n_heads / n_kv;
+      claim(counters[phase++], n_heads, n_kv >= nt ? rep : std::max<int64_t>(1, n_heads / nt), [&](int64_t h0, int64_t h1) {
+        for (int64_t a = h0; a < h1;) {
+          const int64_t e = std::min(h1, (a / rep + 1) * rep);  // within one kv head
+          attend_heads(l, a, e, kc, vc, max_len, pos);
+          a = e;
+        }
       });
       barrier();
       linear_phase(loc, att.data(), l.ref[1], o.data(), phase, nt);
