@@ -13,6 +13,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -183,7 +184,10 @@ def main(argv=None) -> int:
              f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}; model: Qwen2.5-Coder-0.5B-Instruct ({path.name}); prompt {a.prompt_tokens} "
              f"tokens, {a.gen_tokens} generated, {a.repeat} repeats",
-             f"command: python benchmarks/compare.py {' '.join(argv or sys.argv[1:])}", "",
+             f"command: python benchmarks/compare.py {' '.join(argv or sys.argv[1:])}"
+             # OMP_WAIT_POLICY=passive slows llama.cpp's and torch's many small parallel regions 2x: say it
+             + "".join(f" ({k}={os.environ[k]})" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ),
+             "",
              f"| engine | prefill tok/s ({a.prompt_tokens}) | decode tok/s, empty context | decode tok/s after the "
              f"{a.prompt_tokens}-token prompt |", "|---|---:|---:|---:|"]
 

@@ -1,5 +1,7 @@
 """GB/s of pocketvlm's CPU int4/int8 kernels (pocketvlm/quant/cpu_kernel.py) vs fp32 F.linear, M = 1.
 
+q4 in its default rows8 layout, and the same weights in the older rows layout ("rows layout" column).
+
 Qwen2.5-0.5B decode shapes (N x K). "GB/s" = bytes of weight data the op must read per call
 (q4: packed nibbles + fp16 scales [+ fp16 biases]; q8: int8 codes + fp16 scales; fp32: 4 B/weight) / best time. All variants of a
 shape are timed interleaved in the same rounds, so ratios survive a noisy shared machine; each number
@@ -34,7 +36,8 @@ def main() -> None:
     assert ck.available() and ck.simd(), "kernel (AVX2) not available"
     print(f"threads={a.threads} M={a.m} rounds={a.rounds} torch={torch.__version__} "
           f"capability={torch.backends.cpu.get_cpu_capability()}")
-    hdr = (f"{'N x K':>13} | {'fp32 GB/s':>9} | {'q4 int8 GB/s':>12} {'us':>8} | {'q4 fp32 GB/s':>12} {'us':>8} | "
+    hdr = (f"{'N x K':>13} | {'fp32 GB/s':>9} | {'q4 int8 GB/s':>12} {'us':>8} | {'rows layout':>11} | "
+           f"{'q4 fp32 GB/s':>12} {'us':>8} | "
            f"{'affine int8 GB/s':>16} | {'q8 GB/s':>7} {'us':>8} | {'q4 int8 speedup vs fp32 (time)':>30}")
     print(hdr)
     print("-" * len(hdr))
@@ -42,7 +45,8 @@ def main() -> None:
     for n, k in SHAPES:
         codes = torch.randint(0, 15, (n, k), generator=g, dtype=torch.uint8)
         s = torch.rand(n, k // 32, generator=g) * 0.02
-        w_sym = ck.pack_q4(codes, s, offset=7)
+        w_sym = ck.pack_q4(codes, s, offset=7)  # rows8 (all these N are multiples of 8)
+        w_rows = ck.pack_q4(codes, s, offset=7, layout="rows")
         w_aff = ck.pack_q4(codes, s, biases=-7 * s)
         w_q8 = ck.pack_q8(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int16), s)
         dense = ck.dequantize_q4(w_sym)
@@ -55,6 +59,7 @@ def main() -> None:
         fns = {
             "fp32": lambda: F.linear(x, dense),
             "i8": lambda: ck.q4_linear(x, w_sym, act="int8"),
+            "rows": lambda: ck.q4_linear(x, w_rows, act="int8"),
             "f32": lambda: ck.q4_linear(x, w_sym, act="fp32"),
             "aff": lambda: ck.q4_linear(x, w_aff, act="int8"),
             "q8": lambda: ck.q8_linear(x, w_q8),
@@ -65,7 +70,7 @@ def main() -> None:
                 best[key] = min(best[key], best_time(fn, reps))
         gbs = lambda b, t: b / t / 1e9  # noqa: E731
         print(f"{n:>6} x {k:<4} | {gbs(fp_bytes, best['fp32']):9.1f} | {gbs(q4_bytes, best['i8']):12.1f} "
-              f"{best['i8'] * 1e6:8.0f} | {gbs(q4_bytes, best['f32']):12.1f} {best['f32'] * 1e6:8.0f} | "
+              f"{best['i8'] * 1e6:8.0f} | {gbs(q4_bytes, best['rows']):11.1f} | {gbs(q4_bytes, best['f32']):12.1f} {best['f32'] * 1e6:8.0f} | "
               f"{gbs(aff_bytes, best['aff']):16.1f} | {gbs(q8_bytes, best['q8']):7.1f} {best['q8'] * 1e6:8.0f} | "
               f"{best['fp32'] / best['i8']:30.2f}")
         del dense, w_q8
