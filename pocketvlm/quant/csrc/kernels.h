@@ -31,6 +31,7 @@ struct LinRef {
   int64_t N = 0, K = 0;
   bool q8 = false;
   bool r8 = false;  // q4 rows8 layout
+  bool paired_x() const { return !q8 && !r8; }  // reads int8 x in the q4 pair layout (else natural order)
 };
 
 // Build a LinRef, checking dtypes and shapes (a clear error instead of a crash on bad input).

@@ -451,7 +451,7 @@ struct PairVecs {};  // the portable loops need no prepared activation vectors
 #endif  // PVLM_AVX2
 
 constexpr int64_t kRows = 4;  // output rows per inner block (rows layout; a rows8 block is 8 rows)
-inline int64_t rows_per_block(bool r8) { return r8 ? 8 : kRows; }
+inline int64_t rows_per_block(bool r8) { return r8 ? 8 : kRows; }  // q8 and q4 rows: kRows
 
 // f(b0, b1) over [0, nblocks) on torch's intra-op threads, with chunks claimed first come first served
 // rather than split statically: on a shared, oversubscribed CPU a thread that is descheduled mid-call
@@ -498,11 +498,23 @@ void q4_i8_blocks(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t*
   rows_i8_scalar<S, AFFINE>(q, K, w, sc, bi, off, y, N, b0 * rpb, std::min(N, b1 * rpb), r8);
 }
 
+// N, K and the layout of a q4 weight (shapes checked by check_args)
+struct Q4Shape {
+  int64_t N, K;
+  bool r8;
+};
+
+Q4Shape q4_shape(const at::Tensor& packed) {
+  if (packed.dim() == 3) return {packed.size(0) * 8, packed.size(1) * kGroup, true};
+  return {packed.size(0), packed.size(1) * 2, false};
+}
+
 template <typename S, bool AFFINE>
 void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& biases, double offset, bool int8_act, bool scalar,
-                at::Tensor& y, int64_t N, bool r8) {
-  const int64_t M = x.size(0), K = x.size(1);
+                at::Tensor& y) {
+  const auto [N, K, r8] = q4_shape(packed);
+  const int64_t M = x.size(0);
   const float* xp = x.data_ptr<float>();
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const S* sc = scales.data_ptr<S>();
@@ -566,17 +578,6 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 #endif
 }
 
-// N, K and the layout of a checked q4 weight
-struct Q4Shape {
-  int64_t N, K;
-  bool r8;
-};
-
-Q4Shape q4_shape(const at::Tensor& packed) {
-  if (packed.dim() == 3) return {packed.size(0) * 8, packed.size(1) * kGroup, true};
-  return {packed.size(0), packed.size(1) * 2, false};
-}
-
 Q4Shape check_args(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
                   (packed.dim() == 2 || (packed.dim() == 3 && packed.size(2) == 128)) && packed.is_contiguous(),
@@ -609,11 +610,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const bool scalar = impl == 1;
   const bool affine = biases.has_value();
   if (scales.scalar_type() == at::kHalf) {
-    if (affine) run_linear<c10::Half, true>(x, packed, scales, biases, offset, int8_act, scalar, y, sh.N, sh.r8);
-    else run_linear<c10::Half, false>(x, packed, scales, biases, offset, int8_act, scalar, y, sh.N, sh.r8);
+    if (affine) run_linear<c10::Half, true>(x, packed, scales, biases, offset, int8_act, scalar, y);
+    else run_linear<c10::Half, false>(x, packed, scales, biases, offset, int8_act, scalar, y);
   } else {
-    if (affine) run_linear<float, true>(x, packed, scales, biases, offset, int8_act, scalar, y, sh.N, sh.r8);
-    else run_linear<float, false>(x, packed, scales, biases, offset, int8_act, scalar, y, sh.N, sh.r8);
+    if (affine) run_linear<float, true>(x, packed, scales, biases, offset, int8_act, scalar, y);
+    else run_linear<float, false>(x, packed, scales, biases, offset, int8_act, scalar, y);
   }
   return y;
 }
@@ -948,15 +949,15 @@ void q8_blocks(const QuantX& q, const LinRef& l, float* y, int64_t b0, int64_t b
                           AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0, b1, false);
 }
 
-// q4x: paired activations (q4 rows layout); q8x: natural order (q8, and q4 rows8)
-void lin_blocks(const QuantX& q4x, const PairVecs& pv, const QuantX& q8x, const LinRef& l, float* y, int64_t b0,
+// xpair: activations in the q4 pair layout (q4 rows); xnat: natural order (q8, q4 rows8)
+void lin_blocks(const QuantX& xpair, const PairVecs& pv, const QuantX& xnat, const LinRef& l, float* y, int64_t b0,
                 int64_t b1) {
   const bool half = l.scales.scalar_type() == at::kHalf, affine = l.biases.defined();
   if (l.q8) {
-    if (half) affine ? q8_blocks<c10::Half, true>(q8x, l, y, b0, b1) : q8_blocks<c10::Half, false>(q8x, l, y, b0, b1);
-    else affine ? q8_blocks<float, true>(q8x, l, y, b0, b1) : q8_blocks<float, false>(q8x, l, y, b0, b1);
+    if (half) affine ? q8_blocks<c10::Half, true>(xnat, l, y, b0, b1) : q8_blocks<c10::Half, false>(xnat, l, y, b0, b1);
+    else affine ? q8_blocks<float, true>(xnat, l, y, b0, b1) : q8_blocks<float, false>(xnat, l, y, b0, b1);
   } else {
-    const QuantX& qx = l.r8 ? q8x : q4x;
+    const QuantX& qx = l.paired_x() ? xpair : xnat;
     if (half) affine ? q4_blocks<c10::Half, true>(qx, pv, l, y, b0, b1) : q4_blocks<c10::Half, false>(qx, pv, l, y, b0, b1);
     else affine ? q4_blocks<float, true>(qx, pv, l, y, b0, b1) : q4_blocks<float, false>(qx, pv, l, y, b0, b1);
   }
@@ -967,7 +968,7 @@ void lin_blocks(const QuantX& q4x, const PairVecs& pv, const QuantX& q8x, const 
 struct MultiLinear::Impl {
   std::vector<const LinRef*> lins;
   std::vector<int64_t> first, yoff;  // first block / first output row of each layer
-  QuantX q4x, q8x;
+  QuantX xpair, xnat;  // the token's activations in the two int8 layouts (each only when a layer reads it)
   std::vector<PairVecs> pv;
 };
 
@@ -983,20 +984,20 @@ void MultiLinear::prepare(const float* x, const std::vector<const LinRef*>& lins
   m.first.assign(n + 1, 0);
   m.yoff.assign(n + 1, 0);
   m.pv.resize(n);
-  bool have4 = false, have8 = false;
+  bool need_pair = false, need_nat = false;
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(lins[i]->K == K, "multi_linear: layers with different input sizes");
-    have4 |= !lins[i]->q8 && !lins[i]->r8;
-    have8 |= lins[i]->q8 || lins[i]->r8;
-    const int64_t rpb = lins[i]->q8 ? kRows : rows_per_block(lins[i]->r8);
+    need_pair |= lins[i]->paired_x();
+    need_nat |= !lins[i]->paired_x();
+    const int64_t rpb = rows_per_block(lins[i]->r8);
     m.first[i + 1] = m.first[i] + (lins[i]->N + rpb - 1) / rpb;
     m.yoff[i + 1] = m.yoff[i] + lins[i]->N;
   }
-  if (have4) quantize_x(x, 1, K, m.q4x, /*paired=*/true);
-  if (have8) quantize_x(x, 1, K, m.q8x, /*paired=*/false);
+  if (need_pair) quantize_x(x, 1, K, m.xpair, /*paired=*/true);
+  if (need_nat) quantize_x(x, 1, K, m.xnat, /*paired=*/false);
 #if PVLM_AVX2
   for (int64_t i = 0; i < n; ++i)
-    if (!lins[i]->q8 && !lins[i]->r8) make_pair_vecs(m.q4x, float(lins[i]->offset), lins[i]->biases.defined(), m.pv[i]);
+    if (lins[i]->paired_x()) make_pair_vecs(m.xpair, float(lins[i]->offset), lins[i]->biases.defined(), m.pv[i]);
 #endif
 }
 
@@ -1010,10 +1011,10 @@ void MultiLinear::run(int64_t b0, int64_t b1, float* y) const {
     const LinRef& l = *m.lins[i];
     const int64_t e = std::min(b1, m.first[i + 1]);
     float* yi = y + m.yoff[i];
-    lin_blocks(m.q4x, m.pv[i], m.q8x, l, yi, b0 - m.first[i], e - m.first[i]);
+    lin_blocks(m.xpair, m.pv[i], m.xnat, l, yi, b0 - m.first[i], e - m.first[i]);
     if (l.bias.defined()) {
       const float* bias = l.bias.data_ptr<float>();
-      const int64_t rpb = l.q8 ? kRows : rows_per_block(l.r8);
+      const int64_t rpb = rows_per_block(l.r8);
       for (int64_t r = (b0 - m.first[i]) * rpb, r1 = std::min(l.N, (e - m.first[i]) * rpb); r < r1; ++r)
         yi[r] += bias[r];
     }
