@@ -332,12 +332,18 @@ struct DecodePlan : torch::CustomClassHolder {
   bool has_head() const { return !head.empty(); }
 
   void rmsnorm(const float* x, const at::Tensor& w, float* y, int64_t n) const {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
-    const float r = 1.f / std::sqrt(float(ss / n) + float(eps));
+    const float r = 1.f / std::sqrt(dot(x, x, n) / float(n) + float(eps));
     const float* wp = w.data_ptr<float>();
-    if (plus_one) for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * (1.f + wp[i]);
-    else for (int64_t i = 0; i < n; ++i) y[i] = wp[i] * (x[i] * r);
+    int64_t i = 0;
+#if PVLM_DEC_AVX2
+    const __m256 rv = _mm256_set1_ps(r), one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 xr = _mm256_mul_ps(_mm256_loadu_ps(x + i), rv), wv = _mm256_loadu_ps(wp + i);
+      _mm256_storeu_ps(y + i, _mm256_mul_ps(xr, plus_one ? _mm256_add_ps(one, wv) : wv));
+    }
+#endif
+    if (plus_one) for (; i < n; ++i) y[i] = (x[i] * r) * (1.f + wp[i]);
+    else for (; i < n; ++i) y[i] = wp[i] * (x[i] * r);
   }
 
   static void rope(float* v, const float* c, const float* s, int64_t rot) {  // rotate-half on the first rot dims
@@ -415,6 +421,34 @@ struct DecodePlan : torch::CustomClassHolder {
     return 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f));
   }
 
+  // gu[i] = act(gu[i]) * gu[inter + i] for i in [i0, i1). SiLU and tanh-GELU 8 at a time through exp8
+  // (tanh z = 1 - 2 / (e^2z + 1)); scalar std::exp/tanh here cost ~0.35 ms per token (Qwen2.5-0.5B).
+  void gated_act(int64_t i0, int64_t i1) {
+    float* g = gu.data();
+    const float* u = gu.data() + inter;
+    int64_t i = i0;
+#if PVLM_DEC_AVX2
+    if (act <= 1) {
+      const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.f);
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        __m256 a;
+        if (act == 0) {
+          a = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        } else {
+          const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+          const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                         _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+          const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, z)), one)));
+          a = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
+        }
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
+      }
+    }
+#endif
+    for (; i < i1; ++i) g[i] = activate(g[i]) * u[i];
+  }
+
   // One parallel phase of matrix products: every thread quantizes x itself, then claims row blocks.
   void linear_phase(Local& loc, const float* x, const std::vector<const pvlm::LinRef*>& lins, float* y,
                     int64_t& phase, int nt) {
@@ -482,7 +516,7 @@ struct DecodePlan : torch::CustomClassHolder {
       rmsnorm(r, l.ffn_in_norm, h, hidden);
       linear_phase(loc, h, l.ref[2], gu.data(), phase, nt);
       barrier();
-      for (int64_t i = inter * tid / nt, e = inter * (tid + 1) / nt; i < e; ++i) gu[i] = activate(gu[i]) * gu[inter + i];
+      gated_act(inter * tid / nt / 8 * 8, tid + 1 == nt ? inter : inter * (tid + 1) / nt / 8 * 8);
       barrier();
       linear_phase(loc, gu.data(), l.ref[3], o.data(), phase, nt);
       barrier();
