@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from pocketvlm.bench import bytes_per_token, format_result, measure_bandwidth, run_bench
+from pocketvlm.bench import bytes_per_token, format_result, kv_bytes_per_token, measure_bandwidth, run_bench
 
 import test_models
 from serve_fixtures import write_tokenizer
@@ -24,6 +24,9 @@ def test_bench_reports_every_figure(tmp_path):
     assert r.prefill_tok_s["n"] == 2 and r.prefill_tok_s["mean"] > 0 and r.decode_tok_s["mean"] > 0
     assert r.load_s > 0 and r.peak_rss_bytes > 0 and r.decode_path == "fused"
     assert r.bytes_per_token > 0 and r.bandwidth_gb_s > 0
+    # 3 layers x (k + v) x 2 kv heads x head dim 16 x 4 bytes per position, at mean depth 20 + (6 + 1) / 2
+    assert r.kv_bytes_per_token == int(3 * 2 * 2 * 16 * 4 * 23.5)
+    assert r.bytes_per_token == r.weight_bytes_per_token + r.kv_bytes_per_token
     assert abs(r.decode_limit_tok_s - r.bandwidth_gb_s * 1e9 / r.bytes_per_token) < 1e-6 * r.decode_limit_tok_s
     text = format_result(r)
     for word in ("load", "prefill", "decode", "peak RSS", "bandwidth"):
@@ -38,6 +41,18 @@ def test_bytes_per_token_counts_the_tied_head_once(tmp_path):
     # tied: the embedding (= head) is read in full, once; plus the small buffers (RoPE inverse frequencies)
     n = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     assert bytes_per_token(m) == n
+
+
+def test_kv_bytes_of_sliding_window_layers_stop_at_the_window(tmp_path):
+    import pocketvlm
+
+    test_models.tiny("mistral-sliding", tmp_path)  # window 4 on every layer
+    write_tokenizer(tmp_path)
+    pm = pocketvlm.load(tmp_path)
+    cache = pm.new_slot().cache
+    per_pos = 3 * 2 * 2 * 16 * 4
+    assert kv_bytes_per_token(pm.model, cache, 2, 2) == int(per_pos * 3.5)  # mean depth 3.5 < 4
+    assert kv_bytes_per_token(pm.model, cache, 100, 8) == per_pos * 4
 
 
 def test_bandwidth_probe_is_positive():
