@@ -745,6 +745,11 @@ inline __m256i q8_dot(const int8_t* wp, const int8_t* xp, __m256i ones) {
   return _mm256_madd_epi16(s16, ones);
 }
 
+// Prefetch distance of the q8 loop, within each of the block's row streams. It was two row blocks ahead
+// (8 rows: 7 KB at K = 896 but 39 KB at K = 4864, past L1 before use); 2 KB ahead took the 151936 x 896
+// LM head from ~15 to ~21 GB/s on 2 threads (benchmarks/cpu_kernel.py, same session; 1 KB: 14, 3-6 KB: 20-23).
+constexpr int64_t kPrefetchQ8 = 2048;
+
 template <typename S, bool AFFINE, int R>
 inline void block_q8_avx2(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y,
                           int64_t N, int64_t n) {
@@ -759,9 +764,8 @@ inline void block_q8_avx2(const QuantX& q, int64_t K, const int8_t* w, const S* 
       const int8_t* xb = xp + b * 256;
       for (int r = 0; r < R; ++r) {
         const int8_t* wb = w + (n + r) * K + b * 256;
-        // the hardware prefetcher alone left DRAM-bound shapes (lm_head) at ~half of q4's GB/s:
-        // fetch the same columns two row blocks ahead (a few KB) explicitly
-        for (int c = 0; c < 256; c += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + 2 * R * K + c), _MM_HINT_T0);
+        // the hardware prefetcher alone left DRAM-bound shapes (lm_head) at ~half of q4's GB/s
+        for (int c = 0; c < 256; c += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchQ8 + c), _MM_HINT_T0);
         // 3 hadds + a 128-bit lane swap turn 8 per-group vectors into [g0 .. g7] in natural order
         const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_dot(wb, xb, ones), q8_dot(wb + 32, xb + 32, ones)),
                                             _mm256_hadd_epi32(q8_dot(wb + 64, xb + 64, ones),
