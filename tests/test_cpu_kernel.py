@@ -254,7 +254,7 @@ def test_q8_matches_quantized_reference(n, k, m, affine, scalar):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
     y = ck.q8_linear(x, w, scalar=scalar)
     assert y.shape == (m, n)
-    wf = ck.dequantize_q8(w).double()
+    wf = ck.dequantize_q8_reference(w).double()
     xg = x.view(m, -1, 32)
     d = xg.abs().amax(-1, keepdim=True) / 127
     xq = (torch.round(xg / d) * d).view(m, k)
@@ -289,10 +289,35 @@ def test_q8_fallback_without_kernel(monkeypatch):
     x = torch.randn(2, 96)
     monkeypatch.setitem(ck._state, "tried", True)
     monkeypatch.setitem(ck._state, "ok", False)
-    assert rel_err(ck.q8_linear(x, w), (x.double() @ ck.dequantize_q8(w).double().t()).float()) < 1e-5
+    assert rel_err(ck.q8_linear(x, w), (x.double() @ ck.dequantize_q8_reference(w).double().t()).float()) < 1e-5
+    assert torch.equal(ck.dequantize_q8(w), ck.dequantize_q8_reference(w))  # the fallback dequantizes too
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["sym", "affine"])
+@pytest.mark.parametrize("half", [True, False], ids=["f16", "f32"])
+def test_q8_dequantize_op_matches_pytorch(affine, half):
+    """The dense (prefill) path's one-pass dequantize: q * s (+ b) rounded once. With float16 scales the
+    product is exact in float32, so it is PyTorch's result bit for bit; with float32 scales it is the
+    exactly rounded value, never further from it than PyTorch's twice-rounded one."""
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int16)
+    s = torch.rand(40, 3, generator=g) * 0.03
+    b = torch.randn(40, 3, generator=g) * 0.01 if affine else None
+    w = ck.pack_q8(codes, s, biases=b, dtype=torch.float16 if half else torch.float32)
+    got = torch.ops.pocketvlm_q4.q8_dequantize(w.qweight, w.scales, w.biases)
+    ref = ck.dequantize_q8_reference(w)
+    if half or not affine:
+        assert torch.equal(got, ref)
+    exact = w.qweight.double().view(40, 3, 32) * w.scales.double().unsqueeze(-1)
+    if affine:
+        exact = exact + w.biases.double().unsqueeze(-1)
+    exact = exact.view(40, 96)
+    assert torch.equal(got, exact.float())  # correctly rounded
+    assert ((got.double() - exact).abs() <= (ref.double() - exact).abs()).all()
 
 
 def test_q8_opcheck():
     w = make_q8(12, 288, True)
     torch.library.opcheck(torch.ops.pocketvlm_q4.q8_linear.default, (torch.randn(2, 288), w.qweight, w.scales,
                                                                       w.biases, 0))
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q8_dequantize.default, (w.qweight, w.scales, w.biases))

@@ -332,7 +332,14 @@ def pack_q8(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | No
 
 
 def dequantize_q8(w: Q8Weight) -> torch.Tensor:
-    """Float32 ``[N, K]`` weight (plain PyTorch: the fallback, the dense path and the tests' reference)."""
+    """Float32 ``[N, K]`` weight (for a dense prefill GEMM); kernel when available, else PyTorch."""
+    if available():
+        return torch.ops.pocketvlm_q4.q8_dequantize(w.qweight, w.scales, w.biases)
+    return dequantize_q8_reference(w)
+
+
+def dequantize_q8_reference(w: Q8Weight) -> torch.Tensor:
+    """Float32 ``[N, K]`` weight in plain PyTorch (the fallback, and the tests' reference)."""
     n = w.qweight.shape[0]
     out = w.qweight.float().view(n, -1, GROUP) * w.scales.float().unsqueeze(-1)
     if w.biases is not None:
