@@ -9,9 +9,10 @@ It bounds what int8 can do for image encoding: a ViT is matrix products, so an i
 Compiles a small C++ loop with the system compiler (g++/c++), independent accumulator chains (10 fp32, 6 int8
 with distinct weights) so throughput, not latency, is measured; one thread, best of 5.
 
-Measured 2026-11-22 on the 2-core AMD EPYC (Zen 3) VM: fp32 99 GFLOP/s, int8 158 GOP/s -> 1.59x: vpmaddubsw and
-vpmaddwd share the two vector multiply pipes with the FMAs. An int8 ViT therefore cannot be 3x faster than an
-fp32 one that runs near peak on this CPU (AVX512-VNNI's vpdpbusd or AMX would change that).
+Measured 2026-11-22 on the 2-core AMD EPYC (Zen 3) VM, 7 runs: fp32 97-102 GFLOP/s, int8 158-224 GOP/s ->
+int8 / fp32 = 1.6-2.2x, i.e. about 2x: vpmaddubsw and vpmaddwd both go to the vector multiply pipes that also
+run the FMAs, two instructions per 32 products where fp32 needs four FMAs. So an int8 ViT cannot be 3x faster
+than an fp32 one that runs near peak on this CPU (AVX512-VNNI's one-instruction vpdpbusd or AMX would be).
 """
 from __future__ import annotations
 
