@@ -209,11 +209,6 @@ class QuantLinear(nn.Module):
     def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight for the dense (prefill / non-CPU) path, computed directly in ``dtype`` from
         ``dtype``-rounded scales - the kernel's own arithmetic, and ~5x cheaper than float32."""
-        if dtype == torch.float32 and self._layout == "own" and isinstance(self._own, cpu_kernel.Q4Weight) \
-                and cpu_kernel.available():
-            # one C++ pass over the packed bytes (3-5x faster than unpacking in PyTorch: prefill's cost)
-            w = cpu_kernel.dequantize_q4(self._own)
-            return self._fold_cols(self._fold_rows(w.t()).t())
         codes = self._codes_now()
         s, z = (t.to(dtype).unsqueeze(-1) for t in self._kernel_scale_zero())
         w = self._group_dequant(codes.view(codes.shape[0], -1, self.kernel_group).to(dtype), s, z)
@@ -313,6 +308,13 @@ class Int4Linear(QuantLinear):
         self.qweight = self._own.packed  # same bytes as the plain layout, in the kernel's nibble order
         self._layout = "own"
         self._own_direct = self.k_padded == self.in_features
+
+    def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        if dtype == torch.float32 and self._layout == "own" and cpu_kernel.available():
+            # one C++ pass over the packed bytes (3-5x faster than unpacking in PyTorch: prefill's cost);
+            # kernel rows are the output rows here
+            return self._fold_cols(cpu_kernel.dequantize_q4(self._own))
+        return super().dense_weight(dtype)
 
     def _group_dequant(self, c, s, z):
         # MLC's own formula, (q - 7) * s: identical to the kernel's (q - 8) * s + s in exact
