@@ -9,11 +9,11 @@ SHAPES = [  # (N, K, M): N not a multiple of the 4-row unroll, odd and even grou
     (1, 32, 1), (5, 32, 3), (13, 96, 1), (7, 160, 3), (130, 896, 1), (67, 896, 3), (9, 4864, 1), (6, 4864, 3),
 ]
 FORMS = ["mlc_sym7_f16", "q4_0_sym8_f32", "affine_f16"]
-LAYOUTS = ["rows", "rows8"]  # rows8 tests round N up to a multiple of 8
+LAYOUTS = ["rows", "rows8", "q5"]  # rows8 and q5 (5-bit rows8) tests round N up to a multiple of 8
 
 
 def rows_for(n, layout):
-    return -(-n // 8) * 8 if layout == "rows8" else n
+    return -(-n // 8) * 8 if layout in ("rows8", "q5") else n
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,6 +24,12 @@ def built():
 
 def make(n, k, form, seed=0, layout="auto"):
     g = torch.Generator().manual_seed(seed)
+    if layout == "q5":  # GGUF Q5_0's form: (q - 16) * s, q in 0..31, symmetric only
+        if form == "affine_f16":
+            pytest.skip("the 5-bit layout has no affine form")
+        codes = torch.randint(0, 32, (n, k), generator=g, dtype=torch.uint8)
+        s = torch.rand(n, k // 32, generator=g) * 0.05 + 0.001
+        return ck.pack_q5(codes, s, dtype=torch.float32 if form == "q4_0_sym8_f32" else torch.float16)
     codes = torch.randint(0, 16 if form == "affine_f16" else 15, (n, k), generator=g, dtype=torch.uint8)
     s = torch.rand(n, k // 32, generator=g) * 0.05 + 0.001
     if form == "mlc_sym7_f16":
@@ -155,6 +161,54 @@ def test_rows8_layout_is_documented_one():
         ck.pack_q4(codes, torch.ones(8, 1), layout="cols")
 
 
+def test_q5_layout_is_documented_one():
+    k = torch.arange(32).view(1, 32)
+    r = torch.arange(8).view(8, 1)
+    codes = ((3 * k + r) % 32).to(torch.uint8)  # q[r, k] = (3k + r) % 32
+    w = ck.pack_q5(codes, torch.arange(1, 9, dtype=torch.float32).view(8, 1))
+    assert w.packed.shape == (1, 1, 160) and w.scales.shape == (1, 1, 8) and w.offset == 16.0 and w.biases is None
+    p = w.packed[0, 0]
+    for row in range(8):
+        for i in range(32):
+            c, t, j = i // 8, (i % 8) // 4, i % 4
+            nib = int(p[32 * c + 4 * row + j]) >> (4 * t) & 15
+            high = int(p[128 + 4 * row + j]) >> (i // 4) & 1
+            assert nib | high << 4 == (3 * i + row) % 32
+    assert torch.equal(ck.unpack_q4(w.packed), codes)
+    rows = torch.tensor([7, 0, 3, 3])
+    assert torch.equal(ck.unpack_q4_rows(w.packed, rows), codes[rows])
+
+
+@pytest.mark.parametrize("bad", ["n", "range", "float_codes", "scale_shape"])
+def test_pack_q5_rejects_bad_input(bad):
+    codes, s = torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2)
+    if bad == "n":
+        codes, s = codes[:7], s[:7]
+    elif bad == "range":
+        codes[0, 0] = 32
+    elif bad == "float_codes":
+        codes = codes.float()
+    else:
+        s = s[:, :1]
+    with pytest.raises(QuantizationError):
+        ck.pack_q5(codes, s)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+def test_q5_extremes_do_not_saturate(scalar):
+    """Codes 31 against +-127 activations in every chunk: the int16 partial sums must not overflow."""
+    w = ck.pack_q5(torch.full((8, 64), 31, dtype=torch.uint8), torch.ones(8, 2), offset=0.0, dtype=torch.float32)
+    for v in (1.0, -1.0):
+        y = ck.q4_linear(torch.full((1, 64), v), w, act="int8", scalar=scalar)
+        assert torch.allclose(y, torch.full((1, 8), 31.0 * 64 * v))
+
+
+def test_q5_dequantize_op_is_exact():
+    for form in ("mlc_sym7_f16", "q4_0_sym8_f32"):
+        w = make(24, 4864, form, layout="q5")
+        assert torch.equal(ck.dequantize_q4(w), ck.dequantize_reference(w))
+
+
 def test_pack_layout_is_documented_one():
     codes = torch.arange(32, dtype=torch.uint8).remainder(16).view(1, 32)  # q[j] = j % 16
     p = ck.pack_q4(codes, torch.ones(1, 1), layout="rows").packed
@@ -232,6 +286,9 @@ def test_ops_pass_opcheck_for_torch_compile():
     w8 = make(16, 64, "affine_f16")  # rows8
     torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w8.packed, w8.scales, w8.biases, 7.0, True, 0))
     torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w8.packed, w8.scales, None, 7.0))
+    w5 = make(16, 64, "mlc_sym7_f16", layout="q5")
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w5.packed, w5.scales, None, 16.0, True, 0))
+    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w5.packed, w5.scales, None, 16.0))
 
 
 # ----- int8 weights -------------------------------------------------------------------------------

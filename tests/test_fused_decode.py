@@ -55,6 +55,38 @@ def test_fused_decode_q4f32_and_affine_gguf_style_layers(tmp_path):
     assert _decode_both(model, [1, 2, 3, 4, 5]) < 1e-2
 
 
+def _as_q5(model):
+    """Every 8-bit layer (and embedding table) of ``model`` re-quantized as GGUF Q5_0 does it: an
+    :class:`Int5Linear` (fp16 d = max|w| / 16 per 32 weights, codes clamped to -16..15)."""
+    from pocketvlm.quant import GGUF_INT5, Int5Linear, Int8Linear
+
+    for name, m in list(model.named_modules()):
+        if type(m) is not Int8Linear:
+            continue
+        w = m.dequantize().view(m.out_features, -1, 32)
+        d = (w.abs().amax(-1) / 16).clamp_min(1e-6).half()
+        q5 = Int5Linear(m.in_features, m.out_features, m.bias is not None, mode=GGUF_INT5)
+        q5.qweight.copy_(torch.round(w / d.float().unsqueeze(-1)).clamp(-16, 15).view(m.out_features, -1))
+        q5.scales.copy_(d)
+        if m.bias is not None:
+            q5.bias.data.copy_(m.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q5)
+
+
+@pytest.mark.parametrize("mod,kind", [(test_models, "qwen2"), (test_families, "gemma3")], ids=["qwen2", "gemma3"])
+def test_fused_decode_with_5bit_layers(mod, kind, tmp_path):
+    """GGUF Q5_0 layers (the 5-bit rows8 layout), embedding table and tied head included."""
+    _, model = mod.tiny(kind, tmp_path)
+    quantize_model(model, "q8f16_1", embeddings=True)
+    _as_q5(model)
+    plan = FusedDecode(model).plan
+    assert plan.has_embedding() and plan.has_head()
+    assert _decode_both(model, [5, 17, 99, 3, 250, 41, 7]) < 1e-2
+    five = [m for m in model.modules() if type(m).__name__ == "Int5Linear"]
+    assert five and all(m._own.packed.shape[-1] == 160 for m in five if m.out_features % 8 == 0)
+
+
 def test_fused_decode_with_both_q4_layouts_in_one_phase(tmp_path, monkeypatch):
     """rows and rows8 layers side by side in one multi-layer phase (q/k/v, gate/up): the block numbering
     across layers of different block sizes."""
@@ -101,6 +133,26 @@ def test_fused_step_rejects_a_position_outside_the_cache(tmp_path):
     fused.prefill([1, 2], [1, 2])
     with pytest.raises(RuntimeError, match="outside the KV cache"):
         fused.decode_step(fused, 3, 64)
+
+
+def test_real_qwen_gguf_mode_fused_equals_eager(qwen_gguf):
+    """The file's own blocks (``quantization="gguf"``, what ``scripts/chat.sh`` runs): Q4_K on the 4-bit,
+    Q5_0 on the 5-bit, Q8_0 (and requantized Q6_K) on the 8-bit kernel; fused and eager decode agree."""
+    import pocketvlm
+    from pocketvlm.engine.sampling import SamplingParams
+    from pocketvlm.quant import GGUF_INT4, GGUF_INT5
+
+    pm = pocketvlm.load(qwen_gguf, quantization="gguf", context_window_size=256, fused=False)
+    modes = set(pm.loaded.quantization["modules"].values())
+    assert {GGUF_INT4, GGUF_INT5, "q8f16_1"} <= modes, modes
+    ids = pm.tokenizer.encode("def fibonacci(n):")
+    eager = Slot(pm.model, 256)
+    fused = Slot(pm.model, 256, decode_step=FusedDecode(pm.model))
+    greedy = SamplingParams(temperature=0.0)
+    a = [r.token for r in eager.generate(ids, ids, greedy, 24)]
+    b = [r.token for r in fused.generate(ids, ids, greedy, 24)]
+    assert a == b
+    assert "return" in pm.tokenizer.decode(a)  # a real answer, not noise
 
 
 def test_real_qwen_greedy_tokens_identical(qwen_gguf):

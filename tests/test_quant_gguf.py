@@ -9,9 +9,9 @@ from gguf import GGMLQuantizationType as T
 
 from pocketvlm.errors import CorruptWeightsError, QuantizationError
 from pocketvlm.quant import gguf_blocks
-from pocketvlm.quant.apply import gguf_embedding, gguf_linear
+from pocketvlm.quant.apply import GGUF_INT5, build_quantized, gguf_embedding, gguf_linear
 from pocketvlm.quant.gguf_blocks import BLOCKS, dequantize_gguf, torch_shape
-from pocketvlm.quant.linear import Int4Linear, Int8Linear, QuantEmbedding
+from pocketvlm.quant.linear import Int4Linear, Int5Linear, Int8Linear, QuantEmbedding
 
 QUANT_TYPES = [t for t, (bs, _) in BLOCKS.items() if bs > 1]
 
@@ -150,8 +150,8 @@ def test_real_tensors_as_modules(real_tensors):
             assert isinstance(mod, Int4Linear) and not caught
             torch.testing.assert_close(w, ref, rtol=0, atol=1e-6)
         elif tt in (T.Q8_0, T.Q5_0):
-            assert isinstance(mod, Int8Linear) and torch.equal(w, ref)
-            assert bool(caught) == (tt == T.Q5_0)
+            assert isinstance(mod, Int5Linear if tt == T.Q5_0 else Int8Linear) and torch.equal(w, ref)
+            assert not caught and mode == (GGUF_INT5 if tt == T.Q5_0 else "q8f16_1")
         elif tt == T.Q6_K:
             assert isinstance(mod, Int8Linear) and "requantized" in str(caught[0].message)
             step = mod.scales.float().repeat_interleave(32, 1)  # the 8-bit step per group
@@ -161,6 +161,17 @@ def test_real_tensors_as_modules(real_tensors):
         y = mod(x)
         rel = (y - x.bfloat16().float() @ w.t()).norm() / (x @ w.t()).norm()
         assert rel < 1e-2
+        if tt == T.Q5_0:  # now held in the kernel's 5-bit layout: still the file's values, and saved as before
+            assert mod._layout == "own" and mod.qweight.shape[-1] == 160
+            assert torch.equal(mod.dequantize(), ref) and torch.equal(mod.dense_weight(torch.float32), ref)
+            rows = torch.tensor([3, 0, ref.shape[0] - 1])
+            assert torch.equal(mod.dequantize(rows=rows), ref[rows])
+            state = mod.state_dict()
+            assert state["qweight"].dtype == torch.int8 and state["qweight"].shape == ref.shape
+            again = build_quantized(torch.nn.Sequential(torch.nn.Linear(ref.shape[1], ref.shape[0], bias=False,
+                                                                        device="meta")), {"0": GGUF_INT5})[0]
+            again.load_state_dict(state, assign=True)
+            assert isinstance(again, Int5Linear) and torch.equal(again(x), mod(x))
 
 
 def test_real_embedding_rows(real_tensors):

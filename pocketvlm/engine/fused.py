@@ -19,7 +19,7 @@ import torch
 
 from ..models import gemma, layers as L, llama
 from ..quant import cpu_kernel
-from ..quant.linear import Int4Linear, Int8Linear
+from ..quant.linear import Int4Linear, Int5Linear, Int8Linear
 
 _ACT = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
 
@@ -49,8 +49,8 @@ def _norm(module, what: str, plus_one: bool | None):
 
 
 def _linear_args(layer) -> tuple:
-    """(weight, scales, biases, offset, bias) of a q4/q8 layer on the own kernel, else raise ValueError."""
-    if type(layer) not in (Int4Linear, Int8Linear):
+    """(weight, scales, biases, offset, bias) of a q4/q5/q8 layer on the own kernel, else raise ValueError."""
+    if type(layer) not in (Int4Linear, Int5Linear, Int8Linear):
         raise ValueError(f"a projection is a {type(layer).__name__}, not a q4/q8 layer on pocketvlm's kernel")
     layer._prepare_own()
     if not layer._own_direct:

@@ -17,7 +17,7 @@ GGUF blocks (``gguf_blocks``), from ``GGUFReader`` tensors (``.data``, ``.tensor
 
 Modules (``linear``), drop-ins with the ``nn.Linear`` / ``nn.Embedding`` call contract::
 
-    QuantLinear (Int4Linear, Int8Linear, Int3Linear): .dequantize(dtype, rows=None)
+    QuantLinear (Int4Linear, Int8Linear, Int5Linear, Int3Linear): .dequantize(dtype, rows=None)
     quant_linear_from_float(linear, mode)
     QuantEmbedding(table).as_lm_head() -> TiedQuantHead (one quantized tensor, two uses)
     DENSE_MIN_TOKENS                            # from this many rows, dequantize + dense GEMM
@@ -34,19 +34,19 @@ safetensors can save; ``build_quantized(model, record)`` then ``load_state_dict`
 Kernel notes (bf16 activations, the int8-as-two-int4 and int3-as-int4 re-expressions, the prefill
 switch) are in :mod:`pocketvlm.quant.linear`; measurements in ``benchmarks/kernels.py``.
 """
-from .apply import DEFAULT_SKIP, GGUF_INT4, build_quantized, gguf_embedding, gguf_linear, quantize_model
+from .apply import DEFAULT_SKIP, GGUF_INT4, GGUF_INT5, build_quantized, gguf_embedding, gguf_linear, quantize_model
 from .formats import (
     MODES, QuantMode, dequantize, pack, pack_3bit, pack_4bit, parse_mode, quantize, unpack, unpack_3bit, unpack_4bit,
 )
 from .gguf_blocks import dequantize_gguf, torch_shape
 from .linear import (
-    DENSE_MIN_TOKENS, Int3Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, TiedQuantHead,
+    DENSE_MIN_TOKENS, Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantEmbedding, QuantLinear, TiedQuantHead,
     quant_linear_from_float,
 )
 
 __all__ = [
     "MODES", "QuantMode", "parse_mode", "quantize", "dequantize", "pack", "unpack", "pack_4bit", "unpack_4bit",
-    "pack_3bit", "unpack_3bit", "dequantize_gguf", "torch_shape", "QuantLinear", "Int4Linear", "Int8Linear",
+    "pack_3bit", "unpack_3bit", "dequantize_gguf", "torch_shape", "QuantLinear", "Int4Linear", "Int5Linear", "Int8Linear",
     "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "DENSE_MIN_TOKENS",
-    "quantize_model", "build_quantized", "gguf_linear", "gguf_embedding", "DEFAULT_SKIP", "GGUF_INT4",
+    "quantize_model", "build_quantized", "gguf_linear", "gguf_embedding", "DEFAULT_SKIP", "GGUF_INT4", "GGUF_INT5",
 ]

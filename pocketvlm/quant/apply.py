@@ -29,11 +29,14 @@ from torch import nn
 
 from ..errors import QuantizationError
 from . import formats, gguf_blocks
-from .linear import Int3Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, quant_linear_from_float
+from .linear import (Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantEmbedding, QuantLinear,
+                     quant_linear_from_float)
 
 DEFAULT_SKIP = ("*vision_tower*", "*multi_modal_projector*", "*mm_projector*")
 #: Storage of GGUF Q4_0/Q4_1/Q4_K kept on the int4 kernel: fp32 scale and zero per 32 weights.
 GGUF_INT4 = "q4f32_gguf"
+#: Storage of GGUF Q5_0 (exact): 5-bit codes, fp16 scale per 32 weights (saved as int8 codes, run as 5-bit).
+GGUF_INT5 = "q5f16_gguf"
 TIED_PREFIX = "tied:"
 
 Skip = Callable[[str, nn.Module], bool] | Iterable[str] | None
@@ -114,6 +117,8 @@ def quantize_model(model: nn.Module, mode: str, *, skip: Skip = None,
 def _empty_quant_linear(in_f: int, out_f: int, bias: bool, mode: str, device, dtype) -> QuantLinear:
     if mode == GGUF_INT4:
         return Int4Linear(in_f, out_f, bias, mode=mode, affine=True, scale_dtype=torch.float32, device=device, dtype=dtype)
+    if mode == GGUF_INT5:
+        return Int5Linear(in_f, out_f, bias, mode=mode, device=device, dtype=dtype)
     mm = formats.parse_mode(mode)
     cls = {4: Int4Linear, 8: Int8Linear, 3: Int3Linear}[mm.bits]
     return cls(in_f, out_f, bias, mode=mm.name, group_size=mm.group_size, scale_dtype=mm.torch_scale_dtype,
@@ -121,7 +126,7 @@ def _empty_quant_linear(in_f: int, out_f: int, bias: bool, mode: str, device, dt
 
 
 def _is_quantized_mode(mode: str) -> bool:
-    return mode == GGUF_INT4 or formats.parse_mode(mode).quantized
+    return mode in (GGUF_INT4, GGUF_INT5) or formats.parse_mode(mode).quantized
 
 
 def build_quantized(model: nn.Module, record: Mapping[str, str]) -> nn.Module:
@@ -169,7 +174,8 @@ def gguf_linear(data, ggml_type, gguf_shape, *, bias: torch.Tensor | None = None
 
     * Q4_0/Q4_1/Q4_K -> :class:`Int4Linear` (mode ``q4f32_gguf``), exact codes on the int4 kernel.
     * Q8_0 -> :class:`Int8Linear` (mode ``q8f16_1`` storage: int8 codes, fp16 scales), exact.
-    * Q5_0 -> the same 8-bit storage, exact but larger (warns).
+    * Q5_0 -> :class:`Int5Linear` (mode ``q5f16_gguf``), exact: the 8-bit storage, run as 5-bit codes
+      (5.5 bits per weight, as in the file) on the CPU kernel.
     * other quantized types (Q6_K, Q5_1, Q2_K, Q3_K, Q5_K) -> dequantized and requantized to
       q8f16_1 (warns: not bit-exact, error below half an 8-bit step per 32-weight group).
     * F32/F16/BF16 -> ``nn.Linear`` in ``dtype`` (mode ``q0...`` of that dtype).
@@ -189,14 +195,11 @@ def gguf_linear(data, ggml_type, gguf_shape, *, bias: torch.Tensor | None = None
         m.zeros.copy_(zero)
         mode = GGUF_INT4
     elif t in _EXACT_INT8:
-        if t is T.Q5_0:
-            warnings.warn(f"{name or 'tensor'}: GGUF Q5_0 has no 5-bit kernel; stored as exact 8-bit codes "
-                          "(q8f16_1 storage, ~1.06 instead of 0.69 bytes/weight)", stacklevel=2)
         codes, scale = gguf_blocks.int8_codes(data, t, shape)
-        m = Int8Linear(in_f, out_f, bias is not None, mode="q8f16_1", dtype=dtype)
+        mode = GGUF_INT5 if t is T.Q5_0 else "q8f16_1"
+        m = (Int5Linear if t is T.Q5_0 else Int8Linear)(in_f, out_f, bias is not None, mode=mode, dtype=dtype)
         m.qweight.copy_(codes)
         m.scales.copy_(scale.to(torch.float16))  # came from fp16 fields: lossless
-        mode = "q8f16_1"
     elif t in (T.F32, T.F16, T.BF16):
         m = nn.Linear(in_f, out_f, bias is not None, dtype=dtype)
         with torch.no_grad():

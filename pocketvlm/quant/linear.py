@@ -1,12 +1,13 @@
 """Quantized drop-ins for ``nn.Linear`` / ``nn.Embedding`` that keep weights low-bit at run time.
 
-All three ``QuantLinear`` kinds are run through one kernel, PyTorch's CPU int4 GEMV
+The ``QuantLinear`` kinds are run through one kernel, PyTorch's CPU int4 GEMV
 (``kernels.int4_mm``), by re-expressing their codes *exactly* as int4 codes with
 ``w = (c - 8) * S + Z`` per kernel group ("kernel codes"):
 
 * :class:`Int4Linear` - MLC q4*_1 (``(q - 7) * s`` = ``(q - 8) * s + s``: Z = S) and GGUF
   Q4_0/Q4_1/Q4_K (their own S, Z per 32 weights, see ``gguf_blocks.int4_codes``).
-* :class:`Int8Linear` - group-wise int8 (MLC q8f16_1, GGUF Q8_0/Q5_0): the unsigned code
+* :class:`Int5Linear` - GGUF Q5_0: stored as Int8Linear's codes, run on the own kernel's 5-bit layout.
+* :class:`Int8Linear` - group-wise int8 (MLC q8f16_1, GGUF Q8_0): the unsigned code
   ``u = c + 128 = 16h + l`` splits into two 4-bit halves, so ``c * s = [(h-8)*16s + 8s] + [(l-8)*s]``:
   one int4 call on a ``[2N, K]`` weight and ``y[:, :N] + y[:, N:]``. ``aten._weight_int8pack_mm``
   only has per-output-channel scales (requantizing to those loses accuracy; dequantizing to bf16 per
@@ -375,6 +376,68 @@ class Int8Linear(QuantLinear):
             self._own = cpu_kernel.pack_q8(self.qweight, self.scales.float(), dtype=torch.float32)
             self.qweight = self._own.qweight  # hold the codes once
             self._own_direct = self.k_padded == self.in_features
+
+
+class Int5Linear(Int8Linear):
+    """5-bit codes (GGUF Q5_0: ``w = (q - 16) * d``, q in 0..31, fp16 ``d`` per 32 weights), exact.
+
+    Stored and saved as :class:`Int8Linear`'s signed codes ``c = q - 16`` (so every generic path - the
+    state dict, PyTorch fallbacks, other devices - is Int8Linear's), but on the CPU with the own kernel
+    it repacks once into the kernel's 5-bit rows8 layout (``cpu_kernel.pack_q5``: 0.69 instead of
+    1.06 bytes per weight, and decode reads that much less) and drops the int8 codes."""
+
+    def _prepare_own(self):
+        if self._own is not None:
+            return
+        if self.out_features % 8 or self.k_padded != self.in_features:
+            super()._prepare_own()  # the 8-bit kernel (any N, padded K)
+            return
+        if self._layout == "cpu":
+            self._to_plain()
+        codes = self.qweight.to(torch.int16) + 16
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 31):
+            raise QuantizationError(f"{self.mode} layer holds codes outside -16..15")
+        self._own = cpu_kernel.pack_q5(codes, self.scales.float(), offset=16.0,
+                                       dtype=torch.float16 if self.scales.dtype == torch.float16 else torch.float32)
+        self.qweight = self._own.packed
+        self._layout = "own"
+        self._own_direct = True
+
+    def _codes5(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes 0..31 (all, or some rows) from the 5-bit layout."""
+        if rows is None:
+            return cpu_kernel.unpack_q4(self.qweight)
+        return cpu_kernel.unpack_q4_rows(self.qweight, rows)
+
+    def _codes_now(self, rows=None):
+        if self._layout != "own":
+            return super()._codes_now(rows)
+        # kernel rows [0, N): high halves, [N, 2N): low halves of u = c + 128 (Int8Linear's kernel codes)
+        return self._kernel_codes((self._codes5().to(torch.int16) - 16).to(torch.int8))[
+            slice(None) if rows is None else rows]
+
+    def dequantize(self, dtype=torch.float32, rows=None):
+        if self._layout != "own":
+            return super().dequantize(dtype, rows)
+        codes = self._codes5(None if rows is None else rows.reshape(-1)).float()
+        s = self.scales.float() if rows is None else self.scales[rows.reshape(-1)].float()
+        w = ((codes.view(codes.shape[0], -1, 32) - 16) * s.unsqueeze(-1)).view(codes.shape[0], -1)
+        return self._fold_cols(w).to(dtype)
+
+    def dense_weight(self, dtype=torch.bfloat16):
+        if dtype == torch.float32 and self.qweight.device.type == "cpu" and cpu_kernel.available():
+            self._prepare_own()  # one C++ pass over the 5-bit layout
+            if isinstance(self._own, cpu_kernel.Q4Weight):
+                return self._fold_cols(cpu_kernel.dequantize_q4(self._own))
+        if self._layout == "own":
+            return self.dequantize(dtype)
+        return super().dense_weight(dtype)
+
+    def _own_forward(self, x2):
+        self._prepare_own()
+        if isinstance(self._own, cpu_kernel.Q8Weight):
+            return super()._own_forward(x2)
+        return cpu_kernel.q4_linear(self._to_kernel_x(x2.float()).contiguous(), self._own, act=OWN_KERNEL_ACT)
 
 
 class Int3Linear(QuantLinear):

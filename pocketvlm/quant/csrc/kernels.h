@@ -23,7 +23,7 @@ inline float hsum8(__m256 v) {
 #endif
 
 // One quantized linear layer as the kernels read it: q4 (packed uint8 [N, K/2], scales/biases [N, K/32];
-// or the rows8 layout: [N/8, K/32, 128] and [N/8, K/32, 8], see q4_cpu.cpp) or q8 (int8 [N, K], scales/biases
+// or the rows8 layout: [N/8, K/32, 128] and [N/8, K/32, 8], or [N/8, K/32, 160] with 5-bit codes, see q4_cpu.cpp) or q8 (int8 [N, K], scales/biases
 // [N, K/32]); scales/biases float16|float32 (biases optional), an optional float32 layer bias [N].
 struct LinRef {
   at::Tensor w, scales, biases, bias;  // biases/bias undefined when absent
@@ -31,6 +31,7 @@ struct LinRef {
   int64_t N = 0, K = 0;
   bool q8 = false;
   bool r8 = false;  // q4 rows8 layout
+  bool q5 = false;  // rows8 with 5-bit codes ([N/8, K/32, 160])
   bool paired_x() const { return !q8 && !r8; }  // reads int8 x in the q4 pair layout (else natural order)
 };
 

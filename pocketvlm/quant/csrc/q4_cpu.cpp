@@ -12,6 +12,10 @@
 //                           byte 32c + 4r + j (r = row in the block, j = 0..3) holds q[8b+r][32g+8c+j]
 //                           in its low nibble and q[8b+r][32g+8c+4+j] in its high nibble.
 //   scales, biases [N/8, G, 8]   the 8 rows' values of group g side by side.
+//  "rows8" with 5-bit codes (q in 0..31: GGUF Q5_0, offset 16), packed uint8 [N/8, G, 160]: bytes 0..127 as
+//   above hold the low 4 bits of each code; byte 128 + 4r + j holds bit 4 of q[8b+r][32g + 4t + j] in its
+//   bit t (t = 2c + nibble = 0..7), so shifting the 32 plane bytes once puts a chunk-half's fifth bits at
+//   bit 4 of the same bytes as its nibbles: 3 more instructions per 32 codes, 5.5 bits per weight in all.
 //   One 32-byte load holds 4 consecutive codes of each of 8 rows per nibble, so vpmaddubsw against 4
 //   activation bytes broadcast to all lanes sums them per row (no horizontal adds, no permutes), a
 //   group's 8 partial sums stay in int16 until one vpmaddwd, and the 8 rows' scales are one load:
@@ -136,13 +140,17 @@ inline int8_t xq_at(const QuantX& q, int64_t m, int64_t g, int i) {
 }
 
 // Code q[n][k] and the index of scale/bias (n, g) in either layout (the portable paths read through these).
-inline int q4_code(bool r8, const uint8_t* w, int64_t K, int64_t n, int64_t k) {
+inline int64_t r8_stride(bool q5) { return q5 ? 160 : 128; }  // bytes per (row block, group)
+
+inline int q4_code(bool r8, const uint8_t* w, int64_t K, int64_t n, int64_t k, bool q5 = false) {
   const int64_t g = k / kGroup;
   const int i = static_cast<int>(k % kGroup);
   if (r8) {
     const int c = i >> 3, t = i & 7;
-    const uint8_t b = w[(((n >> 3) * (K / kGroup) + g) * 4 + c) * 32 + 4 * (n & 7) + (t & 3)];
-    return t < 4 ? (b & 15) : (b >> 4);
+    const uint8_t* wg = w + ((n >> 3) * (K / kGroup) + g) * r8_stride(q5);
+    const uint8_t b = wg[c * 32 + 4 * (n & 7) + (t & 3)];
+    const int lo = t < 4 ? (b & 15) : (b >> 4);
+    return q5 ? lo | (((wg[128 + 4 * (n & 7) + (i & 3)] >> (i >> 2)) & 1) << 4) : lo;
   }
   const uint8_t b = w[n * (K / 2) + g * 16 + (i & 15)];
   return i < 16 ? (b & 15) : (b >> 4);
@@ -155,7 +163,7 @@ inline int64_t q4_sidx(bool r8, int64_t G, int64_t n, int64_t g) {
 // Scalar paths (portable; also the reference the AVX2 paths are tested against).
 template <typename S, bool AFFINE>
 void rows_exact_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, const S* sc,
-                       const S* bi, float off, float* y, int64_t N, int64_t n0, int64_t n1, bool r8) {
+                       const S* bi, float off, float* y, int64_t N, int64_t n0, int64_t n1, bool r8, bool q5) {
   const int64_t G = K / kGroup;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < M; ++m) {
@@ -165,7 +173,7 @@ void rows_exact_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, c
         const float* xg = xr + g * kGroup;
         float dot = 0.f, xs = 0.f;
         for (int i = 0; i < kGroup; ++i) {
-          dot += float(q4_code(r8, w, K, n, g * kGroup + i)) * xg[i];
+          dot += float(q4_code(r8, w, K, n, g * kGroup + i, q5)) * xg[i];
           xs += xg[i];
         }
         const float s = to_f(sc[q4_sidx(r8, G, n, g)]);
@@ -179,14 +187,14 @@ void rows_exact_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, c
 
 template <typename S, bool AFFINE>
 void rows_i8_scalar(const QuantX& q, int64_t K, const uint8_t* w, const S* sc, const S* bi,
-                    float off, float* y, int64_t N, int64_t n0, int64_t n1, bool r8) {
+                    float off, float* y, int64_t N, int64_t n0, int64_t n1, bool r8, bool q5) {
   const int64_t G = K / kGroup;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < q.M; ++m) {
       float acc = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         int32_t dot = 0;
-        for (int i = 0; i < kGroup; ++i) dot += int32_t(q4_code(r8, w, K, n, g * kGroup + i)) * xq_at(q, m, g, i);
+        for (int i = 0; i < kGroup; ++i) dot += int32_t(q4_code(r8, w, K, n, g * kGroup + i, q5)) * xq_at(q, m, g, i);
         const float s = to_f(sc[q4_sidx(r8, G, n, g)]);
         const float b = AFFINE ? to_f(bi[q4_sidx(r8, G, n, g)]) : -off * s;
         acc += s * q.dx[m * G + g] * float(dot) + b * q.qs[m * G + g];
@@ -376,13 +384,46 @@ inline void block_exact_avx2(const float* x, const float* xs, int64_t M, int64_t
 // measured alike, 4 KB worse.
 constexpr int64_t kPrefetchR8 = 1024;
 
+// Bit T of every byte of v moved to bit 4 of the same byte (other bits garbage): a 16-bit shift by at
+// most 4 never carries a bit across the byte boundary into bit 4.
+template <int T>
+inline __m256i bit_to4(__m256i v) {
+  if constexpr (T < 4) return _mm256_slli_epi16(v, 4 - T);
+  else if constexpr (T > 4) return _mm256_srli_epi16(v, T - 4);
+  else return v;
+}
+
+// Chunk C (8 codes per row) of a rows8 group: the 32 low-nibble and 32 high-nibble codes, with their fifth
+// bits from the plane hv when Q5.
+template <bool Q5, int C>
+inline void r8_chunk(const uint8_t* wg, __m256i hv, __m256i& lo, __m256i& hi) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * C));
+  lo = _mm256_and_si256(v, m4);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  if constexpr (Q5) {
+    const __m256i m16 = _mm256_set1_epi8(0x10);
+    lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to4<2 * C>(hv), m16));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to4<2 * C + 1>(hv), m16));
+  }
+}
+
+// s16 += the int16 dot sums of chunk C against its 8 activation bytes
+template <bool Q5, int C>
+inline __m256i r8_chunk_dot(const uint8_t* wg, __m256i hv, const int32_t* xi, __m256i s16) {
+  __m256i lo, hi;
+  r8_chunk<Q5, C>(wg, hv, lo, hi);
+  return _mm256_add_epi16(s16, _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xi[2 * C])),
+                                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xi[2 * C + 1]))));
+}
+
 // Row block b (8 rows) of the rows8 layout, int8 activations in natural order (QuantX paired = false).
-template <typename S, bool AFFINE>
+template <typename S, bool AFFINE, bool Q5 = false>
 inline void block_i8_r8(const QuantX& q, int64_t K, const uint8_t* w, const S* sc, const S* bi, float off,
                         float* y, int64_t N, int64_t b) {
-  const int64_t G = K / kGroup;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const uint8_t* wb = w + b * G * 128;
+  const int64_t G = K / kGroup, stride = r8_stride(Q5);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* wb = w + b * G * stride;
   const S* sb = sc + b * G * 8;
   const S* bb = AFFINE ? bi + b * G * 8 : nullptr;
   for (int64_t m = 0; m < q.M; ++m) {  // M > 1: the block's bytes (4K) come from L1 again
@@ -391,20 +432,25 @@ inline void block_i8_r8(const QuantX& q, int64_t K, const uint8_t* w, const S* s
     const float* qs = q.qs.data() + m * G;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* wg = wb + g * 128;
+      const uint8_t* wg = wb + g * stride;
       _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchR8), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchR8 + 64), _MM_HINT_T0);
+      if (Q5) _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchR8 + 128), _MM_HINT_T0);
       int32_t xi[8];  // the group's activations as 8 runs of 4 bytes
       std::memcpy(xi, xm + g * kGroup, 32);
-      // |one vpmaddubsw lane| <= 2 * 15 * 127 = 3810; 8 of them summed <= 30480 fits int16
-      __m256i s16 = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * c));
-        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        s16 = _mm256_add_epi16(s16, _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xi[2 * c])),
-                                                      _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xi[2 * c + 1]))));
+      const __m256i hv = Q5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 128)) : _mm256_setzero_si256();
+      // |one vpmaddubsw lane| <= 2 * 15 * 127 = 3810 (4-bit codes; 2 * 31 * 127 = 7874 for 5-bit ones):
+      // 8 (4 for 5-bit codes) of them summed fit int16
+      __m256i s16 = r8_chunk_dot<Q5, 1>(wg, hv, xi, r8_chunk_dot<Q5, 0>(wg, hv, xi, _mm256_setzero_si256()));
+      __m256i s32;
+      if constexpr (Q5) {
+        s32 = _mm256_madd_epi16(s16, ones);
+        s16 = _mm256_setzero_si256();
       }
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));  // the 8 rows' group sums
+      s16 = r8_chunk_dot<Q5, 3>(wg, hv, xi, r8_chunk_dot<Q5, 2>(wg, hv, xi, s16));
+      if constexpr (Q5) s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s16, ones));
+      else s32 = _mm256_madd_epi16(s16, ones);
+      const __m256 dot = _mm256_cvtepi32_ps(s32);  // the 8 rows' group sums
       const __m256 sv = load8(sb + g * 8);
       if (AFFINE) {
         acc = _mm256_fmadd_ps(sv, _mm256_mul_ps(dot, _mm256_set1_ps(dx[g])), acc);
@@ -418,12 +464,12 @@ inline void block_i8_r8(const QuantX& q, int64_t K, const uint8_t* w, const S* s
 }
 
 // Row block b of the rows8 layout, fp32 activations (exact path). xs = per-group sums of x, [M, G].
-template <typename S, bool AFFINE>
+template <typename S, bool AFFINE, bool Q5 = false>
 inline void block_exact_r8(const float* x, const float* xs, int64_t M, int64_t K, const uint8_t* w, const S* sc,
                            const S* bi, float off, float* y, int64_t N, int64_t b) {
-  const int64_t G = K / kGroup;
-  const __m256i m4 = _mm256_set1_epi32(0x0F);
-  const uint8_t* wb = w + b * G * 128;
+  const int64_t G = K / kGroup, stride = r8_stride(Q5);
+  const __m256i m4 = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
+  const uint8_t* wb = w + b * G * stride;
   const S* sb = sc + b * G * 8;
   const S* bb = AFFINE ? bi + b * G * 8 : nullptr;
   for (int64_t m = 0; m < M; ++m) {
@@ -431,12 +477,21 @@ inline void block_exact_r8(const float* x, const float* xs, int64_t M, int64_t K
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + m * K + g * kGroup;
       __m256 d[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      const uint8_t* wg = wb + g * stride;
+      // the fifth bits: byte j of each row's lane, bit 2c (+1 for the high nibble)
+      const __m256i hv = Q5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 128)) : _mm256_setzero_si256();
       for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * 128 + 32 * c));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * c));
         // byte j of each 32-bit lane (one row): code 8c+j in its low nibble, 8c+4+j in its high one
         for (int j = 0; j < 4; ++j) {
-          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8 * j), m4));
-          const __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8 * j + 4), m4));
+          __m256i lq = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), m4);
+          __m256i hq = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j + 4), m4);
+          if (Q5) {
+            lq = _mm256_or_si256(lq, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hv, 8 * j + 2 * c), one), 4));
+            hq = _mm256_or_si256(hq, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hv, 8 * j + 2 * c + 1), one), 4));
+          }
+          const __m256 lo = _mm256_cvtepi32_ps(lq);
+          const __m256 hi = _mm256_cvtepi32_ps(hq);
           d[j] = _mm256_fmadd_ps(lo, _mm256_set1_ps(xg[8 * c + j]), d[j]);
           d[j] = _mm256_fmadd_ps(hi, _mm256_set1_ps(xg[8 * c + 4 + j]), d[j]);
         }
@@ -487,10 +542,11 @@ void for_blocks(int64_t nblocks, int64_t grain, const F& f) {
 // AVX2). Shared by the per-layer op and MultiLinear.
 template <typename S, bool AFFINE>
 void q4_i8_blocks(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t* w, const S* sc, const S* bi,
-                  float off, float* y, int64_t N, int64_t b0, int64_t b1, bool scalar, bool r8) {
+                  float off, float* y, int64_t N, int64_t b0, int64_t b1, bool scalar, bool r8, bool q5) {
 #if PVLM_AVX2
   if (!scalar && r8) {
-    for (int64_t b = b0; b < b1; ++b) block_i8_r8<S, AFFINE>(q, K, w, sc, bi, off, y, N, b);
+    if (q5) for (int64_t b = b0; b < b1; ++b) block_i8_r8<S, AFFINE, true>(q, K, w, sc, bi, off, y, N, b);
+    else for (int64_t b = b0; b < b1; ++b) block_i8_r8<S, AFFINE>(q, K, w, sc, bi, off, y, N, b);
     return;
   }
   if (!scalar) {
@@ -503,25 +559,26 @@ void q4_i8_blocks(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t*
   }
 #endif
   const int64_t rpb = rows_per_block(r8);
-  rows_i8_scalar<S, AFFINE>(q, K, w, sc, bi, off, y, N, b0 * rpb, std::min(N, b1 * rpb), r8);
+  rows_i8_scalar<S, AFFINE>(q, K, w, sc, bi, off, y, N, b0 * rpb, std::min(N, b1 * rpb), r8, q5);
 }
 
 // N, K and the layout of a q4 weight (shapes checked by check_args)
 struct Q4Shape {
   int64_t N, K;
   bool r8;
+  bool q5;  // rows8 with 5-bit codes
 };
 
 Q4Shape q4_shape(const at::Tensor& packed) {
-  if (packed.dim() == 3) return {packed.size(0) * 8, packed.size(1) * kGroup, true};
-  return {packed.size(0), packed.size(1) * 2, false};
+  if (packed.dim() == 3) return {packed.size(0) * 8, packed.size(1) * kGroup, true, packed.size(2) == 160};
+  return {packed.size(0), packed.size(1) * 2, false, false};
 }
 
 template <typename S, bool AFFINE>
 void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& biases, double offset, bool int8_act, bool scalar,
                 at::Tensor& y) {
-  const auto [N, K, r8] = q4_shape(packed);
+  const auto [N, K, r8, q5] = q4_shape(packed);
   const int64_t M = x.size(0);
   const float* xp = x.data_ptr<float>();
   const uint8_t* w = packed.data_ptr<uint8_t>();
@@ -549,13 +606,13 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
     if (!scalar && !r8) make_pair_vecs(q, off, AFFINE, pv);
 #endif
     for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-      q4_i8_blocks<S, AFFINE>(q, pv, K, w, sc, bi, off, yp, N, b0, b1, scalar, r8);
+      q4_i8_blocks<S, AFFINE>(q, pv, K, w, sc, bi, off, yp, N, b0, b1, scalar, r8, q5);
     });
     return;
   }
   if (scalar) {
     for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-      rows_exact_scalar<S, AFFINE>(xp, M, K, w, sc, bi, off, yp, N, b0 * rpb, std::min(N, b1 * rpb), r8);
+      rows_exact_scalar<S, AFFINE>(xp, M, K, w, sc, bi, off, yp, N, b0 * rpb, std::min(N, b1 * rpb), r8, q5);
     });
     return;
   }
@@ -571,7 +628,8 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       if (r8) {
-        block_exact_r8<S, AFFINE>(xp, xs.data(), M, K, w, sc, bi, off, yp, N, b);
+        if (q5) block_exact_r8<S, AFFINE, true>(xp, xs.data(), M, K, w, sc, bi, off, yp, N, b);
+        else block_exact_r8<S, AFFINE>(xp, xs.data(), M, K, w, sc, bi, off, yp, N, b);
         continue;
       }
       const int64_t n = b * kRows;
@@ -588,8 +646,10 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 
 Q4Shape check_args(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
-                  (packed.dim() == 2 || (packed.dim() == 3 && packed.size(2) == 128)) && packed.is_contiguous(),
-              "q4: packed must be a contiguous CPU uint8 tensor, [N, K/2] (rows) or [N/8, K/32, 128] (rows8)");
+                  (packed.dim() == 2 || (packed.dim() == 3 && (packed.size(2) == 128 || packed.size(2) == 160))) &&
+                  packed.is_contiguous(),
+              "q4: packed must be a contiguous CPU uint8 tensor, [N, K/2] (rows), [N/8, K/32, 128] (rows8) or "
+              "[N/8, K/32, 160] (rows8, 5-bit codes)");
   const Q4Shape sh = q4_shape(packed);
   TORCH_CHECK(sh.K % kGroup == 0, "q4: K = 2 * packed.size(1) must be a multiple of 32, got ", sh.K);
   const bool shape_ok = sh.r8 ? (scales.dim() == 3 && scales.size(0) == packed.size(0) &&
@@ -648,8 +708,8 @@ inline void store_group(float* o, __m128i k0, __m128i k1, float s, float b, floa
 template <typename S>
 void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
                  float off, at::Tensor& out) {
-  const auto [N, K, r8] = q4_shape(packed);
-  const int64_t G = K / kGroup;
+  const auto [N, K, r8, q5] = q4_shape(packed);
+  const int64_t G = K / kGroup, stride = r8_stride(q5);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const S* sc = scales.data_ptr<S>();
   const S* bi = biases.has_value() ? biases->data_ptr<S>() : nullptr;
@@ -658,7 +718,7 @@ void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::
     at::parallel_for(0, N / 8, std::max<int64_t>(1, 2048 / K), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* wg = w + (b * G + g) * 128;
+          const uint8_t* wg = w + (b * G + g) * stride;
           for (int r = 0; r < 8; ++r) {
             const int64_t n = 8 * b + r, si = (b * G + g) * 8 + r;
             const float s = to_f(sc[si]);
@@ -671,10 +731,20 @@ void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::
             const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wd));
             const __m128i m4 = _mm_set1_epi8(0x0F);
             const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-            const __m128i k0 = _mm_unpacklo_epi32(lo, hi), k1 = _mm_unpackhi_epi32(lo, hi);  // codes 0..15, 16..31
+            __m128i k0 = _mm_unpacklo_epi32(lo, hi), k1 = _mm_unpackhi_epi32(lo, hi);  // codes 0..15, 16..31
+            if (q5) {  // code i's fifth bit: bit i >> 2 of plane byte 128 + 4r + (i & 3)
+              int32_t pl;
+              std::memcpy(&pl, wg + 128 + 4 * r, 4);
+              const __m128i p = _mm_set1_epi32(pl), m16 = _mm_set1_epi8(0x10);  // byte i: plane byte i & 3
+              const __m128i b0 = _mm_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8);
+              const __m128i b1 = _mm_setr_epi8(16, 16, 16, 16, 32, 32, 32, 32, 64, 64, 64, 64, -128, -128, -128, -128);
+              k0 = _mm_or_si128(k0, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(p, b0), b0), m16));
+              k1 = _mm_or_si128(k1, _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(p, b1), b1), m16));
+            }
             store_group(og, k0, k1, s, bv, off, bi != nullptr);
 #else
-            for (int i = 0; i < kGroup; ++i) og[i] = dq(q4_code(true, w, K, n, g * kGroup + i), s, bv, off, bi != nullptr);
+            for (int i = 0; i < kGroup; ++i)
+              og[i] = dq(q4_code(true, w, K, n, g * kGroup + i, q5), s, bv, off, bi != nullptr);
 #endif
           }
         }
@@ -977,6 +1047,7 @@ LinRef make_linref(const at::Tensor& w, const at::Tensor& scales, const c10::opt
     r.N = sh.N;
     r.K = sh.K;
     r.r8 = sh.r8;
+    r.q5 = sh.q5;
   }
   r.w = w;
   r.scales = scales;
@@ -996,7 +1067,7 @@ namespace {
 template <typename S, bool AFFINE>
 void q4_blocks(const QuantX& q, const PairVecs& pv, const LinRef& l, float* y, int64_t b0, int64_t b1) {
   q4_i8_blocks<S, AFFINE>(q, pv, l.K, l.w.data_ptr<uint8_t>(), l.scales.data_ptr<S>(),
-                          AFFINE ? l.biases.data_ptr<S>() : nullptr, float(l.offset), y, l.N, b0, b1, false, l.r8);
+                          AFFINE ? l.biases.data_ptr<S>() : nullptr, float(l.offset), y, l.N, b0, b1, false, l.r8, l.q5);
 }
 
 template <typename S, bool AFFINE>
@@ -1096,7 +1167,7 @@ void dequantize_row(const LinRef& l, int64_t n, float mul, float* out) {
     } else if (l.r8) {
       const uint8_t* w = l.w.data_ptr<uint8_t>();
       const float off = affine ? 0.f : float(l.offset);
-      for (int i = 0; i < kGroup; ++i) o[i] = ((float(q4_code(true, w, l.K, n, g * kGroup + i)) - off) * s + b) * mul;
+      for (int i = 0; i < kGroup; ++i) o[i] = ((float(q4_code(true, w, l.K, n, g * kGroup + i, l.q5)) - off) * s + b) * mul;
     } else {
       const uint8_t* q = l.w.data_ptr<uint8_t>() + n * (l.K / 2) + g * 16;
       const float off = affine ? 0.f : float(l.offset);
