@@ -122,6 +122,9 @@ def bench_vision(folder: Path, repeat: int) -> dict:
     return r
 
 
+GGUF_ROW = "pocketvlm gguf (the Q4_K_M file's own blocks)"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quantization", default="q4f16_1")
-    ap.add_argument("--skip", action="append", default=[], help="llm-pocketvlm, transformers, llamacpp, vision")
+    ap.add_argument("--skip", action="append", default=[],
+                    help="llm-pocketvlm, pocketvlm-gguf, transformers, llamacpp, vision")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pocketvlm.bench import run_bench
@@ -141,10 +145,13 @@ def main(argv=None) -> int:
     # Decode is measured at two depths: right after the prompt (--prompt-tokens tokens in the cache: what a chat
     # turn sees) and from an (almost) empty context (llama-bench's plain tg test; 16 tokens for the others).
     if "llm-pocketvlm" not in a.skip:
-        # the fused decode step (default), the same weights decoded by the eager PyTorch modules, and fp32
-        for q, fused, name in [(a.quantization, None, f"pocketvlm {a.quantization}"),
-                               (a.quantization, False, f"pocketvlm {a.quantization} eager decode"),
-                               (None, None, "pocketvlm fp32")]:
+        # the fused decode step (default); the GGUF file's own blocks (the very weights llama.cpp runs);
+        # the same q4 weights decoded by the eager PyTorch modules; fp32
+        configs = [(a.quantization, None, f"pocketvlm {a.quantization}"), ("gguf", None, GGUF_ROW),
+                   (a.quantization, False, f"pocketvlm {a.quantization} eager decode"), (None, None, "pocketvlm fp32")]
+        for q, fused, name in configs:
+            if q == "gguf" and "pocketvlm-gguf" in a.skip:
+                continue
             r = run_bench(path, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat,
                           threads=a.threads, quantization=q, fused=fused, progress=True)
             rows[name] = {"prefill": (r.prefill_tok_s["mean"], r.prefill_tok_s["stdev"]),
@@ -209,6 +216,10 @@ def main(argv=None) -> int:
         for name, r in rows.items():
             if name != f"pocketvlm {a.quantization}":
                 lines.append(f"| vs {name} | {ratio(r, 'prefill')} | {ratio(r, 'decode')} | {ratio(r, 'decode deep')} |")
+        if GGUF_ROW in rows and "llama.cpp Q4_K_M" in rows:  # the same weights on both engines
+            g, lc = rows[GGUF_ROW], rows["llama.cpp Q4_K_M"]
+            cells = [f"{g[k][0] / lc[k][0]:.2f}x" if k in g and k in lc else "-" for k in ("prefill", "decode", "decode deep")]
+            lines.append(f"| pocketvlm gguf / llama.cpp, the same file | {' | '.join(cells)} |")
         lines.append(f"\npocketvlm {a.quantization}: measured bandwidth {ours['bandwidth GB/s']:.1f} GB/s; decode after the "
                      f"prompt reads {ours['MB/token']:.0f} MB per token (of which {ours['MB/token KV']:.1f} MB KV cache) "
                      f"-> {100 * ours['bandwidth share']:.0f}% of the limit")
