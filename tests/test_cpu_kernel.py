@@ -295,19 +295,22 @@ def test_ops_pass_opcheck_for_torch_compile():
 Q8_SHAPES = [(1, 32, 1), (5, 96, 3), (13, 256, 1), (7, 288, 3), (130, 896, 1), (6, 4864, 3)]  # G % 8 = 1,3,0,1,4,0
 
 
-def make_q8(n, k, affine, seed=0):
+def make_q8(n, k, affine, seed=0, layout="auto"):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int16)
     s = torch.rand(n, k // 32, generator=g) * 0.01 + 0.001
     b = torch.randn(n, k // 32, generator=g) * 0.01 if affine else None
-    return ck.pack_q8(codes, s, biases=b)
+    return ck.pack_q8(codes, s, biases=b, layout=layout)
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["sym", "affine"])
 @pytest.mark.parametrize("n,k,m", Q8_SHAPES)
 @pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
-def test_q8_matches_quantized_reference(n, k, m, affine, scalar):
-    w = make_q8(n, k, affine)
+@pytest.mark.parametrize("layout", ["rows", "rows8"])
+def test_q8_matches_quantized_reference(n, k, m, affine, scalar, layout):
+    n = rows_for(n, layout)
+    w = make_q8(n, k, affine, layout=layout)
+    assert w.qweight.dim() == (3 if layout == "rows8" else 2)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
     y = ck.q8_linear(x, w, scalar=scalar)
     assert y.shape == (m, n)
@@ -321,12 +324,35 @@ def test_q8_matches_quantized_reference(n, k, m, affine, scalar):
     assert ((y.double() - x.double() @ wf.t()).abs() <= bound * 1.001 + 1e-6).all()
 
 
-def test_q8_extremes_do_not_saturate():
+@pytest.mark.parametrize("n", [4, 8], ids=["rows", "rows8"])
+def test_q8_extremes_do_not_saturate(n):
     """-128 weights against +-127 activations: the |w| x sign trick must not overflow int16."""
-    codes = torch.full((4, 64), -128, dtype=torch.int16)
-    w = ck.pack_q8(codes, torch.ones(4, 2), dtype=torch.float32)  # also covers float32 scales
+    codes = torch.full((n, 64), -128, dtype=torch.int16)
+    w = ck.pack_q8(codes, torch.ones(n, 2), dtype=torch.float32)  # also covers float32 scales
     x = torch.full((1, 64), -1.0)
-    assert torch.allclose(ck.q8_linear(x, w), torch.full((1, 4), 128.0 * 64))
+    assert torch.allclose(ck.q8_linear(x, w), torch.full((1, n), 128.0 * 64))
+
+
+def test_q8_rows8_layout_is_documented_one():
+    k = torch.arange(64).view(1, 64)
+    r = torch.arange(16).view(16, 1)
+    codes = (k + 3 * r - 100).to(torch.int8)  # q[r, k] = k + 3r - 100
+    w = ck.pack_q8(codes, torch.arange(1, 33, dtype=torch.float32).view(16, 2), layout="rows8")
+    assert w.qweight.shape == (2, 2, 256) and w.scales.shape == (2, 2, 8)
+    for b in range(2):
+        for g in range(2):
+            for c in range(8):
+                for row in range(8):
+                    for j in range(4):
+                        assert int(w.qweight[b, g, 32 * c + 4 * row + j]) == 32 * g + 4 * c + j + 3 * (8 * b + row) - 100
+    assert w.scales[1, 0].tolist() == [float(2 * (8 + row) + 1) for row in range(8)]
+    assert torch.equal(ck.unpack_q8(w.qweight), codes)
+    rows = torch.tensor([15, 0, 9, 9])
+    assert torch.equal(ck.unpack_q8(w.qweight, rows), codes[rows])
+    with pytest.raises(QuantizationError, match="N % 8"):
+        ck.pack_q8(codes[:7], torch.ones(7, 2), layout="rows8")
+    with pytest.raises(QuantizationError, match="layout"):
+        ck.pack_q8(codes, torch.ones(16, 2), layout="cols")
 
 
 def test_q8_rejects_bad_input():
@@ -365,16 +391,18 @@ def test_q8_dequantize_op_matches_pytorch(affine, half):
     ref = ck.dequantize_q8_reference(w)
     if half or not affine:
         assert torch.equal(got, ref)
-    exact = w.qweight.double().view(40, 3, 32) * w.scales.double().unsqueeze(-1)
+    assert w.qweight.dim() == 3  # N = 40: the rows8 layout
+    exact = ck.unpack_q8(w.qweight).double().view(40, 3, 32) * ck.rows_major(w.scales).double().unsqueeze(-1)
     if affine:
-        exact = exact + w.biases.double().unsqueeze(-1)
+        exact = exact + ck.rows_major(w.biases).double().unsqueeze(-1)
     exact = exact.view(40, 96)
     assert torch.equal(got, exact.float())  # correctly rounded
     assert ((got.double() - exact).abs() <= (ref.double() - exact).abs()).all()
 
 
-def test_q8_opcheck():
-    w = make_q8(12, 288, True)
+@pytest.mark.parametrize("n", [12, 16], ids=["rows", "rows8"])
+def test_q8_opcheck(n):
+    w = make_q8(n, 288, True)
     torch.library.opcheck(torch.ops.pocketvlm_q4.q8_linear.default, (torch.randn(2, 288), w.qweight, w.scales,
                                                                       w.biases, 0))
     torch.library.opcheck(torch.ops.pocketvlm_q4.q8_dequantize.default, (w.qweight, w.scales, w.biases))

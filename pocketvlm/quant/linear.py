@@ -362,7 +362,7 @@ class Int8Linear(QuantLinear):
         return y[..., :n] + y[..., n:]
 
     def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        if dtype == torch.float32 and self._layout == "plain" and self.qweight.device.type == "cpu" \
+        if dtype == torch.float32 and self._layout in ("plain", "own") and self.qweight.device.type == "cpu" \
                 and cpu_kernel.available():
             # one C++ pass over the int8 codes (the kernel-code path below took ~65 ms per 4864 x 896 matrix)
             self._prepare_own()
@@ -373,9 +373,30 @@ class Int8Linear(QuantLinear):
         if self._own is None:
             if self._layout == "cpu":
                 self._to_plain()
-            self._own = cpu_kernel.pack_q8(self.qweight, self.scales.float(), dtype=torch.float32)
-            self.qweight = self._own.qweight  # hold the codes once
+            self._own = cpu_kernel.pack_q8(self.qweight, self.scales.float(),
+                                           dtype=torch.float16 if self.scales.dtype == torch.float16 else torch.float32)
+            self.qweight = self._own.qweight  # hold the codes once (rows8: in the kernel's order)
+            self._layout = "own" if self.qweight.dim() == 3 else "plain"
             self._own_direct = self.k_padded == self.in_features
+
+    def _own_q8(self) -> bool:
+        """qweight holds the q8 kernel's rows8 layout."""
+        return self._layout == "own" and self.qweight.dtype == torch.int8
+
+    def _codes_now(self, rows=None):
+        if not self._own_q8():
+            return super()._codes_now(rows)
+        codes = self._kernel_codes(cpu_kernel.unpack_q8(self.qweight))
+        return codes if rows is None else codes[rows]
+
+    def dequantize(self, dtype=torch.float32, rows=None):
+        if not self._own_q8():
+            return super().dequantize(dtype, rows)
+        r = None if rows is None else rows.reshape(-1)
+        codes = cpu_kernel.unpack_q8(self.qweight, r).float()
+        s = self.scales.float() if r is None else self.scales[r].float()
+        w = (codes.view(codes.shape[0], -1, 32) * s.unsqueeze(-1)).view(codes.shape[0], -1)
+        return self._fold_cols(w).to(dtype)
 
 
 class Int5Linear(Int8Linear):
@@ -403,6 +424,10 @@ class Int5Linear(Int8Linear):
         self._layout = "own"
         self._own_direct = True
 
+    def _own_q5(self) -> bool:
+        """qweight holds the 5-bit layout (else the int8 codes, or the q8 fallback's rows8)."""
+        return self._layout == "own" and self.qweight.dtype == torch.uint8
+
     def _codes5(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Codes 0..31 (all, or some rows) from the 5-bit layout."""
         if rows is None:
@@ -410,14 +435,14 @@ class Int5Linear(Int8Linear):
         return cpu_kernel.unpack_q4_rows(self.qweight, rows)
 
     def _codes_now(self, rows=None):
-        if self._layout != "own":
+        if not self._own_q5():
             return super()._codes_now(rows)
         # kernel rows [0, N): high halves, [N, 2N): low halves of u = c + 128 (Int8Linear's kernel codes)
         return self._kernel_codes((self._codes5().to(torch.int16) - 16).to(torch.int8))[
             slice(None) if rows is None else rows]
 
     def dequantize(self, dtype=torch.float32, rows=None):
-        if self._layout != "own":
+        if not self._own_q5():
             return super().dequantize(dtype, rows)
         codes = self._codes5(None if rows is None else rows.reshape(-1)).float()
         s = self.scales.float() if rows is None else self.scales[rows.reshape(-1)].float()
@@ -429,7 +454,7 @@ class Int5Linear(Int8Linear):
             self._prepare_own()  # one C++ pass over the 5-bit layout
             if isinstance(self._own, cpu_kernel.Q4Weight):
                 return self._fold_cols(cpu_kernel.dequantize_q4(self._own))
-        if self._layout == "own":
+        if self._own_q5():
             return self.dequantize(dtype)
         return super().dense_weight(dtype)
 

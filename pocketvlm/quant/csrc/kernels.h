@@ -22,15 +22,16 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// One quantized linear layer as the kernels read it: q4 (packed uint8 [N, K/2], scales/biases [N, K/32];
-// or the rows8 layout: [N/8, K/32, 128] and [N/8, K/32, 8], or [N/8, K/32, 160] with 5-bit codes, see q4_cpu.cpp) or q8 (int8 [N, K], scales/biases
-// [N, K/32]); scales/biases float16|float32 (biases optional), an optional float32 layer bias [N].
+// One quantized linear layer as the kernels read it (layouts in q4_cpu.cpp): q4 (packed uint8 [N, K/2],
+// scales/biases [N, K/32]; or rows8: [N/8, K/32, 128], or 160 with 5-bit codes, and [N/8, K/32, 8]) or q8
+// (int8 [N, K] or rows8 [N/8, K/32, 256], scales/biases as for q4); scales/biases float16|float32 (biases
+// optional), an optional float32 layer bias [N].
 struct LinRef {
   at::Tensor w, scales, biases, bias;  // biases/bias undefined when absent
   double offset = 7.0;                 // symmetric q4: W = (q - offset) * scale
   int64_t N = 0, K = 0;
   bool q8 = false;
-  bool r8 = false;  // q4 rows8 layout
+  bool r8 = false;  // rows8 layout (q4: [N/8, K/32, 128 or 160]; q8: [N/8, K/32, 256])
   bool q5 = false;  // rows8 with 5-bit codes ([N/8, K/32, 160])
   bool paired_x() const { return !q8 && !r8; }  // reads int8 x in the q4 pair layout (else natural order)
 };

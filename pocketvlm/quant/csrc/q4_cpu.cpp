@@ -574,6 +574,11 @@ Q4Shape q4_shape(const at::Tensor& packed) {
   return {packed.size(0), packed.size(1) * 2, false, false};
 }
 
+Q4Shape q8_shape(const at::Tensor& qw) {  // N, K and the layout of a q8 weight
+  if (qw.dim() == 3) return {qw.size(0) * 8, qw.size(1) * kGroup, true, false};
+  return {qw.size(0), qw.size(1), false, false};
+}
+
 template <typename S, bool AFFINE>
 void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& biases, double offset, bool int8_act, bool scalar,
@@ -784,22 +789,34 @@ at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& scales, con
 
 
 // ---------------------------------------------------------------------------------------------
-// q8: int8 codes [N, K] (natural order), scales/biases [N, K/32] as for q4; W = q * scale (+ bias).
+// q8: int8 codes W = q * scale (+ bias), scales/biases as for q4, in two layouts:
+//  rows:  qweight [N, K] natural order, scales/biases [N, K/32];
+//  rows8 (N % 8 == 0): qweight [N/8, K/32, 256]: row block b, group g, chunk c = 0..7 of 4 codes: byte
+//         32c + 4r + j holds q[8b+r][32g+4c+j]; scales/biases [N/8, K/32, 8]. As for q4, one 32-byte load
+//         then feeds 8 rows (vpmaddubsw against 4 activation bytes broadcast to all lanes) and the block is
+//         one contiguous stream: 12 -> 2x GB/s on the 151936 x 896 LM head (see block_q8_r8).
 // Int8 activations only (x quantized per 32-block exactly as in the q4 int8 path).
+inline int q8_code(bool r8, const int8_t* w, int64_t K, int64_t n, int64_t k) {
+  if (!r8) return w[n * K + k];
+  const int64_t g = k / kGroup;
+  const int i = static_cast<int>(k % kGroup);
+  return w[((n >> 3) * (K / kGroup) + g) * 256 + 32 * (i >> 2) + 4 * (n & 7) + (i & 3)];
+}
+
 template <typename S, bool AFFINE>
 void rows_q8_scalar(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y, int64_t N,
-                    int64_t n0, int64_t n1) {
+                    int64_t n0, int64_t n1, bool r8) {
   const int64_t G = K / kGroup;
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < q.M; ++m) {
       float acc = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        const int8_t* wg = w + n * K + g * kGroup;
         const int8_t* xg = q.xq.data() + (m * G + g) * kGroup;
         int32_t dot = 0;
-        for (int i = 0; i < kGroup; ++i) dot += int32_t(wg[i]) * int32_t(xg[i]);
-        acc += to_f(sc[n * G + g]) * q.dx[m * G + g] * float(dot);
-        if (AFFINE) acc += to_f(bi[n * G + g]) * q.qs[m * G + g];
+        for (int i = 0; i < kGroup; ++i) dot += q8_code(r8, w, K, n, g * kGroup + i) * int32_t(xg[i]);
+        const int64_t si = q4_sidx(r8, G, n, g);
+        acc += to_f(sc[si]) * q.dx[m * G + g] * float(dot);
+        if (AFFINE) acc += to_f(bi[si]) * q.qs[m * G + g];
       }
       y[m * N + n] = acc;
     }
@@ -819,6 +836,8 @@ inline __m256i q8_dot(const int8_t* wp, const int8_t* xp, __m256i ones) {
 // (8 rows: 7 KB at K = 896 but 39 KB at K = 4864, past L1 before use); 2 KB ahead took the 151936 x 896
 // LM head from ~15 to ~21 GB/s on 2 threads (benchmarks/cpu_kernel.py, same session; 1 KB: 14, 3-6 KB: 20-23).
 constexpr int64_t kPrefetchQ8 = 2048;
+// ... and of the rows8 loop (one stream): measured alike at 1-2 KB on the LM head.
+constexpr int64_t kPrefetchQ8R8 = 2048;
 
 template <typename S, bool AFFINE, int R>
 inline void block_q8_avx2(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y,
@@ -864,13 +883,51 @@ inline void block_q8_avx2(const QuantX& q, int64_t K, const int8_t* w, const S* 
     }
   }
 }
+
+// Row block b (8 rows) of the q8 rows8 layout. Per chunk: |w| x (x with w's sign) in vpmaddubsw (pair sums
+// <= 2 * 128 * 127 fit int16), then straight to int32 (two chunks would not fit int16).
+template <typename S, bool AFFINE>
+inline void block_q8_r8(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y,
+                        int64_t N, int64_t b) {
+  const int64_t G = K / kGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* wb = w + b * G * 256;
+  const S* sb = sc + b * G * 8;
+  const S* bb = AFFINE ? bi + b * G * 8 : nullptr;
+  for (int64_t m = 0; m < q.M; ++m) {
+    const int8_t* xm = q.xq.data() + m * G * kGroup;
+    const float* dx = q.dx.data() + m * G;
+    const float* qs = q.qs.data() + m * G;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const int8_t* wg = wb + g * 256;
+      for (int c = 0; c < 256; c += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchQ8R8 + c), _MM_HINT_T0);
+      int32_t xi[8];
+      std::memcpy(xi, xm + g * kGroup, 32);
+      __m256i s32 = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * c));
+        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(_mm256_set1_epi32(xi[c]), wv));
+        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+      }
+      const __m256 dot = _mm256_cvtepi32_ps(s32);  // the 8 rows' group sums
+      acc = _mm256_fmadd_ps(load8(sb + g * 8), _mm256_mul_ps(dot, _mm256_set1_ps(dx[g])), acc);
+      if (AFFINE) acc = _mm256_fmadd_ps(load8(bb + g * 8), _mm256_set1_ps(qs[g]), acc);
+    }
+    _mm256_storeu_ps(y + m * N + 8 * b, acc);
+  }
+}
 #endif  // PVLM_AVX2
 
-// The same for q8 weights.
+// The same for q8 weights (blocks of kRows rows, or 8 in the rows8 layout).
 template <typename S, bool AFFINE>
 void q8_i8_blocks(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y, int64_t N,
-                  int64_t b0, int64_t b1, bool scalar) {
+                  int64_t b0, int64_t b1, bool scalar, bool r8) {
 #if PVLM_AVX2
+  if (!scalar && r8) {
+    for (int64_t b = b0; b < b1; ++b) block_q8_r8<S, AFFINE>(q, K, w, sc, bi, y, N, b);
+    return;
+  }
   if (!scalar) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * kRows;
@@ -880,13 +937,15 @@ void q8_i8_blocks(const QuantX& q, int64_t K, const int8_t* w, const S* sc, cons
     return;
   }
 #endif
-  rows_q8_scalar<S, AFFINE>(q, K, w, sc, bi, y, N, b0 * kRows, std::min(N, b1 * kRows));
+  const int64_t rpb = rows_per_block(r8);
+  rows_q8_scalar<S, AFFINE>(q, K, w, sc, bi, y, N, b0 * rpb, std::min(N, b1 * rpb), r8);
 }
 
 template <typename S, bool AFFINE>
 void run_q8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
             bool scalar, at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
+  const auto [N, K, r8, q5_unused] = q8_shape(qw);
+  const int64_t M = x.size(0);
   const int8_t* w = qw.data_ptr<int8_t>();
   const S* sc = scales.data_ptr<S>();
   const S* bi = AFFINE ? biases->data_ptr<S>() : nullptr;
@@ -894,36 +953,42 @@ void run_q8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
   thread_local QuantX q_buf;  // see run_linear: capture the reference, not the thread_local
   QuantX& q = q_buf;
   quantize_x(x.data_ptr<float>(), M, K, q, /*paired=*/false);
-  const int64_t nblocks = (N + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (K * kRows * std::max<int64_t>(1, M)));
+  const int64_t rpb = rows_per_block(r8);
+  const int64_t nblocks = (N + rpb - 1) / rpb;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (K * rpb * std::max<int64_t>(1, M)));
   for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-    q8_i8_blocks<S, AFFINE>(q, K, w, sc, bi, yp, N, b0, b1, scalar);
+    q8_i8_blocks<S, AFFINE>(q, K, w, sc, bi, yp, N, b0, b1, scalar, r8);
   });
 }
 
-void check_q8_args(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
-  TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kChar && qw.dim() == 2 && qw.is_contiguous(),
-              "q8: qweight must be a contiguous CPU int8 [N, K] tensor");
-  TORCH_CHECK(qw.size(1) % kGroup == 0, "q8: K must be a multiple of 32, got ", qw.size(1));
-  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == qw.size(0) && scales.size(1) == qw.size(1) / kGroup,
-              "q8: scales must be a contiguous CPU [N, K/32] tensor");
+Q4Shape check_q8_args(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
+  TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kChar && qw.is_contiguous() &&
+                  (qw.dim() == 2 || (qw.dim() == 3 && qw.size(2) == 256)),
+              "q8: qweight must be a contiguous CPU int8 tensor, [N, K] (rows) or [N/8, K/32, 256] (rows8)");
+  const Q4Shape sh = q8_shape(qw);
+  TORCH_CHECK(sh.K % kGroup == 0, "q8: K must be a multiple of 32, got ", sh.K);
+  const bool shape_ok = sh.r8 ? (scales.dim() == 3 && scales.size(0) == qw.size(0) && scales.size(1) == qw.size(1) &&
+                                 scales.size(2) == 8)
+                              : (scales.dim() == 2 && scales.size(0) == sh.N && scales.size(1) == sh.K / kGroup);
+  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && shape_ok,
+              "q8: scales must be a contiguous CPU tensor, [N, K/32] (rows) or [N/8, K/32, 8] (rows8)");
   TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat,
               "q8: scales must be float16 or float32");
   if (biases.has_value())
     TORCH_CHECK(biases->sizes() == scales.sizes() && biases->scalar_type() == scales.scalar_type() &&
                     biases->is_contiguous() && biases->device().is_cpu(),
                 "q8: biases must match scales (shape, dtype, contiguous CPU)");
+  return sh;
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& biases, int64_t impl) {
-  check_q8_args(qw, scales, biases);
+  const Q4Shape sh = check_q8_args(qw, scales, biases);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
-                  x.size(1) == qw.size(1),
-              "q8_linear: x must be a contiguous CPU float32 [M, K] tensor with K = qweight.size(1)");
-  at::Tensor y = at::empty({x.size(0), qw.size(0)}, x.options());
-  if (x.size(0) == 0 || qw.size(0) == 0) return y;
+                  x.size(1) == sh.K,
+              "q8_linear: x must be a contiguous CPU float32 [M, K] tensor with the weight's K");
+  at::Tensor y = at::empty({x.size(0), sh.N}, x.options());
+  if (x.size(0) == 0 || sh.N == 0) return y;
   const bool scalar = impl == 1;
   if (scales.scalar_type() == at::kHalf) {
     if (biases.has_value()) run_q8<c10::Half, true>(x, qw, scales, biases, scalar, y);
@@ -938,13 +1003,20 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
 // W = q * scale (+ bias) as float32 [N, K]: the dense (prefill) path's weight, one pass (PyTorch's
 // int8 -> float, multiply, add took ~15x longer per 4864 x 896 matrix).
 template <typename S>
-void run_dequant_q8(const int8_t* w, const S* sc, const S* bi, int64_t N, int64_t K, float* o) {
+void run_dequant_q8(const int8_t* w, const S* sc, const S* bi, int64_t N, int64_t K, bool r8, float* o) {
   const int64_t G = K / kGroup;
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+    int8_t row[kGroup];  // a rows8 group of one row, gathered into code order
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < G; ++g) {
-        const float s = to_f(sc[n * G + g]), b = bi ? to_f(bi[n * G + g]) : 0.f;
+        const int64_t si = q4_sidx(r8, G, n, g);
+        const float s = to_f(sc[si]), b = bi ? to_f(bi[si]) : 0.f;
         const int8_t* wg = w + n * K + g * kGroup;
+        if (r8) {
+          const int8_t* src = w + ((n >> 3) * G + g) * 256 + 4 * (n & 7);
+          for (int c = 0; c < 8; ++c) std::memcpy(row + 4 * c, src + 32 * c, 4);
+          wg = row;
+        }
         float* og = o + n * K + g * kGroup;
         int i = 0;
 #if PVLM_AVX2
@@ -962,26 +1034,26 @@ void run_dequant_q8(const int8_t* w, const S* sc, const S* bi, int64_t N, int64_
 }
 
 at::Tensor q8_dequantize(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
-  check_q8_args(qw, scales, biases);
-  const int64_t N = qw.size(0), K = qw.size(1);
+  const auto [N, K, r8, q5_unused] = check_q8_args(qw, scales, biases);
   at::Tensor out = at::empty({N, K}, qw.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   if (scales.scalar_type() == at::kHalf)
     run_dequant_q8<c10::Half>(qw.data_ptr<int8_t>(), scales.data_ptr<c10::Half>(),
-                              biases.has_value() ? biases->data_ptr<c10::Half>() : nullptr, N, K, out.data_ptr<float>());
+                              biases.has_value() ? biases->data_ptr<c10::Half>() : nullptr, N, K, r8, out.data_ptr<float>());
   else
     run_dequant_q8<float>(qw.data_ptr<int8_t>(), scales.data_ptr<float>(),
-                          biases.has_value() ? biases->data_ptr<float>() : nullptr, N, K, out.data_ptr<float>());
+                          biases.has_value() ? biases->data_ptr<float>() : nullptr, N, K, r8, out.data_ptr<float>());
   return out;
 }
 
 at::Tensor q8_dequantize_meta(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
-  return at::empty({qw.size(0), qw.size(1)}, qw.options().dtype(at::kFloat));
+  const Q4Shape sh = q8_shape(qw);
+  return at::empty({sh.N, sh.K}, qw.options().dtype(at::kFloat));
 }
 
 at::Tensor q8_linear_meta(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
                           const c10::optional<at::Tensor>& biases, int64_t impl) {
-  return at::empty({x.size(0), qw.size(0)}, x.options());
+  return at::empty({x.size(0), q8_shape(qw).N}, x.options());
 }
 
 bool has_avx2() { return PVLM_AVX2 != 0; }
@@ -1039,9 +1111,10 @@ LinRef make_linref(const at::Tensor& w, const at::Tensor& scales, const c10::opt
   LinRef r;
   r.q8 = w.scalar_type() == at::kChar;
   if (r.q8) {
-    check_q8_args(w, scales, biases);
-    r.N = w.size(0);
-    r.K = w.size(1);
+    const Q4Shape sh = check_q8_args(w, scales, biases);
+    r.N = sh.N;
+    r.K = sh.K;
+    r.r8 = sh.r8;
   } else {
     const Q4Shape sh = check_args(w, scales, biases);
     r.N = sh.N;
@@ -1073,7 +1146,7 @@ void q4_blocks(const QuantX& q, const PairVecs& pv, const LinRef& l, float* y, i
 template <typename S, bool AFFINE>
 void q8_blocks(const QuantX& q, const LinRef& l, float* y, int64_t b0, int64_t b1) {
   q8_i8_blocks<S, AFFINE>(q, l.K, l.w.data_ptr<int8_t>(), l.scales.data_ptr<S>(),
-                          AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0, b1, false);
+                          AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0, b1, false, l.r8);
 }
 
 // xpair: activations in the q4 pair layout (q4 rows); xnat: natural order (q8, q4 rows8)
@@ -1154,7 +1227,7 @@ void dequantize_row(const LinRef& l, int64_t n, float mul, float* out) {
   const int64_t G = l.K / kGroup;
   const bool half = l.scales.scalar_type() == at::kHalf, affine = l.biases.defined();
   auto val = [&](const at::Tensor& t, int64_t g) {
-    const int64_t i = l.q8 ? n * G + g : q4_sidx(l.r8, G, n, g);
+    const int64_t i = q4_sidx(l.r8, G, n, g);
     return half ? static_cast<float>(t.data_ptr<c10::Half>()[i]) : t.data_ptr<float>()[i];
   };
   for (int64_t g = 0; g < G; ++g) {
@@ -1162,8 +1235,8 @@ void dequantize_row(const LinRef& l, int64_t n, float mul, float* out) {
     const float b = affine ? val(l.biases, g) : 0.f;
     float* o = out + g * kGroup;
     if (l.q8) {
-      const int8_t* q = l.w.data_ptr<int8_t>() + n * l.K + g * kGroup;
-      for (int i = 0; i < kGroup; ++i) o[i] = (float(q[i]) * s + b) * mul;
+      const int8_t* w = l.w.data_ptr<int8_t>();
+      for (int i = 0; i < kGroup; ++i) o[i] = (float(q8_code(l.r8, w, l.K, n, g * kGroup + i)) * s + b) * mul;
     } else if (l.r8) {
       const uint8_t* w = l.w.data_ptr<uint8_t>();
       const float off = affine ? 0.f : float(l.offset);
