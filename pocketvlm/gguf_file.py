@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ class GGUFTensor:
     shape: tuple[int, ...]  # GGUF order: innermost dimension first
     tensor_type: Any  # gguf.GGMLQuantizationType
     data: np.ndarray
+    offset: int = 0  # where ``data`` starts in the file, and its length in bytes
+    nbytes: int = 0
 
 
 @dataclass
@@ -32,6 +34,16 @@ class GGUFFile:
     path: Path
     metadata: dict[str, Any]
     tensors: list[GGUFTensor]
+    _map: mmap.mmap | None = field(default=None, repr=False)
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Unmap the pages of ``tensor``'s bytes from this process (they stay in the page cache, and reading
+        ``tensor.data`` again maps them back). A loader that converts tensor by tensor calls this after each
+        one, so the file's pages do not add up in the process's resident memory while the model is built."""
+        if self._map is None or not tensor.nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.nbytes - start)
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -42,7 +54,12 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file not found: {path}")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as e:  # an empty file
+            raise CorruptWeightsError(f"{path} is not a valid GGUF file: {e}") from e
+    mm = np.frombuffer(mapped, dtype=np.uint8)  # read-only, like np.memmap(mode="r")
     buf = memoryview(mm)
     size = len(mm)
     try:
@@ -77,9 +94,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 data = raw.view(np.uint16).reshape(tuple(reversed(dims)))
             else:
                 data = raw.reshape(*reversed(dims[1:]), dims[0] // block * bsize)
-            tensors.append(GGUFTensor(name, dims, qt, data))
+            tensors.append(GGUFTensor(name, dims, qt, data, begin, nbytes))
     except (struct.error, ValueError, IndexError, UnicodeDecodeError, KeyError) as e:
         if isinstance(e, CorruptWeightsError):
             raise
         raise CorruptWeightsError(f"{path} is not a valid GGUF file (truncated or corrupt?): {e}") from e
-    return GGUFFile(path, meta, tensors)
+    return GGUFFile(path, meta, tensors, mapped)

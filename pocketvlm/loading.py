@@ -2,6 +2,8 @@
 
 source -> (HF folder | GGUF file) -> config dict -> family module (registry) -> build on the meta device
 -> ``sanitize(weights)`` -> strict load that checks every key and shape -> tie weights -> device/dtype.
+A GGUF file loaded with a quantization mode is streamed instead: checked against the meta model first, then
+read tensor by tensor, each layer quantized as soon as it is complete (see :func:`load_gguf`).
 
 Sources: a local Hugging Face folder (``config.json`` + single or sharded ``*.safetensors``, read through
 safetensors' mmap, never pickle), a Hugging Face repo id (downloaded with ``huggingface_hub``), a llama.cpp
@@ -35,6 +37,16 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def kv_cache_dtype_for(kv_cache_dtype, quantization: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: as asked (``"float32"``, ``"float16"``, ``"bfloat16"``), else ("auto" / None)
+    float16 for a float32 model with quantized weights (their error dwarfs the cache's fp16 rounding, as in
+    llama.cpp, whose cache is f16 by default) and the model's dtype otherwise (exact, as the reference)."""
+    if kv_cache_dtype not in (None, "auto"):
+        return parse_dtype(kv_cache_dtype)
+    quantized = bool(quantization) and not str(quantization).startswith("q0")
+    return torch.float16 if quantized and dtype == torch.float32 else dtype
 
 
 @dataclass
@@ -196,9 +208,16 @@ def map_gguf_names(names, table: dict[str, str]) -> dict[str, str]:
 
 
 def load_gguf(path: Path, *, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-              tensor_loader=None, keep_quantized: bool = False) -> Loaded:
-    """Load a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantized; with
-    ``keep_quantized`` the quantized tensors then become quantized modules (``quantization="gguf"``)."""
+              tensor_loader=None, quantization: str | None = None) -> Loaded:
+    """Load a llama.cpp GGUF: config and tokenizer from its metadata, weights dequantized.
+
+    Without ``quantization`` every tensor is dequantized and the model built as from a Hugging Face folder.
+    With a mode (MLC's ``q4f16_1`` ..., or ``"gguf"`` to keep the file's own blocks) the model is filled
+    tensor by tensor and each Linear/Embedding becomes its quantized module as soon as its tensors are in
+    (:class:`_Stream`): the fp32 model never exists, so the peak memory is the quantized model plus the
+    largest single fp32 tensor, not the whole fp32 model. The result is the same as
+    ``quantize_model(load_gguf(path).model, mode, embeddings=True)`` (tested bit for bit).
+    """
     reader = gguf_reader(path)
     meta = reader.metadata
     arch = meta.get("general.architecture")
@@ -209,18 +228,32 @@ def load_gguf(path: Path, *, device="cpu", dtype=torch.float32, max_seq_len: int
     cfg = fam.Config.from_dict(d)
     hf_names = map_gguf_names(names, fam.GGUF_TENSORS)
     load = tensor_loader or gguf_tensor_to_torch
+    loaded = Loaded(None, cfg, fam, str(path), "gguf", path, d, meta)
+    if not quantization:
+        weights = {}
+        for t in reader.tensors:
+            weights[hf_names[t.name]] = _read_tensor(load, t, path)
+            reader.release(t)  # its pages are read (float tensors mapped back on use)
+        weights = fam.gguf_sanitize(weights, cfg)
+        loaded.model = build(fam, cfg, weights, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        return loaded
+    if quantization != "gguf":
+        from .quant import parse_mode
+
+        parse_mode(quantization)  # an unknown mode fails before any tensor is read
+    loaded.model, record = _stream_gguf(reader, fam, cfg, hf_names, load, quantization,
+                                        device=device, dtype=dtype, max_seq_len=max_seq_len)
+    loaded.quantization = {"mode": quantization, "modules": record}
+    return loaded
+
+
+def _read_tensor(load, t, path) -> torch.Tensor:
     try:
-        weights = {hf_names[t.name]: load(t) for t in reader.tensors}
+        return load(t)
     except PocketVLMError:
         raise
     except Exception as e:
         raise CorruptWeightsError(f"{path}: cannot read tensor data (truncated or corrupt?): {e}") from e
-    weights = fam.gguf_sanitize(weights, cfg)
-    model = build(fam, cfg, weights, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    loaded = Loaded(model, cfg, fam, str(path), "gguf", path, d, meta)
-    if keep_quantized:
-        loaded.quantization = {"mode": "gguf", "modules": keep_gguf_quantized(model, reader, hf_names, cfg, dtype)}
-    return loaded
 
 
 def _unpermuted_rows(fam, hf_name: str, rows: int, cfg):
@@ -242,86 +275,205 @@ def _gguf_module(mod, data, t, dtype):
 
     if isinstance(mod, nn.Embedding):
         return gguf_embedding(data, t.tensor_type, t.shape, dtype=dtype, name=t.name)
-    if isinstance(mod, nn.Linear):
-        return gguf_linear(data, t.tensor_type, t.shape, bias=mod.bias, dtype=dtype, name=t.name)
-    return None, None
+    return gguf_linear(data, t.tensor_type, t.shape, bias=mod.bias, dtype=dtype, name=t.name)
 
 
-def keep_gguf_quantized(model: nn.Module, reader, hf_names: dict, cfg, dtype) -> dict[str, str]:
-    """Swap the dequantized linears/embeddings of a GGUF-loaded model for modules that keep the file's
-    quantized blocks (Q4_0/Q4_1/Q4_K on the int4 kernel, Q8_0/Q5_0 as exact 8-bit, other types converted
-    to q8f16_1 with a warning). Returns ``{module name: mode}``."""
-    import numpy as np
+class _Stream:
+    """A model built on the meta device and filled one tensor at a time.
 
-    from .quant.linear import QuantEmbedding
+    ``put(name, tensor)`` places a (sanitized) tensor; once every tensor of a Linear/Embedding is in,
+    ``finish(name, module) -> (module, mode or None)`` runs and the module it returns takes the old one's place,
+    so the fp32 weight can go at once. ``hold(name)`` marks a weight the caller keeps out of the model
+    (GGUF blocks that ``finish`` turns straight into a quantized module). A head tied to an embedding
+    (``tie_weights``, no tensor of its own) is settled right after that embedding, as ``quantize_model``
+    does: over the quantized table (:func:`pocketvlm.quant.tied_head`), else sharing its weight.
+    """
 
-    import gguf as _gguf
+    def __init__(self, model: nn.Module, shapes: dict[str, tuple], finish, *, device, dtype):
+        self.model, self.shapes, self.finish, self.device, self.dtype = model, shapes, finish, device, dtype
+        self.record: dict[str, str] = {}
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # on meta tensors: only to learn which head shares which table
+        mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        self.pending = {n: {a for a, p in m._parameters.items() if p is not None} for n, m in mods.items()}
+        owner = {id(m.weight): n for n, m in mods.items() if f"{n}.weight" in shapes}
+        self.followers: dict[str, list[str]] = {}
+        for n, m in mods.items():
+            if f"{n}.weight" not in shapes and id(m.weight) in owner:
+                self.followers.setdefault(owner[id(m.weight)], []).append(n)
 
-    float_types = {_gguf.GGMLQuantizationType.F32, _gguf.GGMLQuantizationType.F16, _gguf.GGMLQuantizationType.BF16}
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        want = tuple(self.shapes[name])
+        if tuple(tensor.shape) != want:
+            raise CorruptWeightsError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {want}")
+        if tensor.is_floating_point():
+            tensor = tensor.to(device=self.device, dtype=self.dtype)
+        else:
+            tensor = tensor.to(self.device)
+        mod_name, _, attr = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name)
+        if attr in mod._parameters:
+            mod._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            mod._buffers[attr] = tensor
+        self._filled(mod_name, attr)
+
+    def put_all(self, tensors: dict[str, torch.Tensor]) -> None:
+        while tensors:
+            self.put(*tensors.popitem())
+
+    def hold(self, name: str) -> None:
+        mod_name, _, attr = name.rpartition(".")
+        self._filled(mod_name, attr)
+
+    def _filled(self, mod_name: str, attr: str) -> None:
+        left = self.pending.get(mod_name)
+        if left is None:
+            return
+        left.discard(attr)
+        if not left:
+            del self.pending[mod_name]
+            self._finish(mod_name)
+
+    def _finish(self, name: str) -> None:
+        from .quant.apply import TIED_PREFIX, _set, tied_head
+
+        mod = self.model.get_submodule(name)
+        new, mode = self.finish(name, mod)
+        if new is not mod:
+            _set(self.model, name, new)
+        if mode is not None:
+            self.record[name] = mode
+        for head_name in self.followers.pop(name, ()):
+            head = tied_head(self.model.get_submodule(head_name), new)
+            if head is not None:
+                del self.pending[head_name]
+                _set(self.model, head_name, head)
+                self.record[head_name] = TIED_PREFIX + name
+            else:  # shares the table as build's tie_weights makes it, then is a Linear like any other
+                self.model.get_submodule(head_name).weight = mod.weight
+                self._filled(head_name, "weight")
+
+    def close(self, order) -> tuple[nn.Module, dict[str, str]]:
+        """The finished model (on its device, eval, no grad) and ``{module: mode}`` in ``order``."""
+        left = sorted(self.pending) + [n for n, t in (*self.model.named_parameters(), *self.model.named_buffers())
+                                       if t.is_meta]
+        if left:
+            raise CorruptWeightsError(f"checkpoint does not match the config: no data for {left[:3]}")
+        self.model.to(self.device)  # non-persistent buffers (rotary frequencies) were built on the CPU
+        rank: dict[str, int] = {}
+        for i, n in enumerate(order):
+            rank.setdefault(n, i)
+        record = dict(sorted(self.record.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+        return self.model.eval().requires_grad_(False), record
+
+
+def _stream_gguf(reader, fam, cfg, hf_names, load, quantization: str, *, device, dtype, max_seq_len):
+    """The GGUF's tensors streamed into a meta-built model, each Linear/Embedding quantized when complete:
+    with an MLC mode by :func:`pocketvlm.quant.quantize_module` under :func:`pocketvlm.quant.module_mode`'s
+    policy (embeddings included), with ``"gguf"`` by a module made from the file's own blocks (never
+    dequantized when an exact kernel exists). Families' ``gguf_sanitize`` is applied tensor by tensor."""
     import warnings
 
-    fam = registry.gguf_family(reader.metadata.get("general.architecture"))
-    modules = dict(model.named_modules())
-    record = {}
-    emb_name = None
+    import numpy as np
+
+    from .gguf_file import GGUFTensor
+    from .quant import module_mode, quantize_module
+    from .quant.gguf_blocks import torch_shape
+
+    model = meta_model(fam, cfg, max_seq_len)
+    # what sanitize keeps of each tensor, from shape-only tensors: the strict check runs before any data is read
+    kept = {t.name: fam.gguf_sanitize({hf_names[t.name]: torch.empty(torch_shape(t.shape), device="meta")}, cfg)
+            for t in reader.tensors}
+    shapes = {k: tuple(v.shape) for out in kept.values() for k, v in out.items()}
+    check_weights(model, cfg, shapes)
+    # names only: a reference to a module would keep its fp32 weight alive after it was swapped out
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    native = quantization == "gguf"
+    held: dict[str, GGUFTensor] = {}
     converted: dict[str, int] = {}
-    for t in reader.tensors:
-        hf = hf_names[t.name]
-        mod_name = hf.rsplit(".", 1)[0]
-        if not hf.endswith(".weight") or t.tensor_type in float_types or mod_name not in modules:
-            continue
-        mod = modules[mod_name]
+
+    def finish_mlc(name, mod):
+        m = module_mode(name, mod, quantization, embeddings=True)
+        return (mod, None) if m is None else (quantize_module(mod, m), m)
+
+    def finish_gguf(name, mod):
+        t = held.pop(name, None)
+        if t is None:  # a float tensor in the file: stays an nn.Linear / nn.Embedding in ``dtype``
+            return mod, None
         data = t.data
-        order = _unpermuted_rows(fam, hf, data.shape[0], cfg)
+        order = _unpermuted_rows(fam, hf_names[t.name], data.shape[0], cfg)
         if order is not None:
             data = np.ascontiguousarray(data[order])
-        parent, _, child = mod_name.rpartition(".")
         with warnings.catch_warnings(record=True) as caught:  # one summary below, not one line per tensor
             warnings.simplefilter("always")
             new, mode = _gguf_module(mod, data, t, dtype)
         if caught:
             converted[t.tensor_type.name] = converted.get(t.tensor_type.name, 0) + 1
-        if new is None:
+        if isinstance(mod, nn.Embedding) and hasattr(mod, "scale"):  # embeddings that scale their output
+            new.scale = mod.scale
+        reader.release(t)
+        return new, mode
+
+    stream = _Stream(model, shapes, finish_gguf if native else finish_mlc, device=device, dtype=dtype)
+    float_types = {"F32", "F16", "BF16"}
+    for t in reader.tensors:
+        hf = hf_names[t.name]
+        if not kept[t.name]:
+            continue  # dropped by sanitize (a tied head's copy, rotary buffers): not even read
+        mod_name, _, attr = hf.rpartition(".")
+        if native and attr == "weight" and mod_name in kinds and hf in kept[t.name] \
+                and t.tensor_type.name not in float_types:
+            held[mod_name] = t
+            stream.hold(hf)
             continue
-        if isinstance(mod, nn.Embedding):
-            if hasattr(mod, "scale"):  # families whose embedding module scales its output keep doing so
-                new.scale = mod.scale
-            emb_name = mod_name
-        setattr(modules[parent] if parent else model, child, new)
-        record[mod_name] = mode
+        weights = {hf: _read_tensor(load, t, reader.path)}
+        reader.release(t)  # the file's pages of this tensor are not needed while it is quantized
+        weights = fam.gguf_sanitize(weights, cfg)
+        # put_all empties the dict: no name here keeps the fp32 tensor alive once its module is quantized
+        stream.put_all(weights)
     if converted:
         warnings.warn("GGUF tensors without an exact low-bit kernel here were converted: " + ", ".join(
-            f"{n} {k}" for k, n in sorted(converted.items())) + " (Q5_0 -> exact 8-bit codes; Q6_K and other "
-            "k-quants -> requantized to q8f16_1)", stacklevel=2)
-    if getattr(cfg, "tie_word_embeddings", False) and emb_name is not None:
-        emb = dict(model.named_modules())[emb_name]
-        if isinstance(emb, QuantEmbedding):
-            model.lm_head = emb.as_lm_head()
-            record["lm_head"] = "tied:" + emb_name
-    return record
+            f"{n} {k}" for k, n in sorted(converted.items())) + " (Q6_K and other k-quants -> "
+            "requantized to q8f16_1)", stacklevel=3)
+    if native:  # the file's order, as the record of a whole-model swap had it
+        order = [hf_names[t.name].rpartition(".")[0] for t in reader.tensors]
+    else:  # quantize_model's order: embeddings, then linears
+        order = sorted(kinds, key=lambda n: not issubclass(kinds[n], nn.Embedding))  # stable: module order kept
+    return stream.close(order)
 
 
 # --- building -----------------------------------------------------------------------------------------
 
-def build(fam, cfg, weights: dict[str, torch.Tensor], *, device="cpu", dtype=torch.float32,
-          max_seq_len: int | None = None) -> nn.Module:
-    """Construct on the meta device, then strictly load ``weights`` (every key and shape checked)."""
+def meta_model(fam, cfg, max_seq_len: int | None = None) -> nn.Module:
+    """The family's model built on the meta device (no memory for weights)."""
     with torch.device("meta"):
-        model = fam.Model(cfg, max_seq_len=max_seq_len)
+        return fam.Model(cfg, max_seq_len=max_seq_len)
+
+
+def check_weights(model: nn.Module, cfg, shapes: dict[str, tuple]) -> None:
+    """Every tensor the model expects is there with its shape, and nothing else (a tied head's is optional)."""
     expected = model.state_dict()
     if getattr(cfg, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CorruptWeightsError(
             "checkpoint does not match the config: "
             + (f"missing {len(missing)} tensor(s) e.g. {missing[:3]}" if missing else "")
             + ("; " if missing and unexpected else "")
             + (f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}" if unexpected else ""))
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CorruptWeightsError(f"tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(expected[k].shape):
+            raise CorruptWeightsError(f"tensor {k} has shape {tuple(shape)}, expected {tuple(expected[k].shape)}")
+
+
+def build(fam, cfg, weights: dict[str, torch.Tensor], *, device="cpu", dtype=torch.float32,
+          max_seq_len: int | None = None) -> nn.Module:
+    """Construct on the meta device, then strictly load ``weights`` (every key and shape checked)."""
+    model = meta_model(fam, cfg, max_seq_len)
+    check_weights(model, cfg, {k: v.shape for k, v in weights.items()})
     state = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in weights.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
@@ -348,17 +500,13 @@ def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None =
                                     f"convert the original model to get {quantization!r}")
         return loaded
     kind, path = resolve(source)
-    if kind == "gguf":
-        native = quantization == "gguf"
-        loaded = load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len, keep_quantized=native)
-        if native:
-            return loaded
-    else:
-        if quantization == "gguf":
-            from .errors import QuantizationError
+    if kind == "gguf":  # quantized module by module while the file is read
+        return load_gguf(path, device=device, dtype=dtype, max_seq_len=max_seq_len, quantization=quantization)
+    if quantization == "gguf":
+        from .errors import QuantizationError
 
-            raise QuantizationError("quantization 'gguf' (keep the file's own quantized blocks) needs a .gguf source")
-        loaded = load_hf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        raise QuantizationError("quantization 'gguf' (keep the file's own quantized blocks) needs a .gguf source")
+    loaded = load_hf(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantization:
         from .quant import quantize_model
 

@@ -25,6 +25,9 @@ Modules (``linear``), drop-ins with the ``nn.Linear`` / ``nn.Embedding`` call co
 Whole models (``apply``)::
 
     quantize_model(model, mode, *, skip=None, overrides=None, embeddings=False) -> {name: mode}
+    module_mode(name, module, mode, ...)        # quantize_model's policy for one module: a mode or None
+    quantize_module(module, mode) -> module     # one Linear/Embedding quantized (q0*: cast in place)
+    tied_head(linear, embedding)                # a tied LM head over a quantized embedding, or None
     build_quantized(model, record)              # empty quantized skeleton for load_state_dict
     gguf_linear(data, ggml_type, gguf_shape, *, bias=None, dtype=float32, name="") -> (module, mode)
     gguf_embedding(data, ggml_type, gguf_shape, *, dtype=float32, name="") -> (module, mode)
@@ -34,7 +37,10 @@ safetensors can save; ``build_quantized(model, record)`` then ``load_state_dict`
 Kernel notes (bf16 activations, the int8-as-two-int4 and int3-as-int4 re-expressions, the prefill
 switch) are in :mod:`pocketvlm.quant.linear`; measurements in ``benchmarks/kernels.py``.
 """
-from .apply import DEFAULT_SKIP, GGUF_INT4, GGUF_INT5, build_quantized, gguf_embedding, gguf_linear, quantize_model
+from .apply import (
+    DEFAULT_SKIP, GGUF_INT4, GGUF_INT5, build_quantized, gguf_embedding, gguf_linear, module_mode, quantize_model,
+    quantize_module, tied_head,
+)
 from .formats import (
     MODES, QuantMode, dequantize, pack, pack_3bit, pack_4bit, parse_mode, quantize, unpack, unpack_3bit, unpack_4bit,
 )
@@ -48,5 +54,6 @@ __all__ = [
     "MODES", "QuantMode", "parse_mode", "quantize", "dequantize", "pack", "unpack", "pack_4bit", "unpack_4bit",
     "pack_3bit", "unpack_3bit", "dequantize_gguf", "torch_shape", "QuantLinear", "Int4Linear", "Int5Linear", "Int8Linear",
     "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "DENSE_MIN_TOKENS",
-    "quantize_model", "build_quantized", "gguf_linear", "gguf_embedding", "DEFAULT_SKIP", "GGUF_INT4", "GGUF_INT5",
+    "quantize_model", "module_mode", "quantize_module", "tied_head", "build_quantized", "gguf_linear", "gguf_embedding",
+    "DEFAULT_SKIP", "GGUF_INT4", "GGUF_INT5",
 ]

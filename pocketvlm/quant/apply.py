@@ -71,6 +71,62 @@ def _embedding_table(emb: nn.Embedding) -> nn.Linear:
     return lin
 
 
+def module_mode(name: str, module: nn.Module, mode: str | formats.QuantMode, *, skip: Skip = None,
+                overrides: Mapping[str, str | None] | None = None, embeddings: bool = False) -> str | None:
+    """The mode :func:`quantize_model` gives the module called ``name`` (the policy in the module
+    docstring), or ``None`` to leave it as it is. A tied LM head is not decided here: see :func:`tied_head`."""
+    if isinstance(module, nn.Embedding):
+        if not embeddings:
+            return None
+    elif not isinstance(module, nn.Linear):
+        return None
+    return _mode_for(name, module, formats.parse_mode(mode), skip, overrides)
+
+
+def quantize_module(module: nn.Module, mode: str) -> nn.Module:
+    """One ``nn.Linear`` / ``nn.Embedding`` in ``mode``: its quantized replacement (a :class:`QuantLinear`,
+    or a :class:`QuantEmbedding` over one), or for ``q0*`` modes the module itself, cast in place."""
+    mm = formats.parse_mode(mode)
+    if not mm.quantized:
+        return module.to(mm.torch_dtype)
+    if isinstance(module, nn.Embedding):
+        return QuantEmbedding(_quantize_linear(_embedding_table(module), mm), dtype=module.weight.dtype)
+    return _quantize_linear(module, mm)
+
+
+#: Weights with more than this many elements are quantized a slice of rows at a time, into the final module:
+#: ``quant_linear_from_float`` holds a byte of unpacked codes per weight and then the packed copy, which for
+#: a 151936 x 896 embedding table was 200 MB of the peak of a (streamed) quantized load.
+_SLICE_WEIGHTS = 1 << 22
+
+
+def _quantize_linear(linear: nn.Linear, mode: formats.QuantMode) -> QuantLinear:
+    """``quant_linear_from_float``, slice by slice of rows for big weights (rows are quantized independently
+    and every stored tensor is row-major in the output dim, so the module is the same bit for bit)."""
+    w = linear.weight.detach()
+    out_f, in_f = w.shape
+    rows = max(1, _SLICE_WEIGHTS // max(1, in_f))
+    if out_f <= rows:
+        return quant_linear_from_float(linear, mode)
+    m = _empty_quant_linear(in_f, out_f, linear.bias is not None, mode.name, w.device, w.dtype)
+    for r in range(0, out_f, rows):
+        part = nn.Linear(in_f, min(rows, out_f - r), bias=False, device="meta")
+        part.weight = nn.Parameter(w[r:r + rows], requires_grad=False)
+        for name, buf in quant_linear_from_float(part, mode).named_buffers():
+            getattr(m, name)[r:r + rows] = buf
+    if linear.bias is not None:
+        m.bias.data.copy_(linear.bias.detach())
+    return m
+
+
+def tied_head(linear: nn.Module, embedding: nn.Module) -> nn.Module | None:
+    """The module a bias-free LM head tied to ``embedding`` becomes once that embedding is quantized (one
+    copy of the table), or ``None`` when the head is to be treated as a Linear of its own."""
+    if isinstance(embedding, QuantEmbedding) and isinstance(linear, nn.Linear) and linear.bias is None:
+        return embedding.as_lm_head()
+    return None
+
+
 def quantize_model(model: nn.Module, mode: str, *, skip: Skip = None,
                    overrides: Mapping[str, str | None] | None = None, embeddings: bool = False) -> dict[str, str]:
     """Swap the model's ``nn.Linear`` (and, with ``embeddings=True``, ``nn.Embedding``) layers for
@@ -79,37 +135,25 @@ def quantize_model(model: nn.Module, mode: str, *, skip: Skip = None,
     mode = formats.parse_mode(mode)
     record: dict[str, str] = {}
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    embedded: dict[int, tuple[str, QuantEmbedding]] = {}  # id(weight) -> quantized embedding
-    for name, mod in targets:  # embeddings first, so a tied head can find its table
-        if not isinstance(mod, nn.Embedding) or not embeddings:
-            continue
-        m = _mode_for(name, mod, mode, skip, overrides)
-        if m is None:
-            continue
-        mm = formats.parse_mode(m)
-        if mm.quantized:
-            new = QuantEmbedding(quant_linear_from_float(_embedding_table(mod), mm), dtype=mod.weight.dtype)
-            embedded[id(mod.weight)] = (name, new)
-            _set(model, name, new)
-        else:
-            mod.to(mm.torch_dtype)
-        record[name] = m
+    # embeddings first, so a tied head can find its table
+    targets.sort(key=lambda nm: not isinstance(nm[1], nn.Embedding))
+    embedded: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (name, quantized embedding)
     for name, mod in targets:
-        if not isinstance(mod, nn.Linear):
-            continue
-        if id(mod.weight) in embedded and mod.bias is None:
+        if isinstance(mod, nn.Linear) and id(mod.weight) in embedded:
             emb_name, emb = embedded[id(mod.weight)]
-            _set(model, name, emb.as_lm_head())
-            record[name] = TIED_PREFIX + emb_name
-            continue
-        m = _mode_for(name, mod, mode, skip, overrides)
+            head = tied_head(mod, emb)
+            if head is not None:
+                _set(model, name, head)
+                record[name] = TIED_PREFIX + emb_name
+                continue
+        m = module_mode(name, mod, mode, skip=skip, overrides=overrides, embeddings=embeddings)
         if m is None:
             continue
-        mm = formats.parse_mode(m)
-        if mm.quantized:
-            _set(model, name, quant_linear_from_float(mod, mm))
-        else:
-            mod.to(mm.torch_dtype)
+        new = quantize_module(mod, m)
+        if new is not mod:
+            _set(model, name, new)
+            if isinstance(mod, nn.Embedding):
+                embedded[id(mod.weight)] = (name, new)
         record[name] = m
     return record
 

@@ -68,9 +68,10 @@ def _q4_0_q4_1_codes(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _q5_high(qh: torch.Tensor) -> torch.Tensor:
-    # 4 bytes = a little-endian uint32 whose bit j is element j's fifth bit
-    bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [nb, 4, 8]
-    return bits.reshape(qh.shape[0], 32)
+    # 4 bytes = a little-endian uint32 whose bit j is element j's fifth bit; numpy's unpackbits is one pass
+    # (torch's broadcast shift over an inner dim of 8 was most of Q5_0's decode time)
+    bits = np.unpackbits(qh.contiguous().numpy(), axis=-1, bitorder="little")  # [nb, 32]
+    return torch.from_numpy(bits)
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +98,8 @@ def _q5_codes(qh, qs):
 
 def _dq_q5_0(b):
     d, qh, qs = _split(b, 2, 4, 16)
-    return _f16(d) * (_q5_codes(qh, qs).to(torch.int8) - 16).float()
+    q = _q5_codes(qh, qs).view(torch.int8).sub_(16)  # codes 0..31 as int8 bytes, minus 16 in place
+    return q.float().mul_(_f16(d))  # the same one product d * q per weight as gguf-py
 
 
 def _dq_q5_1(b):
@@ -190,6 +192,32 @@ def _from_numpy(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
+#: Blocks are decoded in slices of about this many weights, written into an output allocated once: the
+#: integer and float temporaries (several times a slice) then stay small and in cache, instead of several
+#: times a whole 151936 x 896 embedding table (which made them most of a quantized load's peak memory).
+_SLICE_WEIGHTS = 1 << 18
+
+
+def _by_slices(fn, blocks: torch.Tensor, weights_per_block: int, dtype: torch.dtype | None = None):
+    """``fn(blocks)`` -> a tensor or tuple of tensors with one row per block, computed slice by slice
+    (blocks are independent, so the result is the same as one call; ``dtype`` casts the outputs)."""
+    nb = blocks.shape[0]
+    step = max(1, _SLICE_WEIGHTS // weights_per_block)
+    if nb <= step:
+        out = fn(blocks)
+        return out if dtype is None else out.to(dtype)
+    outs, single = None, True
+    for i in range(0, nb, step):
+        parts = fn(blocks[i:i + step])
+        single = isinstance(parts, torch.Tensor)
+        parts = (parts,) if single else parts
+        if outs is None:
+            outs = [torch.empty((nb, *p.shape[1:]), dtype=dtype or p.dtype) for p in parts]
+        for o, p in zip(outs, parts):
+            o[i:i + step] = p
+    return outs[0] if single else tuple(outs)
+
+
 def _raw_bytes(data, ggml_type: T, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor's blocks as uint8 ``[n_blocks, bytes_per_block]``, checking the byte count."""
     bs, nbytes = BLOCKS[ggml_type]
@@ -218,10 +246,25 @@ def dequantize_gguf(data, ggml_type, shape, dtype: torch.dtype = torch.float32) 
         raw = _from_numpy(np.asarray(data).view(np.int16))
         return raw.view(torch.bfloat16).reshape(shape).to(dtype)
     blocks = _raw_bytes(data, t, shape)
-    return _DECODERS[t](blocks).reshape(shape).to(dtype)
+    return _by_slices(_DECODERS[t], blocks, BLOCKS[t][0], dtype).reshape(shape)
 
 
 # ----- integer codes for the low-bit kernels --------------------------------------------------------
+
+def _int4_blocks(t: T, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if t is T.Q4_0:
+        d, qs = _split(b, 2, 16)
+        scale = _f16(d)
+        return _q4_0_q4_1_codes(qs), scale, torch.zeros_like(scale)
+    if t is T.Q4_1:
+        d, m, qs = _split(b, 2, 2, 16)
+        scale = _f16(d)
+        return _q4_0_q4_1_codes(qs), scale, _f16(m) + 8 * scale
+    d, dmin, sc_b, qs = _split(b, 2, 2, 12, 128)
+    sc, mn = _k_scale_min(sc_b)
+    scale = _f16(d) * sc.float()  # [nb, 8]
+    return _nibbles(qs, 4), scale, 8 * scale - _f16(dmin) * mn.float()
+
 
 def int4_codes(data, ggml_type, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0 / Q4_1 / Q4_K -> ``codes`` uint8 [out, in] (0..15) and float32 ``scale``, ``zero``
@@ -232,40 +275,30 @@ def int4_codes(data, ggml_type, shape) -> tuple[torch.Tensor, torch.Tensor, torc
     * Q4_K: ``d*sc*q - dmin*mn`` per 32 -> scale d*sc, zero 8*d*sc - dmin*mn
     """
     t = _as_type(ggml_type)
+    if t not in (T.Q4_0, T.Q4_1, T.Q4_K):
+        raise QuantizationError(f"{t.name} is not a 4-bit GGUF type (Q4_0, Q4_1, Q4_K)")
     out_f, in_f = shape
     b = _raw_bytes(data, t, tuple(shape))
-    if t is T.Q4_0:
-        d, qs = _split(b, 2, 16)
-        scale = _f16(d)
-        zero, codes = torch.zeros_like(scale), _q4_0_q4_1_codes(qs)
-    elif t is T.Q4_1:
-        d, m, qs = _split(b, 2, 2, 16)
-        scale = _f16(d)
-        zero, codes = _f16(m) + 8 * scale, _q4_0_q4_1_codes(qs)
-    elif t is T.Q4_K:
-        d, dmin, sc_b, qs = _split(b, 2, 2, 12, 128)
-        sc, mn = _k_scale_min(sc_b)
-        scale = _f16(d) * sc.float()  # [nb, 8]
-        zero = 8 * scale - _f16(dmin) * mn.float()
-        codes = _nibbles(qs, 4)
-    else:
-        raise QuantizationError(f"{t.name} is not a 4-bit GGUF type (Q4_0, Q4_1, Q4_K)")
+    codes, scale, zero = _by_slices(lambda x: _int4_blocks(t, x), b, BLOCKS[t][0])
     g = in_f // 32
     return codes.reshape(out_f, in_f), scale.reshape(out_f, g), zero.reshape(out_f, g)
+
+
+def _int8_blocks(t: T, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if t is T.Q8_0:
+        d, qs = _split(b, 2, 32)
+        return qs.contiguous().view(torch.int8), _f16(d)
+    d, qh, qs = _split(b, 2, 4, 16)
+    return _q5_codes(qh, qs).view(torch.int8).sub_(16), _f16(d)
 
 
 def int8_codes(data, ggml_type, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 / Q5_0 -> signed ``codes`` int8 [out, in] and float32 ``scale`` [out, in/32],
     ``w = code * scale`` exactly (Q5_0's ``q - 16`` fits int8)."""
     t = _as_type(ggml_type)
+    if t not in (T.Q8_0, T.Q5_0):
+        raise QuantizationError(f"{t.name} is not an 8-bit-exact GGUF type (Q8_0, Q5_0)")
     out_f, in_f = shape
     b = _raw_bytes(data, t, tuple(shape))
-    if t is T.Q8_0:
-        d, qs = _split(b, 2, 32)
-        codes = qs.contiguous().view(torch.int8)
-    elif t is T.Q5_0:
-        d, qh, qs = _split(b, 2, 4, 16)
-        codes = _q5_codes(qh, qs).to(torch.int8) - 16
-    else:
-        raise QuantizationError(f"{t.name} is not an 8-bit-exact GGUF type (Q8_0, Q5_0)")
-    return codes.reshape(out_f, in_f), _f16(d).reshape(out_f, in_f // 32)
+    codes, scale = _by_slices(lambda x: _int8_blocks(t, x), b, BLOCKS[t][0])
+    return codes.reshape(out_f, in_f), scale.reshape(out_f, in_f // 32)
