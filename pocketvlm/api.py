@@ -102,7 +102,7 @@ class PocketModel:
     def __init__(self, loaded: loading.Loaded, tokenizer, *, template: str | None = None,
                  context_window_size: int | None = None, prefill_chunk_size: int = 512,
                  image_processor=None, image_cache_size: int = 32, compile: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -111,6 +111,7 @@ class PocketModel:
         max_pos = getattr(self.text_config, "max_position_embeddings", DEFAULT_CONTEXT) or DEFAULT_CONTEXT
         self.context_window_size = int(context_window_size or min(max_pos, DEFAULT_CONTEXT))
         self.prefill_chunk_size = int(prefill_chunk_size)
+        self.kv_cache_dtype = loading.kv_cache_dtype_for(kv_cache_dtype, (loaded.quantization or {}).get("mode"), self.dtype)
         self.template = self._pick_template(template)
         self._slot: Slot | None = None
         self.decode_step = None
@@ -173,6 +174,7 @@ class PocketModel:
             "vocab_size": getattr(self.text_config, "vocab_size", None),
             "template": self.template_name, "vision": self.is_vlm,
             "decode": "fused" if self.fused_reason is None else f"eager ({self.fused_reason})",
+            "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
         }
 
     # --- templates ---------------------------------------------------------------------------------
@@ -202,7 +204,8 @@ class PocketModel:
             return self.model(ids, attention_mask=am).float()
 
     def new_slot(self) -> Slot:
-        return Slot(self.model, self.context_window_size, self.prefill_chunk_size, decode_step=self.decode_step)
+        return Slot(self.model, self.context_window_size, self.prefill_chunk_size, dtype=self.kv_cache_dtype,
+                    decode_step=self.decode_step)
 
     @property
     def slot(self) -> Slot:
@@ -362,7 +365,7 @@ def load_image_processor(loaded: loading.Loaded):
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
          context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
          quantization: str | None = None, compile: bool = False, vision_precision: str = "fp32",
-         fused: bool | None = None, **kw) -> PocketModel:
+         fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None, **kw) -> PocketModel:
     """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
     or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct).
 
@@ -371,7 +374,9 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
 
     ``fused``: the one-call-per-token CPU decode step (:mod:`pocketvlm.engine.fused`) - ``None`` (default)
     uses it when the model qualifies (CPU, q4/q8 layers on pocketvlm's kernel), ``True`` requires it (an
-    error says why a model does not qualify), ``False`` decodes with the eager PyTorch modules."""
+    error says why a model does not qualify), ``False`` decodes with the eager PyTorch modules.
+
+    ``kv_cache_dtype``: see :func:`pocketvlm.loading.kv_cache_dtype_for` (default: float16 for quantized float32 models)."""
     from .real_models import DEFAULT_MODEL
 
     max_seq = context_window_size
@@ -384,4 +389,5 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     tok = load_tokenizer(loaded)
     proc = load_image_processor(loaded) if hasattr(loaded.model, "encode_images") else None
     return PocketModel(loaded, tok, template=template, context_window_size=context_window_size,
-                       prefill_chunk_size=prefill_chunk_size, image_processor=proc, compile=compile, fused=fused)
+                       prefill_chunk_size=prefill_chunk_size, image_processor=proc, compile=compile, fused=fused,
+                       kv_cache_dtype=kv_cache_dtype)

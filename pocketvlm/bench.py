@@ -132,12 +132,13 @@ class BenchResult:
     decode_limit_tok_s: float = 0.0
     bandwidth_share: float = 0.0
     decode_path: str = ""
+    kv_cache_dtype: str = ""
 
 
 def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3, threads: int | None = None,
               image: str | None = None, device: str = "cpu", dtype: str = "float32", quantization: str | None = None,
               compile: bool = False, fused: bool | None = None, measure_bw: bool = True,
-              progress: bool = True) -> BenchResult:
+              progress: bool = True, kv_cache_dtype: str | None = None) -> BenchResult:
     from .api import load
     from .engine.sampling import SamplingParams
 
@@ -147,7 +148,7 @@ def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat
     t0 = time.perf_counter()
     pm = load(source, device=device, dtype=dtype, quantization=quantization,
               context_window_size=prompt_tokens + gen_tokens + 8, prefill_chunk_size=max(prompt_tokens, 1),
-              compile=compile, fused=fused)
+              compile=compile, fused=fused, kv_cache_dtype=kv_cache_dtype)
     load_s = time.perf_counter() - t0
     vocab = pm.text_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -157,6 +158,7 @@ def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat
     res = BenchResult(str(source), threads, device, str(pm.dtype).replace("torch.", ""), quantization, load_s,
                       prompt_tokens, gen_tokens)
     res.decode_path = pm.info()["decode"]
+    res.kv_cache_dtype = pm.info()["kv_cache_dtype"]
 
     t0 = time.perf_counter()  # warm-up (compilation, lazy kernel packing) measured on its own
     slot = pm.new_slot()
@@ -223,7 +225,8 @@ def format_result(r: BenchResult) -> str:
         f"device / dtype   {r.device} / {r.dtype}   threads {r.threads}   quantization {r.quantization or '-'}",
         f"load             {r.load_s:.2f} s   (warm-up {r.warmup_s:.2f} s)",
         f"prefill          {ms(r.prefill_tok_s)} tokens/s   ({r.prompt_tokens} tokens, {r.prefill_tok_s['n']} runs)",
-        f"decode           {ms(r.decode_tok_s)} tokens/s   ({r.gen_tokens} tokens; {r.decode_path})",
+        f"decode           {ms(r.decode_tok_s)} tokens/s   ({r.gen_tokens} tokens; {r.decode_path}; "
+        f"{r.kv_cache_dtype} KV cache)",
     ]
     if r.image_encode_ms:
         per_tile = r.image_encode_ms["mean"] / r.image_tiles
@@ -240,7 +243,7 @@ def format_result(r: BenchResult) -> str:
 def cmd_bench(a) -> int:
     r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat, threads=a.threads,
                   image=a.image, device=a.device, dtype=a.dtype, quantization=a.quantization, compile=a.compile,
-                  fused=False if a.no_fused else None, progress=not a.json)
+                  fused=False if a.no_fused else None, kv_cache_dtype=a.kv_cache_dtype, progress=not a.json)
     print(json.dumps(asdict(r), indent=2) if a.json else format_result(r))
     return 0
 
@@ -256,6 +259,7 @@ def register_cli(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype: float32, float16, bfloat16 or auto (default: float16 for quantized float32 models, else the model dtype)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--no-fused", action="store_true", help="decode with the eager PyTorch modules, not the fused step")
     p.add_argument("--json", action="store_true")

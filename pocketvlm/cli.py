@@ -23,6 +23,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, help="quantize on load, e.g. q4f16_1 (see `pocketvlm convert`)")
     p.add_argument("--context-window-size", type=int, default=None, help="KV cache length (default: min(model, 4096))")
     p.add_argument("--prefill-chunk-size", type=int, default=512)
+    p.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype: float32, float16, bfloat16 or auto (default: float16 for quantized float32 models, else the model dtype)")
     p.add_argument("--verify", action="store_true", help="check the sha256 of every file of a package folder")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (eager fallback)")
     p.add_argument("--no-fused", action="store_true",
@@ -60,7 +61,8 @@ def load_model(a):
                 context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
                 template=a.template, verify=getattr(a, "verify", False), compile=getattr(a, "compile", False),
                 vision_precision=getattr(a, "vision_precision", "fp32"),
-                fused=False if getattr(a, "no_fused", False) else None)
+                fused=False if getattr(a, "no_fused", False) else None,
+                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"))
 
 
 # --- chat ---------------------------------------------------------------------------------------------

@@ -24,13 +24,17 @@ def test_bench_reports_every_figure(tmp_path):
     assert r.prefill_tok_s["n"] == 2 and r.prefill_tok_s["mean"] > 0 and r.decode_tok_s["mean"] > 0
     assert r.load_s > 0 and r.peak_rss_bytes > 0 and r.decode_path == "fused"
     assert r.bytes_per_token > 0 and r.bandwidth_gb_s > 0
-    # 3 layers x (k + v) x 2 kv heads x head dim 16 x 4 bytes per position, at mean depth 20 + (6 + 1) / 2
-    assert r.kv_bytes_per_token == int(3 * 2 * 2 * 16 * 4 * 23.5)
+    # 3 layers x (k + v) x 2 kv heads x head dim 16 x 2 bytes (float16 cache of a quantized model) per
+    # position, at mean depth 20 + (6 + 1) / 2
+    assert r.kv_cache_dtype == "float16" and r.kv_bytes_per_token == int(3 * 2 * 2 * 16 * 2 * 23.5)
     assert r.bytes_per_token == r.weight_bytes_per_token + r.kv_bytes_per_token
     assert abs(r.decode_limit_tok_s - r.bandwidth_gb_s * 1e9 / r.bytes_per_token) < 1e-6 * r.decode_limit_tok_s
     text = format_result(r)
-    for word in ("load", "prefill", "decode", "peak RSS", "bandwidth"):
+    for word in ("load", "prefill", "decode", "peak RSS", "bandwidth", "float16 KV cache"):
         assert word in text
+    f32 = run_bench(tmp_path, prompt_tokens=20, gen_tokens=6, repeat=1, threads=1, quantization="q4f16_1",
+                    progress=False, measure_bw=False, kv_cache_dtype="float32")
+    assert f32.kv_cache_dtype == "float32" and f32.kv_bytes_per_token == 2 * r.kv_bytes_per_token
 
 
 def test_bytes_per_token_counts_the_tied_head_once(tmp_path):

@@ -97,11 +97,16 @@ def test_weight_and_kv_terms_match_a_loaded_model(tmp_path):
     assert weight_bytes(meta, torch.float32) == weight_bytes(real, torch.float32)
     stored = sum(t.numel() * t.element_size() for t in real.state_dict().values())
     assert weight_bytes(real, torch.float32)[0] == stored
-    est = estimate_memory(config, None, 64, 32)
-    assert est["kv_cache"] == cfg.num_hidden_layers * 2 * cfg.n_kv_heads * 64 * cfg.dim_head * 4
-    assert est["kv_cache"] == real.make_cache(1, 64).nbytes
+    est = estimate_memory(config, None, 64, 32)  # a quantized float32 model: float16 KV cache by default
+    assert est["kv_cache"] == cfg.num_hidden_layers * 2 * cfg.n_kv_heads * 64 * cfg.dim_head * 2
+    import pocketvlm
+
+    pm = pocketvlm.load(pkg, context_window_size=64)
+    assert pm.kv_cache_dtype == torch.float16 and est["kv_cache"] == pm.new_slot().cache.nbytes
+    f32 = estimate_memory(config, None, 64, 32, kv_cache_dtype="float32")
+    assert f32["kv_cache"] == 2 * est["kv_cache"] == real.make_cache(1, 64).nbytes
     half = estimate_memory(config, None, 64, 32, dtype="bfloat16")
-    assert half["kv_cache"] * 2 == est["kv_cache"] and half["weights"] < est["weights"]
+    assert half["kv_cache"] == est["kv_cache"] and half["weights"] < est["weights"]
     q8 = estimate_memory({k: v for k, v in config.items() if k != "quantization"}, "q8f16_1", 64, 32)
     assert q8["weights"] > est["weights"]
 

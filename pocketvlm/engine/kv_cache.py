@@ -1,6 +1,9 @@
 """A preallocated KV cache written in place at ``input_pos`` (gpt-fast style).
 
 Shapes stay static so a compiled decode step never recompiles: ``k[i]``/``v[i]`` are ``[B, Hkv, max_len, D]``.
+The cache may be stored in a narrower dtype than the model computes in (float16 for a float32 quantized
+model, as llama.cpp's default f16 cache: half the memory, and half the bytes decode reads per cached
+token); :meth:`update` hands attention the compute dtype.
 ``attend_len`` lets eager code attend only over the filled prefix (faster on CPU); a compiled step
 leaves it ``None`` and attends over the whole buffer with a mask.
 """
@@ -29,9 +32,11 @@ class KVCache:
         kc, vc = self.k[layer], self.v[layer]
         kc.index_copy_(2, input_pos, k.to(kc.dtype))
         vc.index_copy_(2, input_pos, v.to(vc.dtype))
-        if self.attend_len is None:
-            return kc, vc
-        return kc[:, :, : self.attend_len], vc[:, :, : self.attend_len]
+        if self.attend_len is not None:
+            kc, vc = kc[:, :, : self.attend_len], vc[:, :, : self.attend_len]
+        if kc.dtype != k.dtype:  # a narrower stored cache: attend in the compute dtype
+            kc, vc = kc.to(k.dtype), vc.to(v.dtype)
+        return kc, vc
 
     def key_positions(self, device) -> torch.Tensor:
         n = self.max_len if self.attend_len is None else self.attend_len

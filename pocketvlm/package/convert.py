@@ -310,4 +310,6 @@ def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int 
             m.dtype = dtype  # built on meta as float32; rows come out in the activation dtype
     model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
     model.eval().requires_grad_(False)
-    return loading.Loaded(model, cfg, fam, str(folder), "package", folder, config)
+    loaded = loading.Loaded(model, cfg, fam, str(folder), "package", folder, config)
+    loaded.quantization = q  # its "mode" and "modules", as a load that quantizes records them
+    return loaded

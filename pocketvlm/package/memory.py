@@ -7,7 +7,7 @@ All terms are bytes for batch 1, computed from the config and quantization mode 
   tensors at the run dtype; plus ``kernel_cache``: on CPU a quantized layer is repacked for the int4
   kernel the first time it runs and caches bf16 scale/zero pairs (4 bytes per kernel group; 3-bit
   layers grow from 0.375 to 0.5 bytes/weight in 64-wide kernel groups).
-* ``kv_cache``: the preallocated cache, ``layers x 2 x kv_heads x context x head_dim x dtype`` (the
+* ``kv_cache``: the preallocated cache, ``layers x 2 x kv_heads x context x head_dim x kv dtype`` (the
   family's own ``make_cache`` built on meta, so every family's layout counts).
 * ``activations``: the largest of (a) a quantized embedding's row lookup, which unpacks the whole
   table (2 bytes per weight), and (b) one decoder layer at ``prefill_chunk_size`` tokens: the residual
@@ -185,16 +185,20 @@ def vision_bytes(model: nn.Module, cfg, dtype: torch.dtype, tiles: int | None) -
 def estimate_memory(config, mode: str | None = None, context_window_size: int | None = None,
                     prefill_chunk_size: int = 512, *, dtype="float32", device: str = "cpu",
                     image_tiles: int | None = None, tokenizer_bytes: int = 0,
-                    runtime_bytes: int = RUNTIME_BYTES) -> dict[str, int]:
+                    runtime_bytes: int = RUNTIME_BYTES, kv_cache_dtype="auto") -> dict[str, int]:
     """Bytes needed to run the model an HF ``config`` dict describes, quantized with ``mode`` (or the
     package's recorded ``"quantization"``), at ``context_window_size`` (default: min(model, 4096)).
-    ``tokenizer_bytes``: size of tokenizer.json (its in-memory form is counted ~9x)."""
+    ``tokenizer_bytes``: size of tokenizer.json (its in-memory form is counted ~9x). The KV cache is counted
+    in ``kv_cache_dtype`` as ``pocketvlm.load`` picks it (auto: float16 for a quantized float32 model)."""
+    from ..loading import kv_cache_dtype_for
+
     dtype = _dtype(dtype)
+    kv_dtype = kv_cache_dtype_for(kv_cache_dtype, mode or (config.get("quantization") or {}).get("mode"), dtype)
     model, fam, cfg = meta_model(config, mode, context_window_size)
     t = _text_cfg(cfg)
     ctx = int(context_window_size or min(getattr(t, "max_position_embeddings", 4096) or 4096, 4096))
     weights, kernel, repack = weight_bytes(model, dtype, device)
-    kv = model.make_cache(1, ctx, dtype=dtype, device="meta").nbytes
+    kv = model.make_cache(1, ctx, dtype=kv_dtype, device="meta").nbytes
     act = activation_bytes(model, cfg, dtype, ctx, prefill_chunk_size)
     vis, _ = vision_bytes(model, cfg, dtype, image_tiles)
     out = {"weights": weights, "kernel_cache": kernel, "kv_cache": kv, "activations": act, "vision": vis,

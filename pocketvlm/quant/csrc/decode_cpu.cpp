@@ -27,7 +27,10 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#include <c10/util/Half.h>
 
 #include "kernels.h"
 
@@ -108,6 +111,34 @@ inline float exp_shift_sum(float* s, int64_t n, float mx) {
   return sum;
 }
 
+// KV cache elements: float32, or float16 (half the bytes attention reads per token; llama.cpp's default)
+inline float kv_at(const float* p, int64_t i) { return p[i]; }
+inline float kv_at(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline void kv_store(float* dst, const float* src, int64_t n) { std::copy(src, src + n, dst); }
+inline void kv_store(c10::Half* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if PVLM_DEC_AVX2
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+#if PVLM_DEC_AVX2
+inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 kv_load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
+template <typename T>
+inline float dot_kv(const float* a, const T* b, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dot(a, b, n);
+  } else {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += a[i] * kv_at(b, i);
+    return s;
+  }
+}
+
 inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   int64_t i = 0;
 #if PVLM_DEC_AVX2
@@ -115,6 +146,15 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] += a * x[i];
+}
+
+inline void axpy(float a, const c10::Half* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if PVLM_DEC_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, kv_load8(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * kv_at(x, i);
 }
 
 // The threads of one token: torch's own intra-op (OpenMP) threads, entered once per token through one
@@ -358,13 +398,14 @@ struct DecodePlan : torch::CustomClassHolder {
   // Query heads [h0, h1) of one kv head (GQA group): K and V rows are read once per 8 positions for all
   // these heads while they sit in L1, and 8 scores come out of one transpose-reduce instead of 8
   // horizontal sums; the weighted sum of V keeps 64 outputs in registers.
-  void attend_heads(const Layer& l, int64_t h0, int64_t h1, const float* kb, const float* vb, int64_t max_len,
+  template <typename KV>
+  void attend_heads(const Layer& l, int64_t h0, int64_t h1, const KV* kb, const KV* vb, int64_t max_len,
                     int64_t pos) {
     const int64_t D = head_dim, rep = n_heads / n_kv, kvh = h0 / rep;
     const int64_t t0 = l.window > 0 ? std::max<int64_t>(0, pos - l.window + 1) : 0, T = pos + 1 - t0;
     const float sc = float(scale), cap = float(softcap);
-    const float* K = kb + (kvh * max_len + t0) * D;
-    const float* V = vb + (kvh * max_len + t0) * D;
+    const KV* K = kb + (kvh * max_len + t0) * D;
+    const KV* V = vb + (kvh * max_len + t0) * D;
     int64_t t = 0;
 #if PVLM_DEC_AVX2
     if (D % 8 == 0) {
@@ -375,7 +416,7 @@ struct DecodePlan : torch::CustomClassHolder {
           for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
           for (int64_t i = 0; i < D; i += 8) {
             const __m256 qv = _mm256_loadu_ps(q + i);
-            for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + (t + u) * D + i), a[u]);
+            for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, kv_load8(K + (t + u) * D + i), a[u]);
           }
           const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
           const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
@@ -386,7 +427,7 @@ struct DecodePlan : torch::CustomClassHolder {
     }
 #endif
     for (; t < T; ++t)
-      for (int64_t hd = h0; hd < h1; ++hd) scores[hd * max_len + t] = dot(qkv.data() + hd * D, K + t * D, D) * sc;
+      for (int64_t hd = h0; hd < h1; ++hd) scores[hd * max_len + t] = dot_kv(qkv.data() + hd * D, K + t * D, D) * sc;
     for (int64_t hd = h0; hd < h1; ++hd) {
       float* s = scores.data() + hd * max_len;
       float mx = -INFINITY;
@@ -403,7 +444,7 @@ struct DecodePlan : torch::CustomClassHolder {
         for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
         for (int64_t u = 0; u < T; ++u) {
           const __m256 p = _mm256_set1_ps(s[u]);
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(V + u * D + i + 8 * j), acc[j]);
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(p, kv_load8(V + u * D + i + 8 * j), acc[j]);
         }
         for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + i + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
       }
@@ -479,8 +520,9 @@ struct DecodePlan : torch::CustomClassHolder {
       const float* c = cos[l.rope].data_ptr<float>();
       const float* s = sin[l.rope].data_ptr<float>();
       const int64_t rot = cos[l.rope].numel(), max_len = k_cache[li].size(2);
-      float* kc = k_cache[li].data_ptr<float>();
-      float* vc = v_cache[li].data_ptr<float>();
+      const bool half = k_cache[li].scalar_type() == at::kHalf;
+      void* kc = k_cache[li].data_ptr();
+      void* vc = v_cache[li].data_ptr();
       for (int64_t j = tid; j < n_heads; j += nt) {
         float* q = qkv.data() + j * D;
         if (l.q_norm.defined()) rmsnorm(q, l.q_norm, q, D);
@@ -491,8 +533,14 @@ struct DecodePlan : torch::CustomClassHolder {
         const float* v = qkv.data() + qn + kn + j * D;
         if (l.k_norm.defined()) rmsnorm(k, l.k_norm, k, D);
         rope(k, c, s, rot);
-        std::copy(k, k + D, kc + (j * max_len + pos) * D);
-        std::copy(v, v + D, vc + (j * max_len + pos) * D);
+        const int64_t at = (j * max_len + pos) * D;
+        if (half) {
+          kv_store(static_cast<c10::Half*>(kc) + at, k, D);
+          kv_store(static_cast<c10::Half*>(vc) + at, v, D);
+        } else {
+          kv_store(static_cast<float*>(kc) + at, k, D);
+          kv_store(static_cast<float*>(vc) + at, v, D);
+        }
       }
       barrier();
       // whole GQA groups per claim when there are enough for the threads, else parts of groups
@@ -500,7 +548,8 @@ struct DecodePlan : torch::CustomClassHolder {
       claim(counters[phase++], n_heads, n_kv >= nt ? rep : std::max<int64_t>(1, n_heads / nt), [&](int64_t h0, int64_t h1) {
         for (int64_t a = h0; a < h1;) {
           const int64_t e = std::min(h1, (a / rep + 1) * rep);  // within one kv head
-          attend_heads(l, a, e, kc, vc, max_len, pos);
+          if (half) attend_heads(l, a, e, static_cast<const c10::Half*>(kc), static_cast<const c10::Half*>(vc), max_len, pos);
+          else attend_heads(l, a, e, static_cast<const float*>(kc), static_cast<const float*>(vc), max_len, pos);
           a = e;
         }
       });
@@ -539,7 +588,7 @@ struct DecodePlan : torch::CustomClassHolder {
 
   // x [hidden] (the token's embedding as the model feeds it to layer 0) -> the logits [vocab] when the
   // plan has the LM head, else the last layer's output [hidden] (before the final norm).
-  // k_cache/v_cache: per layer [1, n_kv, max_len, head_dim] float32, written at pos.
+  // k_cache/v_cache: per layer [1, n_kv, max_len, head_dim] float32 or float16, written at pos.
   at::Tensor step(at::Tensor x, int64_t pos, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
                   std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache) {
     std::lock_guard<std::mutex> guard(busy);
@@ -558,9 +607,11 @@ struct DecodePlan : torch::CustomClassHolder {
     int64_t max_len = 0;
     for (int64_t i = 0; i < L; ++i) {
       for (const at::Tensor* c : {&k_cache[i], &v_cache[i]})
-        TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(0) == 1 &&
-                        c->size(1) == n_kv && c->size(3) == head_dim && c->device().is_cpu(),
-                    "DecodePlan.step: caches must be contiguous CPU float32 [1, n_kv, max_len, head_dim]");
+        TORCH_CHECK((c->scalar_type() == at::kFloat || c->scalar_type() == at::kHalf) &&
+                        c->scalar_type() == k_cache[i].scalar_type() && c->is_contiguous() && c->dim() == 4 &&
+                        c->size(0) == 1 && c->size(1) == n_kv && c->size(3) == head_dim && c->device().is_cpu(),
+                    "DecodePlan.step: caches must be contiguous CPU float32 or float16 (k and v alike) "
+                    "[1, n_kv, max_len, head_dim]");
       TORCH_CHECK(pos >= 0 && pos < k_cache[i].size(2) && v_cache[i].size(2) == k_cache[i].size(2),
                   "DecodePlan.step: position ", pos, " is outside the KV cache");
       TORCH_CHECK(layers[i].rope < static_cast<int64_t>(cos.size()), "DecodePlan.step: missing cos/sin table");
