@@ -157,35 +157,32 @@ def test_real_qwen_gguf_mode_fused_equals_eager(qwen_gguf):
     """The file's own blocks (``quantization="gguf"``, what ``scripts/chat.sh`` runs): Q4_K on the 4-bit,
     Q5_0 on the 5-bit, Q8_0 (and requantized Q6_K) on the 8-bit kernel; fused and eager decode agree."""
     import pocketvlm
-    from pocketvlm.engine.sampling import SamplingParams
     from pocketvlm.quant import GGUF_INT4, GGUF_INT5
 
     pm = pocketvlm.load(qwen_gguf, quantization="gguf", context_window_size=256, fused=False)
     modes = set(pm.loaded.quantization["modules"].values())
     assert {GGUF_INT4, GGUF_INT5, "q8f16_1"} <= modes, modes
-    ids = pm.tokenizer.encode("def fibonacci(n):")
-    eager = Slot(pm.model, 256)
-    fused = Slot(pm.model, 256, decode_step=FusedDecode(pm.model))
-    greedy = SamplingParams(temperature=0.0)
-    a = [r.token for r in eager.generate(ids, ids, greedy, 24)]
-    b = [r.token for r in fused.generate(ids, ids, greedy, 24)]
-    assert a == b
+    a, ids, greedy = _greedy_fused_equals_eager(pm, 24)
     assert "return" in pm.tokenizer.decode(a)  # a real answer, not noise
+
+
+def _greedy_fused_equals_eager(pm, n):
+    """Greedy tokens of eager and fused decode (float32 caches) on a code prompt: asserted equal, returned."""
+    from pocketvlm.engine.sampling import SamplingParams
+
+    ids = pm.tokenizer.encode("def fibonacci(n):")
+    greedy = SamplingParams(temperature=0.0)
+    a = [r.token for r in Slot(pm.model, 256).generate(ids, ids, greedy, n)]
+    b = [r.token for r in Slot(pm.model, 256, decode_step=FusedDecode(pm.model)).generate(ids, ids, greedy, n)]
+    assert a == b
+    return a, ids, greedy
 
 
 def test_real_qwen_greedy_tokens_identical(qwen_gguf):
     import pocketvlm
 
     pm = pocketvlm.load(qwen_gguf, quantization="q4f16_1", context_window_size=256, fused=False)
-    ids = pm.tokenizer.encode("def fibonacci(n):")
-    eager = Slot(pm.model, 256)
-    fused = Slot(pm.model, 256, decode_step=FusedDecode(pm.model))
-    from pocketvlm.engine.sampling import SamplingParams
-
-    greedy = SamplingParams(temperature=0.0)
-    a = [r.token for r in eager.generate(ids, ids, greedy, 32)]
-    b = [r.token for r in fused.generate(ids, ids, greedy, 32)]
-    assert a == b
+    a, ids, greedy = _greedy_fused_equals_eager(pm, 32)
     # the float16 KV cache that quantized models get by default: the same answer (measured on a 400-token
     # prompt: logits within 2.2% of their range of a float32 cache's, the same argmax for 48 tokens)
     half = Slot(pm.model, 256, dtype=torch.float16, decode_step=FusedDecode(pm.model))
