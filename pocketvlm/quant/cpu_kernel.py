@@ -235,8 +235,9 @@ def pack_q4(codes: torch.Tensor, scales: torch.Tensor, offset: float = 7.0, bias
 
 
 def _pack_rows8_nibbles(codes: torch.Tensor, n: int, g: int) -> torch.Tensor:
-    """The rows8 bytes ``[N/8, G, 128]`` of the low 4 bits of ``codes [N, K]``."""
-    v = (codes.to(device="cpu", dtype=torch.uint8) & 15).view(n // 8, 8, g, 4, 2, 4)  # block, row, group, chunk, nibble, j
+    """The rows8 bytes ``[N/8, G, 128]`` of ``codes [N, K]`` (values 0..15: no masking here, which would hold
+    one more byte per weight while the LM head is repacked)."""
+    v = codes.to(device="cpu", dtype=torch.uint8).view(n // 8, 8, g, 4, 2, 4)  # block, row, group, chunk, nibble, j
     return (v[..., 0, :] | (v[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 8, g, 128)
 
 
@@ -258,7 +259,7 @@ def pack_q5(codes: torch.Tensor, scales: torch.Tensor, offset: float = 16.0, dty
     bits = ((c >> 4) & 1).view(n // 8, 8, g, 8, 4)  # block, row, group, t (= i // 4), j (= i % 4)
     weights = (1 << torch.arange(8, dtype=torch.uint8)).view(1, 1, 1, 8, 1)
     plane = (bits * weights).sum(3, dtype=torch.uint8).permute(0, 2, 1, 3).reshape(n // 8, g, 32)
-    packed = torch.cat([_pack_rows8_nibbles(c, n, g), plane], 2).contiguous()
+    packed = torch.cat([_pack_rows8_nibbles(c & 15, n, g), plane], 2).contiguous()
     return Q4Weight(packed, s.view(n // 8, 8, g).transpose(1, 2).contiguous(), None, float(offset))
 
 
