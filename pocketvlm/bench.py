@@ -249,6 +249,8 @@ def cmd_bench(a) -> int:
 
 
 def register_cli(sub) -> None:
+    from .cli import KV_CACHE_DTYPE_HELP
+
     p = sub.add_parser("bench", help="load time, image encode, prefill and decode speed, memory, bandwidth share")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--image", default=None, help="image to encode (VLMs; default: a synthetic 640x480 photo)")
@@ -259,7 +261,7 @@ def register_cli(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default=None)
-    p.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype: float32, float16, bfloat16 or auto (default: float16 for quantized float32 models, else the model dtype)")
+    p.add_argument("--kv-cache-dtype", default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--no-fused", action="store_true", help="decode with the eager PyTorch modules, not the fused step")
     p.add_argument("--json", action="store_true")

@@ -17,13 +17,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 
 # --- shared options -----------------------------------------------------------------------------------
 
+KV_CACHE_DTYPE_HELP = ("KV cache dtype: float32, float16, bfloat16 or auto (default: float16 for quantized "
+                       "float32 models, else the model dtype)")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--quantization", default=None, help="quantize on load, e.g. q4f16_1 (see `pocketvlm convert`)")
     p.add_argument("--context-window-size", type=int, default=None, help="KV cache length (default: min(model, 4096))")
     p.add_argument("--prefill-chunk-size", type=int, default=512)
-    p.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype: float32, float16, bfloat16 or auto (default: float16 for quantized float32 models, else the model dtype)")
+    p.add_argument("--kv-cache-dtype", default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--verify", action="store_true", help="check the sha256 of every file of a package folder")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (eager fallback)")
     p.add_argument("--no-fused", action="store_true",

@@ -203,6 +203,17 @@ def _pack_scales(fn: str, scales: torch.Tensor, biases: torch.Tensor | None, n: 
     return s, b
 
 
+def _check_codes(fn: str, codes: torch.Tensor, lo: int, hi: int) -> None:
+    """pack_q4 / pack_q5 / pack_q8's codes: an integer ``[N, K]`` tensor, ``K % 32 == 0``, values lo..hi."""
+    if codes.dim() != 2 or codes.shape[1] % GROUP:
+        raise QuantizationError(f"{fn}: codes must be [N, K] with K a multiple of {GROUP} (pad K), "
+                                f"got {tuple(codes.shape)}")
+    if codes.is_floating_point() or codes.is_complex():
+        raise QuantizationError(f"{fn}: codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise QuantizationError(f"{fn}: codes must lie in {lo}..{hi}")
+
+
 def pack_q4(codes: torch.Tensor, scales: torch.Tensor, offset: float = 7.0, biases: torch.Tensor | None = None,
             dtype: torch.dtype = torch.float16, layout: str = "auto") -> Q4Weight:
     """codes ``[N, K]`` (ints 0..15), scales ``[N, K/32]``, optional biases ``[N, K/32]`` -> :class:`Q4Weight`.
@@ -213,15 +224,9 @@ def pack_q4(codes: torch.Tensor, scales: torch.Tensor, offset: float = 7.0, bias
     """
     if layout not in ("auto", "rows", "rows8"):
         raise QuantizationError(f"pack_q4: layout must be 'auto', 'rows' or 'rows8', got {layout!r}")
-    if codes.dim() != 2 or codes.shape[1] % GROUP:
-        raise QuantizationError(f"pack_q4: codes must be [N, K] with K a multiple of {GROUP} (pad K), "
-                                f"got {tuple(codes.shape)}")
+    _check_codes("pack_q4", codes, 0, 15)
     n, k = codes.shape
     g = k // GROUP
-    if codes.is_floating_point() or codes.is_complex():
-        raise QuantizationError(f"pack_q4: codes must be an integer tensor, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise QuantizationError("pack_q4: codes must lie in 0..15")
     if layout == "rows8" and n % 8:
         raise QuantizationError(f"pack_q4: the rows8 layout needs N % 8 == 0, got N = {n}")
     s, b = _pack_scales("pack_q4", scales, biases, n, g, dtype)
@@ -245,14 +250,10 @@ def pack_q5(codes: torch.Tensor, scales: torch.Tensor, offset: float = 16.0, dty
             ) -> Q4Weight:
     """5-bit codes ``[N, K]`` (ints 0..31, ``N % 8 == 0``), scales ``[N, K/32]`` -> :class:`Q4Weight` in the
     5-bit rows8 layout, ``W = (q - offset) * scale`` (GGUF Q5_0: offset 16). Runs on the q4 functions."""
-    if codes.dim() != 2 or codes.shape[1] % GROUP or codes.shape[0] % 8:
-        raise QuantizationError(f"pack_q5: codes must be [N, K] with N a multiple of 8 and K of {GROUP}, "
-                                f"got {tuple(codes.shape)}")
-    if codes.is_floating_point() or codes.is_complex():
-        raise QuantizationError(f"pack_q5: codes must be an integer tensor, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 31):
-        raise QuantizationError("pack_q5: codes must lie in 0..31")
+    _check_codes("pack_q5", codes, 0, 31)
     n, k = codes.shape
+    if n % 8:
+        raise QuantizationError(f"pack_q5: the 5-bit layout is rows8, which needs N % 8 == 0, got N = {n}")
     g = k // GROUP
     s, _ = _pack_scales("pack_q5", scales, None, n, g, dtype)
     c = codes.to(device="cpu", dtype=torch.uint8)
@@ -265,6 +266,12 @@ def pack_q5(codes: torch.Tensor, scales: torch.Tensor, offset: float = 16.0, dty
 
 def is_q5(packed: torch.Tensor) -> bool:
     return packed.dim() == 3 and packed.shape[2] == 160
+
+
+def _fifth_bits(plane: torch.Tensor) -> torch.Tensor:
+    """5-bit plane bytes ``[..., j]`` (j = 0..3 of one row) -> bit 4 of codes ``4t + j`` as ``[..., t, j]``
+    (0 or 16): plane byte j holds that bit in its bit t."""
+    return ((plane.unsqueeze(-2) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1) << 4
 
 
 def q4_shape(packed: torch.Tensor) -> tuple[int, int]:
@@ -282,8 +289,7 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
         codes = torch.stack([p & 15, p >> 4], 4).permute(0, 3, 1, 2, 4, 5).reshape(nb * 8, g * GROUP)
         if is_q5(packed):  # plane byte 4r + j, bit t -> code 4t + j of row r
             plane = packed[..., 128:].reshape(nb, g, 8, 4).permute(0, 2, 1, 3)  # block, row, group, j
-            high = (plane.unsqueeze(3) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1  # [.., t, j]
-            codes = codes | (high.reshape(nb * 8, g * GROUP) << 4)
+            codes = codes | _fifth_bits(plane).reshape(nb * 8, g * GROUP)
         return codes
     n = packed.shape[0]
     p = packed.view(n, -1, 16)
@@ -302,8 +308,7 @@ def unpack_q4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     codes = torch.stack([p & 15, p >> 4], 3).reshape(rows.numel(), g * GROUP)
     if is_q5(packed):
         plane = sel[..., 128:].reshape(-1, g, 8, 4)[r, :, rows % 8, :]  # [R, g, j]
-        high = (plane.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1  # [R, g, t, j]
-        codes = codes | (high.reshape(rows.numel(), g * GROUP) << 4)
+        codes = codes | _fifth_bits(plane).reshape(rows.numel(), g * GROUP)
     return codes
 
 
@@ -374,13 +379,7 @@ def pack_q8(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | No
     or ``"auto"`` (rows8 when ``N % 8 == 0``)."""
     if layout not in ("auto", "rows", "rows8"):
         raise QuantizationError(f"pack_q8: layout must be 'auto', 'rows' or 'rows8', got {layout!r}")
-    if codes.dim() != 2 or codes.shape[1] % GROUP:
-        raise QuantizationError(f"pack_q8: codes must be [N, K] with K a multiple of {GROUP} (pad K), "
-                                f"got {tuple(codes.shape)}")
-    if codes.is_floating_point() or codes.is_complex():
-        raise QuantizationError(f"pack_q8: codes must be an integer tensor, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < -128 or int(codes.max()) > 127):
-        raise QuantizationError("pack_q8: codes must lie in -128..127")
+    _check_codes("pack_q8", codes, -128, 127)
     n, g = codes.shape[0], codes.shape[1] // GROUP
     if layout == "rows8" and n % 8:
         raise QuantizationError(f"pack_q8: the rows8 layout needs N % 8 == 0, got N = {n}")

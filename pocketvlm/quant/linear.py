@@ -379,21 +379,21 @@ class Int8Linear(QuantLinear):
             self._layout = "own" if self.qweight.dim() == 3 else "plain"
             self._own_direct = self.k_padded == self.in_features
 
-    def _own_q8(self) -> bool:
-        """qweight holds the q8 kernel's rows8 layout."""
-        return self._layout == "own" and self.qweight.dtype == torch.int8
+    def _own_codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The signed codes ``c`` (``w = c * scale``; all, or some rows) from the own layout ``qweight`` holds."""
+        return cpu_kernel.unpack_q8(self.qweight, rows)
 
     def _codes_now(self, rows=None):
-        if not self._own_q8():
+        if self._layout != "own":
             return super()._codes_now(rows)
-        codes = self._kernel_codes(cpu_kernel.unpack_q8(self.qweight))
+        codes = self._kernel_codes(self._own_codes().to(torch.int8))
         return codes if rows is None else codes[rows]
 
     def dequantize(self, dtype=torch.float32, rows=None):
-        if not self._own_q8():
+        if self._layout != "own":
             return super().dequantize(dtype, rows)
         r = None if rows is None else rows.reshape(-1)
-        codes = cpu_kernel.unpack_q8(self.qweight, r).float()
+        codes = self._own_codes(r).float()
         s = self.scales.float() if r is None else self.scales[r].float()
         w = (codes.view(codes.shape[0], -1, 32) * s.unsqueeze(-1)).view(codes.shape[0], -1)
         return self._fold_cols(w).to(dtype)
@@ -428,26 +428,11 @@ class Int5Linear(Int8Linear):
         """qweight holds the 5-bit layout (else the int8 codes, or the q8 fallback's rows8)."""
         return self._layout == "own" and self.qweight.dtype == torch.uint8
 
-    def _codes5(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes 0..31 (all, or some rows) from the 5-bit layout."""
-        if rows is None:
-            return cpu_kernel.unpack_q4(self.qweight)
-        return cpu_kernel.unpack_q4_rows(self.qweight, rows)
-
-    def _codes_now(self, rows=None):
+    def _own_codes(self, rows=None):
         if not self._own_q5():
-            return super()._codes_now(rows)
-        # kernel rows [0, N): high halves, [N, 2N): low halves of u = c + 128 (Int8Linear's kernel codes)
-        return self._kernel_codes((self._codes5().to(torch.int16) - 16).to(torch.int8))[
-            slice(None) if rows is None else rows]
-
-    def dequantize(self, dtype=torch.float32, rows=None):
-        if not self._own_q5():
-            return super().dequantize(dtype, rows)
-        codes = self._codes5(None if rows is None else rows.reshape(-1)).float()
-        s = self.scales.float() if rows is None else self.scales[rows.reshape(-1)].float()
-        w = ((codes.view(codes.shape[0], -1, 32) - 16) * s.unsqueeze(-1)).view(codes.shape[0], -1)
-        return self._fold_cols(w).to(dtype)
+            return super()._own_codes(rows)
+        q = cpu_kernel.unpack_q4(self.qweight) if rows is None else cpu_kernel.unpack_q4_rows(self.qweight, rows)
+        return q.to(torch.int16) - 16
 
     def dense_weight(self, dtype=torch.bfloat16):
         if dtype == torch.float32 and self.qweight.device.type == "cpu" and cpu_kernel.available():

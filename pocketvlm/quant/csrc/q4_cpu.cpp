@@ -649,6 +649,23 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 #endif
 }
 
+// scales/biases of a weight w of shape sh (either layout), for a q4 or q8 ("kind") op
+void check_scales(const char* kind, const Q4Shape& sh, const at::Tensor& w, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& biases) {
+  TORCH_CHECK(sh.K % kGroup == 0, kind, ": K must be a multiple of 32, got ", sh.K);
+  const bool shape_ok = sh.r8 ? (scales.dim() == 3 && scales.size(0) == w.size(0) && scales.size(1) == w.size(1) &&
+                                 scales.size(2) == 8)
+                              : (scales.dim() == 2 && scales.size(0) == sh.N && scales.size(1) == sh.K / kGroup);
+  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && shape_ok, kind,
+              ": scales must be a contiguous CPU tensor, [N, K/32] (rows) or [N/8, K/32, 8] (rows8)");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, kind,
+              ": scales must be float16 or float32");
+  if (biases.has_value())
+    TORCH_CHECK(biases->sizes() == scales.sizes() && biases->scalar_type() == scales.scalar_type() &&
+                    biases->is_contiguous() && biases->device().is_cpu(),
+                kind, ": biases must match scales (shape, dtype, contiguous CPU)");
+}
+
 Q4Shape check_args(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& biases) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
                   (packed.dim() == 2 || (packed.dim() == 3 && (packed.size(2) == 128 || packed.size(2) == 160))) &&
@@ -656,19 +673,7 @@ Q4Shape check_args(const at::Tensor& packed, const at::Tensor& scales, const c10
               "q4: packed must be a contiguous CPU uint8 tensor, [N, K/2] (rows), [N/8, K/32, 128] (rows8) or "
               "[N/8, K/32, 160] (rows8, 5-bit codes)");
   const Q4Shape sh = q4_shape(packed);
-  TORCH_CHECK(sh.K % kGroup == 0, "q4: K = 2 * packed.size(1) must be a multiple of 32, got ", sh.K);
-  const bool shape_ok = sh.r8 ? (scales.dim() == 3 && scales.size(0) == packed.size(0) &&
-                                 scales.size(1) == packed.size(1) && scales.size(2) == 8)
-                              : (scales.dim() == 2 && scales.size(0) == sh.N && scales.size(1) == sh.K / kGroup);
-  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && shape_ok,
-              "q4: scales must be a contiguous CPU tensor, [N, K/32] (rows) or [N/8, K/32, 8] (rows8)");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat,
-              "q4: scales must be float16 or float32");
-  if (biases.has_value()) {
-    TORCH_CHECK(biases->sizes() == scales.sizes() && biases->scalar_type() == scales.scalar_type() &&
-                    biases->is_contiguous() && biases->device().is_cpu(),
-                "q4: biases must match scales (shape, dtype, contiguous CPU)");
-  }
+  check_scales("q4", sh, packed, scales, biases);
   return sh;
 }
 
@@ -966,18 +971,7 @@ Q4Shape check_q8_args(const at::Tensor& qw, const at::Tensor& scales, const c10:
                   (qw.dim() == 2 || (qw.dim() == 3 && qw.size(2) == 256)),
               "q8: qweight must be a contiguous CPU int8 tensor, [N, K] (rows) or [N/8, K/32, 256] (rows8)");
   const Q4Shape sh = q8_shape(qw);
-  TORCH_CHECK(sh.K % kGroup == 0, "q8: K must be a multiple of 32, got ", sh.K);
-  const bool shape_ok = sh.r8 ? (scales.dim() == 3 && scales.size(0) == qw.size(0) && scales.size(1) == qw.size(1) &&
-                                 scales.size(2) == 8)
-                              : (scales.dim() == 2 && scales.size(0) == sh.N && scales.size(1) == sh.K / kGroup);
-  TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && shape_ok,
-              "q8: scales must be a contiguous CPU tensor, [N, K/32] (rows) or [N/8, K/32, 8] (rows8)");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat,
-              "q8: scales must be float16 or float32");
-  if (biases.has_value())
-    TORCH_CHECK(biases->sizes() == scales.sizes() && biases->scalar_type() == scales.scalar_type() &&
-                    biases->is_contiguous() && biases->device().is_cpu(),
-                "q8: biases must match scales (shape, dtype, contiguous CPU)");
+  check_scales("q8", sh, qw, scales, biases);
   return sh;
 }
 
