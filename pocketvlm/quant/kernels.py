@@ -9,7 +9,8 @@
 
 The packed order is not documented, so :func:`unpack_int4_cpu` learns it by packing index patterns
 with the kernel's own packer (once per shape, cached) and inverts it. The packer works on blocks of
-32 rows (16 for a final odd block); tests check that assumption on several shapes.
+32 rows in PyTorch's AVX2 build and 64 in its AVX-512 one (found by a round trip), the remaining rows as one
+block of their own; tests check that on several shapes.
 """
 from __future__ import annotations
 
@@ -59,31 +60,47 @@ def _unpack_blocks(packed_blocks: torch.Tensor, rows: int, k: int) -> torch.Tens
     return nib.index_select(1, order).view(-1, rows, k)
 
 
-def unpack_int4_cpu(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_cpu`: uint8 ``[N, K/2]`` -> codes uint8 ``[N, K]``, or only the
-    given ``rows`` (a 1-D index tensor), unpacking just the 32-row blocks that hold them."""
+@lru_cache(maxsize=1)
+def _block_rows() -> int:
+    """Rows per block of the packer: 32 in PyTorch's AVX2 build of the kernel, 64 in its AVX-512 one
+    (checked by a round trip, not assumed from the CPU's name)."""
+    g = torch.Generator().manual_seed(0)
+    for b in (64, 32):
+        codes = torch.randint(0, 16, (2 * b + 16, 64), generator=g, dtype=torch.uint8)
+        if torch.equal(_unpack_with(pack_int4_cpu(codes), b), codes):
+            return b
+    raise RuntimeError("PyTorch's int4 packer uses a row-block layout pocketvlm does not know")
+
+
+def _unpack_with(packed: torch.Tensor, b: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
-    n32 = n // 32 * 32
+    nb = n // b * b
     flat = packed.reshape(-1)
-    head = flat[: n32 * k // 2].view(n32 // 32, 16 * k)
-    tail = flat[n32 * k // 2 :].view(-1, 8 * k)  # at most one 16-row block
+    head = flat[: nb * k // 2].view(nb // b, b * k // 2)
+    tail = flat[nb * k // 2 :].view(1, -1)  # the last n - nb rows are packed as one block of their own
     if rows is None:
         parts = []
-        if n32:
-            parts.append(_unpack_blocks(head, 32, k).reshape(n32, k))
-        if n > n32:
-            parts.append(_unpack_blocks(tail, 16, k).reshape(n - n32, k))
+        if nb:
+            parts.append(_unpack_blocks(head, b, k).reshape(nb, k))
+        if n > nb:
+            parts.append(_unpack_blocks(tail, n - nb, k).reshape(n - nb, k))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
     rows = rows.reshape(-1)
     out = torch.empty(rows.numel(), k, dtype=torch.uint8, device=packed.device)
-    in_head = rows < n32
+    in_head = rows < nb
     if in_head.any():
         r = rows[in_head]
-        blocks, inv = torch.unique(r // 32, return_inverse=True)  # unpack each needed block once
-        out[in_head] = _unpack_blocks(head[blocks], 32, k)[inv, r % 32]
+        blocks, inv = torch.unique(r // b, return_inverse=True)  # unpack each needed block once
+        out[in_head] = _unpack_blocks(head[blocks], b, k)[inv, r % b]
     if (~in_head).any():
-        out[~in_head] = _unpack_blocks(tail, 16, k)[0, rows[~in_head] - n32]
+        out[~in_head] = _unpack_blocks(tail, n - nb, k)[0, rows[~in_head] - nb]
     return out
+
+
+def unpack_int4_cpu(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_cpu`: uint8 ``[N, K/2]`` -> codes uint8 ``[N, K]``, or only the
+    given ``rows`` (a 1-D index tensor), unpacking just the row blocks that hold them."""
+    return _unpack_with(packed, _block_rows(), rows)
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scale_zeros: torch.Tensor) -> torch.Tensor:
