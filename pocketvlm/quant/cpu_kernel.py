@@ -78,7 +78,7 @@ from ..errors import QuantizationError
 GROUP = 32
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCE = _CSRC / "q4_cpu.cpp"
-_SOURCES = (_SOURCE, _CSRC / "decode_cpu.cpp")  # one library; kernels.h is what they share
+_SOURCES = (_SOURCE, _CSRC / "decode_cpu.cpp", _CSRC / "gemm_i8.cpp")  # one library; kernels.h is what they share
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "path": None}
 _ops = torch.ops.pocketvlm_q4  # resolves its ops once the library is loaded
