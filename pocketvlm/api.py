@@ -102,7 +102,8 @@ class PocketModel:
     def __init__(self, loaded: loading.Loaded, tokenizer, *, template: str | None = None,
                  context_window_size: int | None = None, prefill_chunk_size: int = 512,
                  image_processor=None, image_cache_size: int = 32, compile: bool = False,
-                 fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None):
+                 fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None,
+                 vision_precision: str = "fp32"):
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -111,6 +112,7 @@ class PocketModel:
         max_pos = getattr(self.text_config, "max_position_embeddings", DEFAULT_CONTEXT) or DEFAULT_CONTEXT
         self.context_window_size = int(context_window_size or min(max_pos, DEFAULT_CONTEXT))
         self.prefill_chunk_size = int(prefill_chunk_size)
+        self.vision_precision = vision_precision if hasattr(loaded.model, "encode_images") else "none"
         self.kv_cache_dtype = loading.kv_cache_dtype_for(kv_cache_dtype, (loaded.quantization or {}).get("mode"), self.dtype)
         self.template = self._pick_template(template)
         self._slot: Slot | None = None
@@ -175,6 +177,7 @@ class PocketModel:
             "template": self.template_name, "vision": self.is_vlm,
             "decode": "fused" if self.fused_reason is None else f"eager ({self.fused_reason})",
             "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
+            "vision_precision": self.vision_precision,
         }
 
     # --- templates ---------------------------------------------------------------------------------
@@ -364,13 +367,14 @@ def load_image_processor(loaded: loading.Loaded):
 
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
          context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
-         quantization: str | None = None, compile: bool = False, vision_precision: str = "fp32",
+         quantization: str | None = None, compile: bool = False, vision_precision: str = "auto",
          fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None, **kw) -> PocketModel:
     """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
     or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct).
 
-    ``vision_precision`` ("fp32" exact, "bf16", "int8", or "auto" = fastest for this device, see
-    :mod:`pocketvlm.quant.vision_fast`) applies to a VLM's vision tower only.
+    ``vision_precision`` applies to a VLM's vision tower only: "auto" (default: int8 on CPUs with AVX-512 VNNI,
+    bf16 on CUDA, else fp32), "fp32" (exact), "bf16" or "int8"; see :mod:`pocketvlm.quant.vision_fast` for
+    their measured speed and error. ``info()["vision_precision"]`` says which one runs.
 
     ``fused``: the one-call-per-token CPU decode step (:mod:`pocketvlm.engine.fused`) - ``None`` (default)
     uses it when the model qualifies (CPU, q4/q8 layers on pocketvlm's kernel), ``True`` requires it (an
@@ -382,12 +386,11 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     max_seq = context_window_size
     loaded = loading.load(source or DEFAULT_MODEL, device=device, dtype=dtype, max_seq_len=max_seq,
                           quantization=quantization, **kw)
-    if vision_precision != "fp32":
-        from .quant.vision_fast import apply_vision_precision
+    from .quant.vision_fast import apply_vision_precision
 
-        apply_vision_precision(loaded.model, vision_precision)
+    vision = apply_vision_precision(loaded.model, vision_precision)  # "none" for text-only models
     tok = load_tokenizer(loaded)
     proc = load_image_processor(loaded) if hasattr(loaded.model, "encode_images") else None
     return PocketModel(loaded, tok, template=template, context_window_size=context_window_size,
                        prefill_chunk_size=prefill_chunk_size, image_processor=proc, compile=compile, fused=fused,
-                       kv_cache_dtype=kv_cache_dtype)
+                       kv_cache_dtype=kv_cache_dtype, vision_precision=vision)

@@ -133,12 +133,13 @@ class BenchResult:
     bandwidth_share: float = 0.0
     decode_path: str = ""
     kv_cache_dtype: str = ""
+    vision_precision: str = ""
 
 
 def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3, threads: int | None = None,
               image: str | None = None, device: str = "cpu", dtype: str = "float32", quantization: str | None = None,
               compile: bool = False, fused: bool | None = None, measure_bw: bool = True,
-              progress: bool = True, kv_cache_dtype: str | None = None) -> BenchResult:
+              progress: bool = True, kv_cache_dtype: str | None = None, vision_precision: str = "auto") -> BenchResult:
     from .api import load
     from .engine.sampling import SamplingParams
 
@@ -148,7 +149,7 @@ def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat
     t0 = time.perf_counter()
     pm = load(source, device=device, dtype=dtype, quantization=quantization,
               context_window_size=prompt_tokens + gen_tokens + 8, prefill_chunk_size=max(prompt_tokens, 1),
-              compile=compile, fused=fused, kv_cache_dtype=kv_cache_dtype)
+              compile=compile, fused=fused, kv_cache_dtype=kv_cache_dtype, vision_precision=vision_precision)
     load_s = time.perf_counter() - t0
     vocab = pm.text_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -159,6 +160,7 @@ def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat
                       prompt_tokens, gen_tokens)
     res.decode_path = pm.info()["decode"]
     res.kv_cache_dtype = pm.info()["kv_cache_dtype"]
+    res.vision_precision = pm.info()["vision_precision"]
 
     t0 = time.perf_counter()  # warm-up (compilation, lazy kernel packing) measured on its own
     slot = pm.new_slot()
@@ -231,7 +233,7 @@ def format_result(r: BenchResult) -> str:
     if r.image_encode_ms:
         per_tile = r.image_encode_ms["mean"] / r.image_tiles
         lines.append(f"image encode     {ms(r.image_encode_ms)} ms per image, {per_tile:.1f} ms per tile "
-                     f"({r.image_tiles} tiles)")
+                     f"({r.image_tiles} tiles; vision tower {r.vision_precision})")
     lines.append(f"peak RSS         {r.peak_rss_bytes / 2**20:.0f} MiB")
     if r.bandwidth_gb_s:
         lines.append(f"bandwidth        {r.bandwidth_gb_s:.1f} GB/s measured; {r.bytes_per_token / 1e6:.1f} MB read "
@@ -243,7 +245,8 @@ def format_result(r: BenchResult) -> str:
 def cmd_bench(a) -> int:
     r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat, threads=a.threads,
                   image=a.image, device=a.device, dtype=a.dtype, quantization=a.quantization, compile=a.compile,
-                  fused=False if a.no_fused else None, kv_cache_dtype=a.kv_cache_dtype, progress=not a.json)
+                  fused=False if a.no_fused else None, kv_cache_dtype=a.kv_cache_dtype, progress=not a.json,
+                  vision_precision=a.vision_precision)
     print(json.dumps(asdict(r), indent=2) if a.json else format_result(r))
     return 0
 
@@ -262,6 +265,7 @@ def register_cli(sub) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default=None)
     p.add_argument("--kv-cache-dtype", default="auto", help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--vision-precision", default="auto", help="vision tower: auto, fp32, bf16 or int8")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--no-fused", action="store_true", help="decode with the eager PyTorch modules, not the fused step")
     p.add_argument("--json", action="store_true")

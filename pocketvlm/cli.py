@@ -32,7 +32,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (eager fallback)")
     p.add_argument("--no-fused", action="store_true",
                    help="decode with the eager PyTorch modules instead of the fused CPU step (q4/q8 models)")
-    p.add_argument("--vision-precision", default="fp32", help="vision tower: fp32 (exact), bf16, int8 or auto")
+    p.add_argument("--vision-precision", default="auto",
+                   help="vision tower: auto (default: int8 on CPUs with AVX-512 VNNI, bf16 on CUDA, else fp32), "
+                        "fp32 (exact), bf16 or int8")
     p.add_argument("--template", default=None,
                    help="built-in chat template name (chatml, llama-2, vicuna, gemma, phi-3, zephyr, redpajama_chat); "
                         "default: the checkpoint's own")
@@ -64,7 +66,7 @@ def load_model(a):
     return load(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
                 context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
                 template=a.template, verify=getattr(a, "verify", False), compile=getattr(a, "compile", False),
-                vision_precision=getattr(a, "vision_precision", "fp32"),
+                vision_precision=getattr(a, "vision_precision", "auto"),
                 fused=False if getattr(a, "no_fused", False) else None,
                 kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"))
 

@@ -24,9 +24,11 @@ activations are cast to bf16 and S, Z are rounded to bf16 for the kernel (codes 
 the result is cast back to the input dtype.
 
 Prefill: a GEMV kernel is the wrong tool for many tokens. With ``M >= dense_min_tokens`` rows the
-module dequantizes its weight to ``dense_dtype`` (float32 on CPU: PyTorch's bf16 GEMM measured
-several times slower than fp32 on this machine) and calls ``F.linear`` (a dense GEMM); the default
-threshold is measured in benchmarks/kernels.py. On non-CPU devices, or shapes the
+module dequantizes its weight to ``dense_dtype`` and calls ``F.linear`` (a dense GEMM); the default
+threshold is measured in benchmarks/kernels.py. ``dense_dtype`` on CPU is bfloat16 where the CPU
+multiplies bf16 natively (AVX-512-BF16 / AMX: oneDNN's bf16 GEMM ran the 512-token prefill of
+Qwen2.5-0.5B at ~380 GFLOP/s vs ~110 for fp32 on the 2-core Zen 4 VM, prefill 170 -> 270-290 tokens/s)
+and float32 elsewhere (on AVX2-only CPUs PyTorch's bf16 GEMM measured several times *slower* than fp32). On non-CPU devices, or shapes the
 kernel cannot take (out_features not a multiple of 16), the dense path is always used.
 
 Storage: on CPU ``qweight`` is converted lazily (first forward) into the kernel's packed layout,
@@ -56,6 +58,13 @@ OWN_KERNEL_MAX_TOKENS = 16
 OWN_KERNEL_ACT = "int8"
 
 
+def cpu_dense_dtype() -> torch.dtype:
+    """bfloat16 where this CPU multiplies bf16 natively, else float32 (the dense prefill path on CPU)."""
+    from .vision_fast import cpu_has_native_bf16
+
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 class QuantLinear(nn.Module):
     """Base class: the ``nn.Linear`` call contract (``in_features``, ``out_features``, ``bias``) over
     low-bit codes. Subclasses say how their stored form maps to kernel codes."""
@@ -69,9 +78,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.k_padded = formats.padded_in_features(in_features, group_size)
         self.dense_min_tokens = DENSE_MIN_TOKENS
-        # dense (prefill) path dtype on CPU: a bf16 GEMM measured ~6x slower than fp32 on the shared
-        # 2-core box (benchmarks/kernels.py), so float32 unless a caller knows better
-        self.dense_dtype = torch.float32
+        self.dense_dtype = cpu_dense_dtype()  # the prefill GEMM's dtype on CPU (see the module docstring)
         self._layout = "plain"  # or "cpu": qweight holds kernels.pack_int4_cpu(kernel codes); "own": see _prepare_own
         self._own = None  # cpu_kernel.Q4Weight / Q8Weight for pocketvlm's own kernel
         self._own_direct = False  # True when _own can be called on the raw input (no padding, no row folding)
@@ -311,10 +318,10 @@ class Int4Linear(QuantLinear):
         self._own_direct = self.k_padded == self.in_features
 
     def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        if dtype == torch.float32 and self._layout == "own" and cpu_kernel.available():
+        if dtype in (torch.float32, torch.bfloat16) and self._layout == "own" and cpu_kernel.available():
             # one C++ pass over the packed bytes (3-5x faster than unpacking in PyTorch: prefill's cost);
             # kernel rows are the output rows here
-            return self._fold_cols(cpu_kernel.dequantize_q4(self._own))
+            return self._fold_cols(cpu_kernel.dequantize_q4(self._own)).to(dtype)
         return super().dense_weight(dtype)
 
     def _group_dequant(self, c, s, z):
@@ -362,11 +369,11 @@ class Int8Linear(QuantLinear):
         return y[..., :n] + y[..., n:]
 
     def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        if dtype == torch.float32 and self._layout in ("plain", "own") and self.qweight.device.type == "cpu" \
-                and cpu_kernel.available():
+        if dtype in (torch.float32, torch.bfloat16) and self._layout in ("plain", "own") \
+                and self.qweight.device.type == "cpu" and cpu_kernel.available():
             # one C++ pass over the int8 codes (the kernel-code path below took ~65 ms per 4864 x 896 matrix)
             self._prepare_own()
-            return self._fold_cols(cpu_kernel.dequantize_q8(self._own))
+            return self._fold_cols(cpu_kernel.dequantize_q8(self._own)).to(dtype)
         return super().dense_weight(dtype)
 
     def _prepare_own(self):

@@ -24,6 +24,8 @@ feature error on SigLIP-so400m and no VNNI speed-up; it is gone.)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,12 +37,14 @@ VISION_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 _ACT_CODES = {"quick_gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # fused in the kernel's epilogue
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
+    """AVX-512-BF16 or AMX-BF16 in /proc/cpuinfo (False where it cannot be read)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def vnni_available() -> bool:
@@ -223,9 +227,11 @@ def _cast_input(dtype):
 
 
 def apply_vision_precision(model: nn.Module, precision: str = "auto") -> str:
-    """Switch the VLM's vision tower to the chosen precision in place; returns the precision used."""
+    """Switch the VLM's vision tower to the chosen precision in place; returns the precision used ("none" for a
+    model without a vision tower)."""
     tower, proj = find_vision_parts(model)
     if tower is None:
+        resolve_precision(precision, torch.device("cpu"))  # a bad name is an error for any model
         return "none"
     p = next(tower.parameters())
     precision = resolve_precision(precision, p.device)
