@@ -144,7 +144,8 @@ void quantize_rows_vnni(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quantize_rows_vnni_range(x, m0, m1, K, Kp, qa, sa, rs); });
 }
 
-// exp(x) for the activations (Cephes-style: 2^n * p(r), |rel err| ~ 2e-7 over the float range used here)
+// exp(x) for the activations and the softmax: the Cephes polynomial of decode_cpu.cpp's exp8 on 16 lanes
+// (2^n * p(r), |rel err| ~ 2e-7 over the float range used here)
 PVLM_VNNI inline __m512 exp512(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
