@@ -442,10 +442,10 @@ class Int5Linear(Int8Linear):
         return q.to(torch.int16) - 16
 
     def dense_weight(self, dtype=torch.bfloat16):
-        if dtype == torch.float32 and self.qweight.device.type == "cpu" and cpu_kernel.available():
+        if dtype in (torch.float32, torch.bfloat16) and self.qweight.device.type == "cpu" and cpu_kernel.available():
             self._prepare_own()  # one C++ pass over the 5-bit layout
             if isinstance(self._own, cpu_kernel.Q4Weight):
-                return self._fold_cols(cpu_kernel.dequantize_q4(self._own))
+                return self._fold_cols(cpu_kernel.dequantize_q4(self._own)).to(dtype)
         if self._own_q5():
             return self.dequantize(dtype)
         return super().dense_weight(dtype)

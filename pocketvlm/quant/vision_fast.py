@@ -41,7 +41,8 @@ _ACT_CODES = {"quick_gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # fused i
 def cpu_has_native_bf16() -> bool:
     """AVX-512-BF16 or AMX-BF16 in /proc/cpuinfo (False where it cannot be read)."""
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
     except OSError:
         return False
     return bool({"avx512_bf16", "amx_bf16"} & flags)
