@@ -51,7 +51,9 @@ class Embeddings(nn.Module):
         gh, gw = (s // cfg.patch_size for s in pixel_values.shape[-2:])
         if (gh, gw) != (cfg.grid, cfg.grid):
             pos = interpolate_positions(pos, gh, gw)
-        return x + pos
+        # contiguous: x is a transposed view, and x + pos would keep its strides, so every later residual add,
+        # LayerNorm and matmul input of the encoder would run on (or first copy) a transposed layout
+        return (x + pos).contiguous()
 
 
 class PoolingAttention(nn.Module):
