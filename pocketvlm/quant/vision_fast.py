@@ -10,13 +10,16 @@ picking by what the CPU has:
 * ``"int8"``: every matrix product of the encoder layers as an int8 x int8 GEMM on pocketvlm's own AVX-512 VNNI
   kernel (``csrc/gemm_i8.cpp``): weights symmetric int8 per output channel, activations quantized per token
   (row) to int8 at each call, exact int32 sums; bias and the MLP activation (quick GELU / tanh GELU) are
-  applied in the kernel's epilogue; q, k and v are one GEMM. On a CPU without AVX-512 VNNI the same arithmetic
-  runs in PyTorch (identical results up to float rounding, no faster than fp32).
+  applied in the kernel's epilogue; q, k and v are one GEMM. The attention between them runs on a bf16 kernel
+  (``attention_bf16``: q, k, v and the softmax numerators rounded to bf16, fp32 sums and softmax; ~2x fp32
+  SDPA) where the CPU has AVX-512-BF16, else on fp32 SDPA. On a CPU without AVX-512 VNNI the same int8
+  arithmetic runs in PyTorch (identical results up to float rounding, no faster than fp32).
 
 Why int8 and not bf16 on CPUs that have both (measured on the 2-core AMD EPYC Zen 4 VM, one core each):
 fp32 FMA 116 GFLOP/s, bf16 ``vdpbf16ps`` 231, int8 ``vpdpbusd`` 459 GOP/s (``benchmarks/isa_peak.py``). The
 accuracy is that of bf16: relative L2 error of the output features vs fp32, full-size random weights, one tile:
-CLIP ViT-L/14-336 1.1% (bf16 1.2%), SigLIP-so400m-384 1.8% (bf16 1.1%). "auto" picks int8 where the kernel
+CLIP ViT-L/14-336 1.1% (bf16 1.2%), SigLIP-so400m-384 1.8% (bf16 1.1%); one tile took 3.3-4.1x less time than
+transformers fp32 in the same run (bf16: 1.4-1.9x; benchmarks/compare.py). "auto" picks int8 where the kernel
 has VNNI, bf16 on CUDA and on CPUs with native bf16 but no VNNI, fp32 otherwise.
 
 (An earlier int8 path used PyTorch's dynamic-quantized fbgemm GEMM with one activation scale per tensor: 34%
