@@ -19,6 +19,7 @@ import torch
 
 from ..models import gemma, layers as L, llama
 from ..quant import cpu_kernel
+from ..quant.hugepages import move_to_hugepages
 from ..quant.linear import Int4Linear, Int5Linear, Int8Linear
 
 _ACT = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
@@ -75,6 +76,13 @@ def build_plan(text) -> tuple:
     if act is None:
         raise ValueError(f"activation {getattr(m0, 'act_name', None)!r} is not supported by the fused step")
     _, plus_one = _norm(layers[0].input_layernorm, "input_layernorm", None)
+    # every weight decode streams, in decode order, into one arena of huge pages where the OS allows it
+    # (before the plan takes its references; unsupported layers raise here, before anything moved)
+    streamed = [_linear_args(lin)[:3] for layer in layers for key in ("qkv", "o", "gate_up", "down")
+                for lin in layer.parts()[key]]
+    head_layer = getattr(getattr(text.lm_head, "_embedding", None), "table", None) or text.lm_head
+    head_args = _own_args(head_layer)
+    move_to_hugepages([t for args in streamed + ([head_args[:3]] if head_args else []) for t in args])
     plan = torch.classes.pocketvlm_q4.DecodePlan(
         cfg.hidden_size, a0.n_heads, a0.n_kv, a0.head_dim, cfg.intermediate_size, float(cfg.rms_norm_eps),
         plus_one, act, float(a0.scale), float(a0.softcap or 0.0))
@@ -101,8 +109,7 @@ def build_plan(text) -> tuple:
     if emb is not None and type(text.model).scale_embeddings is llama.TextModel.scale_embeddings:
         plan.set_embedding(*emb[:4], float(text.model.embed_scale()))
     # the LM head (a TiedQuantHead runs the embedding's table), else it runs in PyTorch after the step
-    head = text.lm_head
-    head = _own_args(getattr(getattr(head, "_embedding", None), "table", None) or head)
+    head = _own_args(head_layer)
     if head is not None:
         plan.set_final_norm(_norm(text.model.norm, "final norm", plus_one)[0])
         plan.add_linear(4, *head)
