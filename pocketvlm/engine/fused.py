@@ -2,7 +2,9 @@
 
 Eager decode of a quantized 0.5B model spends about as long dispatching its ~400 small PyTorch operators
 per token as reading the weights. :class:`FusedDecode` hands a ``DecodePlan`` references to the model's
-quantized weights and norms once (no copies), then runs a whole token in one call: the embedding row of a
+quantized weights and norms once (the weights first moved, in decode order, into one arena of huge pages where
+the OS allows it: :mod:`pocketvlm.quant.hugepages`; the modules keep using the same tensors), then runs a whole
+token in one call: the embedding row of a
 quantized table, the same q4/q8 kernels with int8 activations as the per-layer path, RMSNorm, RoPE, KV-cache
 writes, (sliding-window, soft-capped) attention, the gated MLP, the final norm and a quantized LM head, on
 torch's own threads with spin barriers between the phases. The RoPE tables (so every RoPE scaling type is the
