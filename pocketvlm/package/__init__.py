@@ -20,12 +20,15 @@ __all__ = ["convert", "load_package", "is_package", "package", "estimate_memory"
 
 
 def load_package_model(folder, *, device="cpu", dtype="float32", context_window_size=None,
-                       prefill_chunk_size: int = 512, verify: bool = False, template=None):
+                       prefill_chunk_size: int = 512, verify: bool = False, template=None,
+                       vision_precision: str = "auto"):
     """A :class:`pocketvlm.api.PocketModel` from a package folder (what ``pocketvlm.load(folder)`` does
-    once loading.py routes package folders here)."""
+    once loading.py routes package folders here), the vision tower at ``vision_precision`` as there."""
     from ..api import PocketModel, load_image_processor, load_tokenizer
+    from ..quant.vision_fast import apply_vision_precision
 
     loaded = load_package(folder, device=device, dtype=dtype, max_seq_len=context_window_size, verify=verify)
+    vision = apply_vision_precision(loaded.model, vision_precision)
     proc = None
     if hasattr(loaded.model, "encode_images"):
         import json
@@ -35,4 +38,4 @@ def load_package_model(folder, *, device="cpu", dtype="float32", context_window_
         f = loaded.path / "preprocessor_config.json"
         proc = ImageProcessorConfig.from_dict(json.loads(f.read_text())) if f.exists() else load_image_processor(loaded)
     return PocketModel(loaded, load_tokenizer(loaded), template=template, context_window_size=context_window_size,
-                       prefill_chunk_size=prefill_chunk_size, image_processor=proc)
+                       prefill_chunk_size=prefill_chunk_size, image_processor=proc, vision_precision=vision)
