@@ -59,6 +59,7 @@ functions here fall back to pure PyTorch (dequantize + matmul), so callers never
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -94,6 +95,20 @@ class Q4Weight(NamedTuple):
 
 
 # ----- build ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512-BF16 or AMX-BF16: where PyTorch's bf16 GEMM beats fp32 (the prefill and vision bf16 paths)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def _simd_flags() -> list[str]:
     """AVX2/FMA/F16C flags when this x86 CPU has all three (checked at run time), else none."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
@@ -104,11 +119,7 @@ def _simd_flags() -> list[str]:
         cap = ""
     if cap in ("AVX2", "AVX512"):
         return ["-mavx2", "-mfma", "-mf16c"]
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= cpu_flags() else []
 
 
 def _build_root() -> Path:

@@ -60,9 +60,7 @@ OWN_KERNEL_ACT = "int8"
 
 def cpu_dense_dtype() -> torch.dtype:
     """bfloat16 where this CPU multiplies bf16 natively, else float32 (the dense prefill path on CPU)."""
-    from .vision_fast import cpu_has_native_bf16
-
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_kernel.cpu_has_native_bf16() else torch.float32
 
 
 class QuantLinear(nn.Module):

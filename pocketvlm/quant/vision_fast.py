@@ -27,28 +27,16 @@ feature error on SigLIP-so400m and no VNNI speed-up; it is gone.)
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import clip
 from . import cpu_kernel
+from .cpu_kernel import cpu_has_native_bf16
 
 VISION_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 _ACT_CODES = {"quick_gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # fused in the kernel's epilogue
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """AVX-512-BF16 or AMX-BF16 in /proc/cpuinfo (False where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def vnni_available() -> bool:
