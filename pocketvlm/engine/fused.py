@@ -80,11 +80,13 @@ def build_plan(text) -> tuple:
     _, plus_one = _norm(layers[0].input_layernorm, "input_layernorm", None)
     # every weight decode streams, in decode order, into one arena of huge pages where the OS allows it
     # (before the plan takes its references; unsupported layers raise here, before anything moved)
-    streamed = [_linear_args(lin)[:3] for layer in layers for key in ("qkv", "o", "gate_up", "down")
-                for lin in layer.parts()[key]]
-    head_layer = getattr(getattr(text.lm_head, "_embedding", None), "table", None) or text.lm_head
-    head_args = _own_args(head_layer)
-    move_to_hugepages([t for args in streamed + ([head_args[:3]] if head_args else []) for t in args])
+    slots = ("qkv", "o", "gate_up", "down")
+    linears = [[(slot, _linear_args(lin)) for slot, key in enumerate(slots) for lin in layer.parts()[key]]
+               for layer in layers]  # per layer: (plan slot, kernel args) in decode order
+    # the LM head (a TiedQuantHead runs the embedding's table), else it runs in PyTorch after the step
+    head = _own_args(getattr(getattr(text.lm_head, "_embedding", None), "table", None) or text.lm_head)
+    streamed = [args[:3] for per_layer in linears for _, args in per_layer] + ([head[:3]] if head else [])
+    move_to_hugepages([t for args in streamed for t in args])
     plan = torch.classes.pocketvlm_q4.DecodePlan(
         cfg.hidden_size, a0.n_heads, a0.n_kv, a0.head_dim, cfg.intermediate_size, float(cfg.rms_norm_eps),
         plus_one, act, float(a0.scale), float(a0.softcap or 0.0))
@@ -103,15 +105,12 @@ def build_plan(text) -> tuple:
         window = cfg.sliding_window if layer.layer_type == "sliding_attention" else None
         plan.add_layer(norms["in_norm"], norms["attn_out_norm"], norms["ffn_in_norm"], norms["ffn_out_norm"],
                        norms["q_norm"], norms["k_norm"], int(window or 0), types.index(layer.layer_type))
-        for slot, key in enumerate(("qkv", "o", "gate_up", "down")):
-            for lin in parts[key]:
-                plan.add_linear(slot, *_linear_args(lin))
+        for slot, args in linears[i]:
+            plan.add_linear(slot, *args)
     # a quantized embedding table (QuantEmbedding) is looked up in the plan, else in PyTorch
     emb = _own_args(getattr(text.model.embed_tokens, "table", None))
     if emb is not None and type(text.model).scale_embeddings is llama.TextModel.scale_embeddings:
         plan.set_embedding(*emb[:4], float(text.model.embed_scale()))
-    # the LM head (a TiedQuantHead runs the embedding's table), else it runs in PyTorch after the step
-    head = _own_args(head_layer)
     if head is not None:
         plan.set_final_norm(_norm(text.model.norm, "final norm", plus_one)[0])
         plan.add_linear(4, *head)
