@@ -68,7 +68,7 @@ inline float act_scalar(float v, int64_t act) {
 }
 
 struct Shape {
-  int64_t N, K, Np, Kp;
+  int64_t N, Np, Kp;  // output columns, and both padded sizes of the packed weight
 };
 
 Shape packed_shape(const at::Tensor& packed, int64_t N) {
@@ -77,7 +77,6 @@ Shape packed_shape(const at::Tensor& packed, int64_t N) {
   Shape s;
   s.Np = packed.size(0) * kPanel;
   s.Kp = packed.size(1) * 4;
-  s.K = s.Kp;
   s.N = N;
   TORCH_CHECK(N > s.Np - kPanel && N <= s.Np, "i8_linear: N = ", N, " does not match the packed weight's ", s.Np,
               " (padded) columns");
@@ -85,6 +84,9 @@ Shape packed_shape(const at::Tensor& packed, int64_t N) {
 }
 
 // ---- x -> int8 rows ------------------------------------------------------------------------------------
+// one value: round to nearest even (as the vector path's MXCSR default), clamp to the symmetric range
+inline int32_t q8_round(float v, float inv) { return std::clamp(static_cast<int32_t>(std::nearbyint(v * inv)), -127, 127); }
+
 // qa [M, Kp] (zero padded), sa [M], rowsum [M]
 void quantize_rows_scalar(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* qa, float* sa, int32_t* rs) {
   for (int64_t m = 0; m < M; ++m) {
@@ -96,8 +98,7 @@ void quantize_rows_scalar(const float* x, int64_t M, int64_t K, int64_t Kp, int8
     int32_t s = 0;
     int8_t* q = qa + m * Kp;
     for (int64_t k = 0; k < K; ++k) {
-      const int32_t v = static_cast<int32_t>(std::nearbyint(r[k] * inv));
-      q[k] = static_cast<int8_t>(std::clamp(v, -127, 127));
+      q[k] = static_cast<int8_t>(q8_round(r[k], inv));
       s += q[k];
     }
     for (int64_t k = K; k < Kp; ++k) q[k] = 0;
@@ -131,9 +132,8 @@ PVLM_VNNI void quantize_rows_vnni_range(const float* x, int64_t m0, int64_t m1, 
     }
     int32_t s = _mm512_reduce_add_epi32(vsum);
     for (; k < K; ++k) {
-      const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(r[k] * inv)), -127, 127);
-      q[k] = static_cast<int8_t>(v);
-      s += v;
+      q[k] = static_cast<int8_t>(q8_round(r[k], inv));
+      s += q[k];
     }
     for (k = K; k < Kp; ++k) q[k] = 0;
     rs[m] = s;
@@ -464,11 +464,10 @@ at::Tensor i8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "i8_linear: x must be a CPU float32 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(act >= 0 && act <= 2, "i8_linear: act must be 0 (none), 1 (quick_gelu) or 2 (gelu_tanh)");
-  const Shape sh0 = packed_shape(packed, N);
+  const Shape sh = packed_shape(packed, N);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K <= sh0.Kp && K > sh0.Kp - 4, "i8_linear: x has K = ", K, " but the weight was packed for ", sh0.Kp,
+  TORCH_CHECK(K <= sh.Kp && K > sh.Kp - 4, "i8_linear: x has K = ", K, " but the weight was packed for ", sh.Kp,
               " (padded)");
-  Shape sh = sh0;
   TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.numel() == N && wscale.is_contiguous(),
               "i8_linear: wscale must be contiguous float32 [N]");
   const float* bp = nullptr;
