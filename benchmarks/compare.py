@@ -117,17 +117,14 @@ def bench_vision(folder: Path, repeat: int) -> dict:
         del ref
         gc.collect()
         for p in VISION_PATHS:
-            # apply_vision_precision works on a VLM's tower: hold the bare encoder as one
-            holder = torch.nn.Module()
-            holder.vision_tower = loading.load(folder).model
-            apply_vision_precision(holder, p)
-            ours = holder.vision_tower
+            ours = loading.load(folder).model
+            apply_vision_precision(ours, p)
             r[f"pocketvlm {p}"] = t(lambda: ours(px, output_layer=layer))
             got = ours(px, output_layer=layer).float()
             if p == "fp32":
                 r["fp32 max abs diff"] = float((got - want).abs().max())
             r[f"{p} rel err"] = float((got - want).norm() / want.norm())
-            del holder, ours
+            del ours
             gc.collect()
     return r
 

@@ -96,10 +96,9 @@ def _tower(tmp_path, kind, **cfg):
 
 
 def _fast(folder, precision):
-    holder = torch.nn.Module()
-    holder.vision_tower = loading.load(folder).model
-    assert vf.apply_vision_precision(holder, precision) == precision
-    return holder.vision_tower
+    tower = loading.load(folder).model
+    assert vf.apply_vision_precision(tower, precision) == precision
+    return tower
 
 
 TINY = dict(image_size=56, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=4,

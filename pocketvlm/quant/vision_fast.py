@@ -201,7 +201,10 @@ def int8_linears(module: nn.Module) -> nn.Module:
 
 
 def find_vision_parts(model: nn.Module):
-    """(vision tower, projector) of a VLM in any of the families' layouts, or (None, None)."""
+    """(vision tower, projector) of a VLM in any of the families' layouts, (the encoder, None) for a bare
+    CLIP / SigLIP encoder, or (None, None)."""
+    if isinstance(model, clip.Model):  # siglip.Model is one too
+        return model, None
     inner = getattr(model, "model", model)
     tower = getattr(inner, "vision_tower", None) or getattr(model, "vision_tower", None)
     proj = None
