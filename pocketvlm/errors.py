@@ -63,3 +63,7 @@ class ImageTooLargeError(ImageError):
 
 class ServerBusyError(PocketVLMError, RuntimeError):
     """Too many requests already waiting for a model (the server answers 503); retry later."""
+
+
+class DataError(PocketVLMError, ValueError):
+    """A malformed evaluation data file: bad JSON, a missing field, an unknown kind, a missing image."""

@@ -1,4 +1,6 @@
-"""pocketvlm.eval: quality measurements of loaded models (perplexity)."""
+"""pocketvlm.eval: quality measurements of loaded models (perplexity, VQA accuracy)."""
 from .perplexity import PerplexityResult, evaluate_perplexity, perplexity, windows
+from .vqa import EvalReport, EvalResult, evaluate, load_questions, pocketvlm_answerer, run_eval
 
-__all__ = ["perplexity", "evaluate_perplexity", "PerplexityResult", "windows"]
+__all__ = ["perplexity", "evaluate_perplexity", "PerplexityResult", "windows",
+           "evaluate", "run_eval", "load_questions", "pocketvlm_answerer", "EvalResult", "EvalReport"]
