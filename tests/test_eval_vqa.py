@@ -16,20 +16,22 @@ def test_normalize():
     assert normalize("  The GREY Circle!! ") == "gray circle"
     assert normalize("an apple, a pear.") == "apple pear"
     assert normalize("...") == ""
+    assert normalize("A.") == "a" and normalize("the") == "the"  # a label, not an article
 
 
 @pytest.mark.parametrize("pred,answer,correct", [
     ("red", "red", True), ("Red.", "red", True), ("RED", "red", True), ("The red one", "red", True),
     ("red circle", "red", True), ("It is red", "red", False), ("grey", "gray", True), ("Gray!", "grey", True),
     ("bar chart", "bar chart", True), ("Bar chart, clearly.", "bar chart", True), ("bar", "bar chart", False),
-    ("reddish", "red", False), ("blue", "red", False), ("A square.", "square", True),
+    ("reddish", "red", False), ("blue", "red", False), ("A square.", "square", True), ("A.", "A", True),
+    ("A bar", "A", False), ("B", "A", False),
 ])
 def test_match_word(pred, answer, correct):
     parsed, ok = match(pred, answer, "word")
     assert parsed is not None and ok is correct
 
 
-@pytest.mark.parametrize("pred", ["", "   ", "...", "The.", None])
+@pytest.mark.parametrize("pred", ["", "   ", "...", None])
 def test_match_word_parse_failure(pred):
     assert match(pred, "red", "word") == (None, False)
 
@@ -63,6 +65,20 @@ def test_parse_number(pred, parsed):
 def test_parse_option(pred, parsed):
     assert parse_option(pred) == parsed
     assert match(pred, "B", "option") == (parsed, parsed == "B")
+
+
+@pytest.mark.parametrize("pred,parsed", [
+    ("right", "right"), ("Right.", "right"), ("On the right", "right"), ("to the LEFT", "left"),
+    ("the right one, not left", "right"), ("B", None), ("up", None), ("", None), ("rightmost", None),
+])
+def test_option_named_by_its_choices(pred, parsed):
+    assert match(pred, "right", "option", ["left", "right"]) == (parsed, parsed == "right")
+
+
+@pytest.mark.parametrize("pred,parsed", [("(B)", "B"), ("green", "B"), ("It is green.", "B"), ("dark blue", "D"),
+                                         ("blue", "C"), ("purple", None)])
+def test_letter_option_answered_with_the_choice_text(pred, parsed):
+    assert match(pred, "B", "option", ["red", "green", "blue", "dark blue"]) == (parsed, parsed == "B")
 
 
 # --- statistics ---------------------------------------------------------------------------------------
@@ -128,7 +144,8 @@ GOOD = {"id": "q1", "image": "red.png", "question": "Colour?", "answer": "red", 
     ({**GOOD, "question": ""}, "missing field(s) question"),
     ({**GOOD, "image": "nowhere.png"}, "nowhere.png' does not exist"),
     ({**GOOD, "answer_kind": "number", "answer": "many"}, "is not an integer"),
-    ({**GOOD, "answer_kind": "option", "answer": "Z"}, "is not a letter A-E"),
+    ({**GOOD, "answer_kind": "option", "answer": "Z"}, "is not a letter A-E or one of its choices"),
+    ({**GOOD, "answer_kind": "option", "answer": "up", "choices": ["left", "right"]}, "is not a letter A-E"),
     ({**GOOD, "choices": "red"}, "choices must be a non-empty list"),
     ('{"id": "q1", "image": ', "line 2: not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
@@ -272,3 +289,28 @@ def test_cli_bad_data_fails_before_loading_the_model(tmp_path, capsys):
     f = write_set(tmp_path, rows=[{**GOOD, "type": "texture"}])
     assert main(["eval", str(tmp_path / "no-model-here"), "--data", str(f)]) == 2
     assert "unknown type 'texture'" in capsys.readouterr().err
+
+
+def test_default_data_is_the_generated_scenes_set(tmp_path, monkeypatch):
+    pytest.importorskip("pocketvlm.scenes")
+    from pocketvlm.eval.cli import default_data
+
+    monkeypatch.setenv("POCKETVLM_CACHE", str(tmp_path))
+    d = default_data(2)
+    assert d == tmp_path / "scenes-eval-seed1-2"
+    qs = load_questions(d)  # the generator's rows pass every check
+    assert len(qs) >= 2 and {q.type for q in qs} <= {"colour", "shape", "count", "relation", "word", "chart", "yesno"}
+    mtime = (d / "questions.jsonl").stat().st_mtime_ns
+    assert default_data(2) == d and (d / "questions.jsonl").stat().st_mtime_ns == mtime  # made once
+    assert [p.name for p in tmp_path.iterdir()] == [d.name]  # no temporary folder left behind
+
+
+def test_no_data_and_no_scene_generator_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from pocketvlm.cli import main
+
+    monkeypatch.setenv("POCKETVLM_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pocketvlm.scenes", None)  # import fails
+    assert main(["eval", "some-model"]) == 2
+    assert "pass --data PATH" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The ``eval`` subcommand: VQA accuracy of a model with its blind baseline (registered by :func:`register_cli`)."""
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -37,7 +38,7 @@ def default_data(per_type: int) -> Path:
     from ..real_models import cache_dir
 
     try:
-        from .. import scenes
+        scenes = importlib.import_module("pocketvlm.scenes")
     except ImportError:
         raise DataError("no --data given and the scene generator (pocketvlm.scenes) is not available; "
                         "pass --data PATH to a questions.jsonl") from None

@@ -4,14 +4,18 @@ Rules (in the manner of lmms-eval / VLMEvalKit's exact-match scorers, kept delib
 reader can predict the verdict):
 
 * every prediction is first normalised: lowercase, punctuation turned into spaces, the articles "a", "an",
-  "the" dropped, "grey" spelled "gray", whitespace collapsed;
+  "the" dropped (unless nothing else is left: "A." is the label A), "grey" spelled "gray", whitespace collapsed;
 * ``word``: correct if the normalised prediction equals the answer, or its first word does, or (for a
   multi-word answer) it starts with the answer's words; a parse failure if nothing is left after normalising;
 * ``yesno``: the first "yes" or "no" word; a parse failure if there is none;
 * ``number``: the first integer written in digits ("3", "1,024") or as a word ("zero" .. "twenty"); a parse
   failure if there is none;
-* ``option``: a letter A-E from "B", "(B)", "B.", "B) blue", "Option B", "the answer is B", "Answer: (b)";
-  a parse failure if there is none. A capital "A" that reads as the article ("A red circle") is not an option.
+* ``option`` with a letter answer: a letter A-E from "B", "(B)", "B.", "B) blue", "Option B", "the answer is
+  B", "Answer: (b)"; a capital "A" that reads as the article ("A red circle") is not an option. Without a
+  letter, a prediction that names one of the listed (non-letter) choices counts as that choice's letter
+  ("green" for B of [red, green, blue]). A parse failure if neither is found;
+* ``option`` with an answer that is one of its ``choices`` (named options, e.g. "left" of [left, right]):
+  the choice the prediction names first; a parse failure if it names none.
 
 A parse failure always counts as wrong. :func:`match` returns ``(parsed, correct)`` with ``parsed`` None on a
 parse failure.
@@ -43,7 +47,8 @@ _OPTION_BARE = re.compile(r"(?<![A-Za-z'])[(\[]?([A-E])(?![A-Za-z'])")
 def normalize(text: str) -> str:
     """Lowercase, punctuation to spaces, articles dropped, British spellings mapped, whitespace collapsed."""
     words = _PUNCT.sub(" ", str(text).lower()).split()
-    return " ".join(SPELLINGS.get(w, w) for w in words if w not in ARTICLES)
+    kept = [w for w in words if w not in ARTICLES] or words  # "A" alone is a label (chart bar A), not an article
+    return " ".join(SPELLINGS.get(w, w) for w in kept)
 
 
 def parse_word(prediction: str) -> str | None:
@@ -76,22 +81,60 @@ def parse_option(prediction: str) -> str | None:
     return None
 
 
+def parse_choice(prediction: str, choices) -> str | None:
+    """The choice (normalised) the prediction names first, whole words only; the longer one on a tie
+    ("dark blue" over "blue")."""
+    words = normalize(prediction).split()
+    best = None  # (position, -length, choice)
+    for choice in {normalize(c) for c in choices} - {""}:
+        cw = choice.split()
+        pos = next((i for i in range(len(words) - len(cw) + 1) if words[i:i + len(cw)] == cw), None)
+        if pos is not None and (best is None or (pos, -len(cw)) < best[:2]):
+            best = (pos, -len(cw), choice)
+    return None if best is None else best[2]
+
+
+def is_letter(answer) -> bool:
+    return isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in OPTION_LETTERS
+
+
+def parse_option_answer(prediction: str, answer, choices=None) -> str | None:
+    """An option prediction in the form of ``answer``: a letter when the answer is a letter (or, when no
+    letter is found, the letter of the listed choice the prediction names), else the named choice."""
+    if not is_letter(answer):
+        return parse_choice(prediction, choices or ())
+    letter = parse_option(prediction)
+    if letter is None and choices and not all(is_letter(c) for c in choices):
+        named = parse_choice(prediction, choices)
+        if named is not None:
+            letter = OPTION_LETTERS[[normalize(c) for c in choices].index(named)]
+    return letter
+
+
 PARSERS = {"word": parse_word, "yesno": parse_yesno, "number": parse_number, "option": parse_option}
 
 
-def canonical_answer(answer, kind: str):
-    """The reference answer in the form its parser produces; None if it cannot be read that way."""
+def canonical_answer(answer, kind: str, choices=None):
+    """The reference answer in the form its parser produces; None if it cannot be read that way (for an
+    option: a letter A-E, or one of ``choices``)."""
     if kind == "number" and isinstance(answer, int) and not isinstance(answer, bool):
         return answer
+    if kind == "option":
+        if is_letter(answer):
+            return answer.strip().upper()
+        gold = normalize(answer)
+        return gold if gold and gold in {normalize(c) for c in choices or ()} else None
     return PARSERS[kind](str(answer))
 
 
-def match(prediction: str, answer, kind: str) -> tuple[object, bool]:
-    """``(parsed, correct)`` for one prediction; ``parsed`` is None when the prediction cannot be read."""
-    parsed = PARSERS[kind](prediction or "")
+def match(prediction: str, answer, kind: str, choices=None) -> tuple[object, bool]:
+    """``(parsed, correct)`` for one prediction; ``parsed`` is None when the prediction cannot be read.
+    ``choices`` matter only for an option answered by name (see :func:`parse_option_answer`)."""
+    prediction = prediction or ""
+    parsed = parse_option_answer(prediction, answer, choices) if kind == "option" else PARSERS[kind](prediction)
     if parsed is None:
         return None, False
-    gold = canonical_answer(answer, kind)
+    gold = canonical_answer(answer, kind, choices)
     if kind != "word":
         return parsed, parsed == gold
     words, gold_words = parsed.split(), gold.split()

@@ -88,16 +88,17 @@ def _question(row, n: int, path: Path) -> Question:
         raise DataError(f"{where}: unknown answer_kind {kind!r}; known kinds: {', '.join(ANSWER_KINDS)}")
     if not isinstance(row["question"], str):
         raise DataError(f"{where}: question must be a string")
-    answer = row["answer"]
-    if not isinstance(answer, (str, int)) or isinstance(answer, bool) or canonical_answer(answer, kind) is None:
-        expect = {"word": "a word", "yesno": '"yes" or "no"', "number": "an integer",
-                  "option": f"a letter {OPTION_LETTERS[0]}-{OPTION_LETTERS[-1]}"}[kind]
-        raise DataError(f"{where}: answer {answer!r} is not {expect} (answer_kind {kind!r})")
     choices = row.get("choices")
     if choices is not None:
         if not isinstance(choices, list) or not choices:
             raise DataError(f"{where}: choices must be a non-empty list")
         choices = tuple(str(c) for c in choices)
+    answer = row["answer"]
+    if (not isinstance(answer, (str, int)) or isinstance(answer, bool)
+            or canonical_answer(answer, kind, choices) is None):
+        expect = {"word": "a word", "yesno": '"yes" or "no"', "number": "an integer",
+                  "option": f"a letter {OPTION_LETTERS[0]}-{OPTION_LETTERS[-1]} or one of its choices"}[kind]
+        raise DataError(f"{where}: answer {answer!r} is not {expect} (answer_kind {kind!r})")
     image = Path(str(row["image"])).expanduser()
     image = image if image.is_absolute() else path.parent / image
     if not image.is_file():
@@ -321,7 +322,7 @@ def evaluate(answer_fn: AnswerFn, questions: list[Question] | str | Path, *, bli
                 q = chosen[i]
                 prediction = answer_fn(image, q.question)
                 prediction = "" if prediction is None else str(prediction)
-                parsed, correct = match(prediction, q.answer, q.answer_kind)
+                parsed, correct = match(prediction, q.answer, q.answer_kind, q.choices)
                 records[i] = Record(q.id, q.type, q.question, q.answer, prediction, parsed, correct, q.chance)
                 n_done += 1
                 n_correct += correct
