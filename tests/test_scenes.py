@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from pocketvlm.cli import main
 from pocketvlm.errors import PocketVLMError
@@ -137,6 +137,19 @@ def test_text_is_drawn_large(scenes):
         assert q.answer == s.text.text.lower() and q.answer_kind == ("number" if s.text.is_number else "word")
 
 
+def test_bitmap_font_fallback_without_freetype(monkeypatch):
+    monkeypatch.setattr(R, "_font", lambda size: ImageFont.load_default_imagefont())
+    R.cap_ratio.cache_clear()
+    try:
+        s = next(s for s in (make_scene(0, i) for i in range(50)) if s.kind == "text")
+        assert s.text.cap_height >= 0.18 * s.image.size[1]
+        x0, y0, x1, y1 = s.text.bbox
+        box = np.asarray(s.image)[y0:y1, x0:x1].astype(int)
+        assert (np.abs(box - s.text.rgb).max(axis=-1) <= 1).mean() > 0.1
+    finally:
+        R.cap_ratio.cache_clear()
+
+
 def test_charts_answer_what_is_drawn(scenes):
     for s in of_kind(scenes, "chart"):
         arr = np.asarray(s.image).astype(int)
@@ -195,6 +208,8 @@ def test_write_eval(tmp_path):
         assert r["image"].startswith("images/1-") and (tmp_path / r["image"]).is_file()
         assert r["question"].endswith(ANSWER_SUFFIX) and r["answer"]
     assert all(Counter(r["type"] for r in rows if r["image"] == im).most_common(1)[0][1] == 1 for im in images)
+    assert Counter(r["answer"] for r in rows if r["type"] == "count") == {str(k): 1 for k in range(1, 7)}
+    assert Counter(r["answer"] for r in rows if r["type"] == "yesno") == {"yes": 3, "no": 3}
     with pytest.raises(PocketVLMError, match="unknown question type"):
         write_eval(tmp_path, per_type=1, types=["colour", "bogus"], progress=False)
 

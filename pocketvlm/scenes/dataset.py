@@ -14,7 +14,9 @@ Files (LLaVA conversation format, image paths relative to ``out_dir``):
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from . import questions as Q
 from . import render as R
 
 KIND_WEIGHTS = (("shapes", 0.55), ("text", 0.25), ("chart", 0.20))
+BALANCED = ("count", "yesno")   # eval types whose answers write_eval balances exactly over their choices
 
 
 @dataclass
@@ -198,7 +201,8 @@ def write_dataset(out_dir, count: int, seed: int = 0, *, progress: bool = True) 
 
 def write_eval(out_dir, per_type: int = 200, seed: int = 1, types=None, *, progress: bool = True) -> dict:
     """Held-out questions: scenes of ``seed`` until each type has ``per_type`` questions, at most one
-    question per type from each scene. Writes the used images and ``questions.jsonl``; returns counts."""
+    question per type from each scene. Count answers (1-6) and yes/no answers are balanced exactly.
+    Writes the used images and ``questions.jsonl``; returns counts."""
     types = list(Q.QUESTION_TYPES if types is None else types)
     unknown = [t for t in types if t not in Q.QUESTION_TYPES]
     if unknown or not types:
@@ -207,6 +211,7 @@ def write_eval(out_dir, per_type: int = 200, seed: int = 1, types=None, *, progr
         raise PocketVLMError(f"per_type must be at least 1, got {per_type}")
     out = _prepare(out_dir)
     have = {t: 0 for t in types}
+    answers: Counter = Counter()
     rows = []
     index = 0
     bar = tqdm(total=per_type * len(types), desc="eval questions", unit="q", disable=not progress)
@@ -217,10 +222,15 @@ def write_eval(out_dir, per_type: int = 200, seed: int = 1, types=None, *, progr
         chosen = []
         for t in types:
             options = [qa for qa in scene.qa if qa.type == t]
+            if t == "count":   # the planned count question (first) is the one with uniform answers
+                options = options[:1]
+            if t in BALANCED:  # exactly balanced answers, not just balanced in expectation
+                options = [qa for qa in options if answers[t, qa.answer] < math.ceil(per_type / len(qa.choices))]
             if have[t] < per_type and options:
-                # the count question is always first: its answers are the uniform ones
-                chosen.append(options[0] if t == "count" else pick.choice(options))
+                qa = pick.choice(options)
+                chosen.append(qa)
                 have[t] += 1
+                answers[t, qa.answer] += 1
         if not chosen:
             continue
         rel = _save(scene, out)

@@ -221,7 +221,7 @@ def _article(phrase: str) -> str:
 
 def shapes_caption(objects: list[Obj], bg: Background, w: int, h: int) -> str:
     items = [f"{_article(f'{o.size} {o.colour} {o.shape}')} {place_words(o, w, h)}"
-             for o in sorted(objects, key=lambda o: (round(3 * o.cy / h), o.cx))]
+             for o in sorted(objects, key=lambda o: (min(2, int(3 * o.cy / h)), o.cx))]   # row by row
     if len(objects) == 1:
         return f"{items[0][0].upper()}{items[0][1:]}, on {bg.describe()}."
     n = NUMBER_WORDS[len(objects)].capitalize()
