@@ -1,10 +1,11 @@
 """LLaVA (LLaVA-1.5 and the llava-hf checkpoints): vision tower + MLP projector + any registered decoder.
 
 Architecture, as Hugging Face's ``LlavaForConditionalGeneration``:
-- ``model.vision_tower``: CLIP or SigLIP, chosen by ``vision_config.model_type``;
+- ``model.vision_tower``: CLIP, SigLIP or DINOv2, chosen by ``vision_config.model_type``;
 - the hidden states of ``vision_feature_layer`` (an int, or a list whose states are concatenated on the
   feature axis; LLaVA-1.5 uses -2, the penultimate layer), with the first token dropped when
-  ``vision_feature_select_strategy == "default"`` (CLIP's class token);
+  ``vision_feature_select_strategy == "default"`` (CLIP's and DINOv2's class token; DINOv2's final
+  ``layernorm`` is not applied, as HF takes ``hidden_states[vision_feature_layer]``);
 - ``model.multi_modal_projector``: ``linear_1`` -> ``projector_hidden_act`` -> ``linear_2``;
 - ``model.language_model`` + ``lm_head``: the decoder of ``text_config.model_type`` (llama, qwen2, ...);
 - the prompt holds one ``image_token_index`` token per feature row (the processor expands ``<image>``);
@@ -30,7 +31,7 @@ from ..errors import ConfigError, ImageError
 from . import base, registry
 from .projectors import build_projector
 
-VISION_FAMILIES = ("clip_vision_model", "siglip_vision_model")
+VISION_FAMILIES = ("clip_vision_model", "siglip_vision_model", "dinov2")
 
 
 def text_family(cfg):
@@ -102,11 +103,13 @@ class Model(nn.Module):
         # Not registered as a child: its modules are, below, under HF's names.
         object.__setattr__(self, "_text", text)
         self.model = nn.Module()
+        # The decoder first: callers read the model's dtype from its first parameter (the KV cache's dtype
+        # among others), and the vision tower may run in another one (vision_precision "bf16").
+        self.model.language_model = text.model
         self.model.vision_tower = vision_family(cfg.vision_config.model_type).Model(cfg.vision_config)
         self.model.multi_modal_projector = build_projector(
             "mlp2x_gelu", cfg.vision_config.hidden_size * len(cfg.feature_layers), cfg.text_config.hidden_size,
             hidden_act=cfg.projector_hidden_act, bias=cfg.multimodal_projector_bias)
-        self.model.language_model = text.model
         self.lm_head = text.lm_head
 
     # --- text-model contract -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ FAMILIES = {
     "mobilevlm": "mobilevlm",
     "clip_vision_model": "clip",
     "siglip_vision_model": "siglip",
+    "dinov2": "dinov2",
 }
 
 # Architectures that are the same as a family above under another name.

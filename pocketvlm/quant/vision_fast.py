@@ -10,7 +10,8 @@ picking by what the CPU has:
 * ``"int8"``: every matrix product of the encoder layers as an int8 x int8 GEMM on pocketvlm's own AVX-512 VNNI
   kernel (``csrc/gemm_i8.cpp``): weights symmetric int8 per output channel, activations quantized per token
   (row) to int8 at each call, exact int32 sums; bias and the MLP activation (quick GELU / tanh GELU) are
-  applied in the kernel's epilogue; q, k and v are one GEMM. The attention between them runs on a bf16 kernel
+  applied in the kernel's epilogue (DINOv2's exact erf GELU right after it, in PyTorch); q, k and v are one
+  GEMM. DINOv2's layer scales stay fp32 multiplies outside the GEMMs. The attention between them runs on a bf16 kernel
   (``attention_bf16``: q, k, v and the softmax numerators rounded to bf16, fp32 sums and softmax; ~2x fp32
   SDPA) where the CPU has AVX-512-BF16, else on fp32 SDPA. On a CPU without AVX-512 VNNI the same int8
   arithmetic runs in PyTorch (identical results up to float rounding, no faster than fp32).
@@ -20,7 +21,9 @@ fp32 FMA 116 GFLOP/s, bf16 ``vdpbf16ps`` 231, int8 ``vpdpbusd`` 459 GOP/s (``ben
 accuracy is that of bf16: relative L2 error of the output features vs fp32, full-size random weights, one tile:
 CLIP ViT-L/14-336 1.1% (bf16 1.2%), SigLIP-so400m-384 1.8% (bf16 1.1%); one tile took 3.3-4.1x less time than
 transformers fp32 in the same run (bf16: 1.4-1.9x; benchmarks/compare.py). "auto" picks int8 where the kernel
-has VNNI, bf16 on CUDA and on CPUs with native bf16 but no VNNI, fp32 otherwise.
+has VNNI, bf16 on CUDA and on CPUs with native bf16 but no VNNI, fp32 otherwise; for a DINOv2 tower it never
+picks int8 (3.2-3.7% feature error on the real ViT-S/14, over the 3% the other towers keep; bf16 1.0%): bf16
+where bf16 is native, fp32 otherwise. ``apply_vision_precision`` returns the precision that runs.
 
 (An earlier int8 path used PyTorch's dynamic-quantized fbgemm GEMM with one activation scale per tensor: 34%
 feature error on SigLIP-so400m and no VNNI speed-up; it is gone.)
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import clip
+from ..models import clip, dinov2
 from . import cpu_kernel
 from .cpu_kernel import cpu_has_native_bf16
 
@@ -150,17 +153,21 @@ def attention_bf16_reference(qkv: torch.Tensor, batch: int, heads: int) -> torch
 
 
 class Int8Attention(nn.Module):
-    """``clip.Attention`` with q, k and v as one int8 GEMM (the input is quantized once), the attention itself on
-    the bf16 kernel where the CPU has AVX-512 BF16 (else ``scaled_dot_product_attention`` in fp32), and an int8
-    ``out_proj``."""
+    """``clip.Attention`` (or ``dinov2.Attention``, the same arithmetic under HF's nested names) with q, k and v as
+    one int8 GEMM (the input is quantized once), the attention itself on the bf16 kernel where the CPU has
+    AVX-512 BF16 (else ``scaled_dot_product_attention`` in fp32), and an int8 ``out_proj``."""
 
-    def __init__(self, attn: clip.Attention):
+    def __init__(self, attn: clip.Attention | dinov2.Attention):
         super().__init__()
         self.n_heads, self.head_dim = attn.n_heads, attn.head_dim
-        ps = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if isinstance(attn, dinov2.Attention):
+            a = attn.attention
+            ps, out = (a.query, a.key, a.value), attn.output.dense
+        else:
+            ps, out = (attn.q_proj, attn.k_proj, attn.v_proj), attn.out_proj
         bias = None if ps[0].bias is None else torch.cat([p.bias for p in ps])
         self.qkv_proj = VisionInt8Linear(torch.cat([p.weight for p in ps]), bias)
-        self.out_proj = VisionInt8Linear.from_linear(attn.out_proj)
+        self.out_proj = VisionInt8Linear.from_linear(out)
 
     def forward(self, x):
         B, S, _ = x.shape
@@ -188,9 +195,11 @@ class Int8MLP(nn.Module):
 
 
 def int8_linears(module: nn.Module) -> nn.Module:
-    """Swap, in place, every ``clip.Attention`` / ``clip.MLP`` (CLIP's and SigLIP's encoder layers) under
-    ``module`` for its int8 version, and every other plain ``nn.Linear`` for a :class:`VisionInt8Linear`."""
-    swaps = {clip.Attention: Int8Attention, clip.MLP: Int8MLP, nn.Linear: VisionInt8Linear.from_linear}
+    """Swap, in place, every ``clip.Attention`` / ``dinov2.Attention`` / ``clip.MLP`` (the encoder layers of CLIP,
+    SigLIP and DINOv2) under ``module`` for its int8 version, and every other plain ``nn.Linear`` for a
+    :class:`VisionInt8Linear`."""
+    swaps = {clip.Attention: Int8Attention, dinov2.Attention: Int8Attention, clip.MLP: Int8MLP,
+             nn.Linear: VisionInt8Linear.from_linear}
     for child_name, child in list(module.named_children()):
         make = swaps.get(type(child))
         if make is not None:
@@ -202,8 +211,8 @@ def int8_linears(module: nn.Module) -> nn.Module:
 
 def find_vision_parts(model: nn.Module):
     """(vision tower, projector) of a VLM in any of the families' layouts, (the encoder, None) for a bare
-    CLIP / SigLIP encoder, or (None, None)."""
-    if isinstance(model, clip.Model):  # siglip.Model is one too
+    CLIP / SigLIP / DINOv2 encoder, or (None, None)."""
+    if isinstance(model, (clip.Model, dinov2.Model)):  # siglip.Model is a clip.Model too
         return model, None
     inner = getattr(model, "model", model)
     tower = getattr(inner, "vision_tower", None) or getattr(model, "vision_tower", None)
@@ -229,7 +238,12 @@ def apply_vision_precision(model: nn.Module, precision: str = "auto") -> str:
         resolve_precision(precision, torch.device("cpu"))  # a bad name is an error for any model
         return "none"
     p = next(tower.parameters())
-    precision = resolve_precision(precision, p.device)
+    asked, precision = precision, resolve_precision(precision, p.device)
+    if asked == "auto" and precision == "int8" and isinstance(tower, dinov2.Model):
+        # DINOv2 is more sensitive to int8 than CLIP/SigLIP: relative L2 error of the real ViT-S/14's features
+        # 3.2% (raw last layer) / 3.7% (after layernorm) vs bf16's 0.9-1.0%; and at ViT-S width bf16 was faster
+        # here (AMX). So "auto" never picks int8 for it; an explicit "int8" still runs int8.
+        precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "int8":
         int8_linears(tower)
     elif precision == "bf16" and p.dtype != torch.bfloat16:
