@@ -150,7 +150,8 @@ class PocketModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The language model's dtype (a VLM's tower may run in another precision)."""
+        return next(self.model.get_input_embeddings().parameters()).dtype
 
     @property
     def device(self) -> torch.device:

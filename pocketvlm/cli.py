@@ -240,7 +240,7 @@ def _plugins():
     for mod, fn in [("pocketvlm.package.cli", "register_cli"), ("pocketvlm.bench", "register_cli"),
                     ("pocketvlm.serve.app", "register_cli"),
                     ("pocketvlm.eval.cli", "register_cli"),
-                    ("pocketvlm.scenes.cli", "register_cli")]:
+                    ("pocketvlm.scenes.cli", "register_cli"), ("pocketvlm.train.cli", "register_cli")]:
         try:
             yield getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError):

@@ -1,0 +1,291 @@
+"""LLaVA's two-stage recipe on pocketvlm's own modules.
+
+- stage 1 (``stage=1``): only the projector trains (tower and language model frozen), on captions;
+- stage 2 (``stage=2``): the projector and LoRA adapters on the language model train, on instructions.
+
+The tower is frozen in both stages, so its features are computed once per image (``cache_features``) and the
+step runs the projector, the language model and the LM head only. The LM head runs on the answer positions
+only (the loss counts answer tokens, nothing else), one sample per micro-step (no padding), gradients
+accumulated over ``batch_size`` samples and averaged per answer token. On a CPU that multiplies bf16 natively
+(AVX-512-BF16 / AMX) and on CUDA the frozen language model is held in bf16 and the step runs under bf16
+autocast; trainable weights and the optimizer stay float32.
+
+Output folder: ``model.safetensors`` + configs + tokenizer (a Hugging Face ``LlavaForConditionalGeneration``
+with the LoRA merged, merged in float32 on the base's float32 weights), ``projector.safetensors`` and
+``adapter/`` (peft format) apart, ``train_config.json``, ``train_log.jsonl`` (one JSON line per optimizer
+step), and while training ``checkpoint.pt`` (resumable: ``resume=True``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .data import IGNORE, Encoder, load_dataset
+from .lora import apply_lora, load_adapter_state, merge_lora, save_adapter
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COPY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+              "preprocessor_config.json", "processor_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+@dataclass
+class TrainConfig:
+    base: str                      # a LLaVA folder (pocketvlm.train.assemble_llava, or a previous stage's output)
+    data: str                      # LLaVA-format JSON
+    out: str
+    stage: int = 2
+    image_folder: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None   # optimizer steps; overrides epochs
+    batch_size: int = 8            # samples per optimizer step (gradient accumulation)
+    lr: float = 2e-4
+    warmup: float = 0.03           # share of the steps
+    min_lr_ratio: float = 0.1      # cosine decay to lr * this
+    weight_decay: float = 0.0
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple = LORA_TARGETS
+    device: str = "cpu"
+    dtype: str = "auto"            # auto: bf16 where the hardware multiplies it natively, else float32
+    seed: int = 0
+    max_samples: int | None = None
+    save_every: int = 100          # optimizer steps between checkpoints
+    resume: bool = False
+    progress: bool = True
+
+    def signature(self) -> str:
+        """What a checkpoint must agree with to be resumed: the base model, data and the trained parts."""
+        base_cfg = (Path(self.base) / "config.json").read_text() if (Path(self.base) / "config.json").exists() else ""
+        parts = [base_cfg, str(Path(self.data).resolve()), self.stage, self.lora_r, self.lora_alpha,
+                 sorted(self.lora_targets) if self.stage == 2 else None, self.batch_size, self.seed]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.dtype in ("float32", "fp32"):
+        return torch.float32
+    if cfg.dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if cfg.dtype != "auto":
+        raise ConfigError(f"training dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.device.startswith("cuda"):
+        return torch.bfloat16
+    from ..quant.cpu_kernel import cpu_has_native_bf16
+
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def load_base(folder, device="cpu"):
+    """(Loaded LLaVA, tokenizer, image processor config) of a LLaVA folder."""
+    from .. import loading
+    from ..image import ImageProcessorConfig
+    from ..tokenizer import Tokenizer
+
+    folder = Path(folder)
+    loaded = loading.load_hf(folder, device=device)
+    if not hasattr(loaded.model, "image_hidden_states"):
+        raise ConfigError(f"{folder} is not a LLaVA model (model_type {loaded.config_dict.get('model_type')!r})")
+    tok = Tokenizer.from_folder(folder)
+    if not tok.chat_template:
+        raise ConfigError(f"{folder} has no chat template; training renders conversations with it")
+    proc = ImageProcessorConfig.from_dict(json.loads((folder / "preprocessor_config.json").read_text()))
+    return loaded, tok, proc
+
+
+@torch.no_grad()
+def cache_features(model, proc, paths, *, batch: int = 16, progress: bool = True, device="cpu") -> dict:
+    """Selected tower features (before the projector) of each image, computed once: {path: [tokens, D] bf16}."""
+    from tqdm.auto import tqdm
+
+    from ..image import load_image, preprocess
+
+    out = {}
+    paths = sorted(set(paths), key=str)
+    with tqdm(total=len(paths), desc="image features", unit="img", disable=not progress) as bar:
+        for i in range(0, len(paths), batch):
+            chunk = paths[i:i + batch]
+            pix = torch.cat([preprocess(load_image(str(p)), proc, dtype=torch.float32, device=device).pixel_values
+                             for p in chunk])
+            feats = model.image_hidden_states(pix)
+            for p, f in zip(chunk, feats):
+                out[str(p)] = f.to(torch.bfloat16).cpu().clone()
+            bar.update(len(chunk))
+    return out
+
+
+def trainable_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _step_loss(model, sample, feats, dtype, device):
+    ids = torch.tensor([sample.input_ids], device=device)
+    labels = torch.tensor([sample.labels], device=device)
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    if not bool(keep.any()):
+        raise ConfigError(f"sample {sample.id!r} has no answer token to learn from")
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        img = model.model.multi_modal_projector(feats.to(device)[None].float())
+        emb = model.embed(ids, img)
+        h = model.model.language_model(inputs_embeds=emb)
+        logits = model.lm_head(h[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one stage; returns the output folder (a LLaVA folder with the trained parts merged)."""
+    from tqdm.auto import tqdm
+
+    if cfg.stage not in (1, 2):
+        raise ConfigError(f"stage must be 1 (projector) or 2 (projector + LoRA), got {cfg.stage}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if cfg.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    dtype = compute_dtype(cfg)
+    loaded, tok, proc = load_base(cfg.base, cfg.device)
+    model = loaded.model
+    enc = Encoder(tok, tok.chat_template, model.image_token_id, model.num_image_tokens())
+    ds = load_dataset(cfg.data, enc, image_folder=cfg.image_folder, max_samples=cfg.max_samples)
+    print(f"data: {ds.report()}", flush=True)
+
+    lm = model.model.language_model
+    lm.to(dtype)
+    model.lm_head.to(dtype)
+    targets = []
+    if cfg.stage == 2:
+        targets = apply_lora(lm, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, prefix="model.language_model.")
+    model.model.multi_modal_projector.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+
+    per_epoch = math.ceil(len(ds.samples) / cfg.batch_size)
+    total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+    sig = cfg.signature()
+    step, log_f = 0, out / "train_log.jsonl"
+    ckpt = out / "checkpoint.pt"
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("signature") != sig:
+            raise ConfigError(f"{ckpt} was written for another model, data or training setup "
+                              f"(signature {state.get('signature')} != {sig}); start a new output folder")
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed at step {step} of {total}", flush=True)
+    elif log_f.exists():
+        log_f.unlink()
+
+    feats = cache_features(model, proc, [s.image for s in ds.samples], progress=cfg.progress, device=cfg.device)
+    (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "total_steps": total,
+                                                      "trainable_parameters": n_train, "compute_dtype": str(dtype),
+                                                      "samples": len(ds.samples), "skipped": dict(ds.skipped)},
+                                                     indent=2, default=str))
+
+    def order(epoch):
+        idx = list(range(len(ds.samples)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(idx)
+        return idx
+
+    t0, done_samples = time.time(), 0
+    bar = tqdm(total=total, initial=step, desc=f"stage {cfg.stage}", unit="step", disable=not cfg.progress)
+    model.train()
+    while step < total:
+        epoch, pos = divmod(step * cfg.batch_size, len(ds.samples))
+        idx = order(epoch)
+        group = [ds.samples[idx[(pos + j) % len(idx)]] for j in range(cfg.batch_size)]
+        lr = lr_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        n_tok = sum(sum(1 for t in s.labels[1:] if t != IGNORE) for s in group)
+        loss_sum = 0.0
+        for s in group:
+            loss, _ = _step_loss(model, s, feats[str(s.image)], dtype, cfg.device)
+            (loss / n_tok).backward()
+            loss_sum += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        done_samples += len(group)
+        rate = done_samples / (time.time() - t0)
+        rec = {"step": step, "loss": loss_sum / n_tok, "lr": lr, "samples_per_s": round(rate, 3),
+               "elapsed_s": round(time.time() - t0, 1), "epoch": round(step * cfg.batch_size / len(ds.samples), 3)}
+        with open(log_f, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", samples_s=f"{rate:.2f}")
+        bar.update()
+        if step % cfg.save_every == 0 or step == total:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"signature": sig, "step": step, "trainable": trainable_state(model),
+                        "optimizer": opt.state_dict()}, tmp)
+            tmp.replace(ckpt)
+    bar.close()
+    model.eval()
+    return finish(cfg, model, targets)
+
+
+def finish(cfg: TrainConfig, trained, targets) -> Path:
+    """Save projector and adapters apart, then a full LLaVA folder: the base's float32 weights with the
+    trained projector and the LoRA merged in float32."""
+    from safetensors.torch import save_file
+
+    from .. import loading
+
+    out, base = Path(cfg.out), Path(cfg.base)
+    proj = {f"model.multi_modal_projector.{k}": v.detach().float().cpu().contiguous()
+            for k, v in trained.model.multi_modal_projector.state_dict().items()}
+    save_file(proj, str(out / "projector.safetensors"), metadata={"format": "pt"})
+    lm = trained.model.language_model
+    if targets:
+        save_adapter(lm, out / "adapter", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                     prefix="model.language_model.", base_model=str(base))
+    fresh = loading.load_hf(base).model
+    fresh.model.multi_modal_projector.load_state_dict(
+        {k.split("multi_modal_projector.", 1)[1]: v for k, v in proj.items()})
+    if targets:
+        from safetensors.torch import load_file
+
+        apply_lora(fresh.model.language_model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
+        load_adapter_state(fresh.model.language_model, load_file(str(out / "adapter" / "adapter_model.safetensors")),
+                           prefix="model.language_model.")
+        merge_lora(fresh.model.language_model)
+    save_llava(fresh, base, out)
+    return out
+
+
+def save_llava(model, base: Path, out: Path) -> None:
+    """The model's weights under transformers-5 names + the base folder's configs and tokenizer files."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+             if "rotary" not in k and not k.endswith("inv_freq")}
+    cfg = json.loads((base / "config.json").read_text())
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in COPY_FILES:
+        if (base / name).exists() and (base / name).resolve() != (out / name).resolve():
+            shutil.copyfile(base / name, out / name)
