@@ -68,8 +68,9 @@ class TrainConfig:
     def signature(self) -> str:
         """What a checkpoint must agree with to be resumed: the base model, data and the trained parts."""
         base_cfg = (Path(self.base) / "config.json").read_text() if (Path(self.base) / "config.json").exists() else ""
-        parts = [base_cfg, str(Path(self.data).resolve()), self.stage, self.lora_r, self.lora_alpha,
-                 sorted(self.lora_targets) if self.stage == 2 else None, self.batch_size, self.seed]
+        # the base's path too: a stage-1 output has the same config.json as its base but other weights
+        parts = [base_cfg, str(Path(self.base).resolve()), str(Path(self.data).resolve()), self.stage, self.lora_r,
+                 self.lora_alpha, sorted(self.lora_targets) if self.stage == 2 else None, self.batch_size, self.seed]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
