@@ -158,14 +158,18 @@ class PocketModel:
         return next(self.model.parameters()).device
 
     def num_parameters(self) -> int:
+        """Weights of the model as defined (a quantized layer counts its logical in x out weights)."""
+        from .quant.linear import QuantLinear
+
         seen, n = set(), 0
         for p in self.model.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 n += p.numel()
-        for b in self.model.buffers():  # quantized modules keep packed weights as buffers
-            if b.dtype in (torch.uint8, torch.int8, torch.int32) and id(b) not in seen:
-                seen.add(id(b))
+        for m in self.model.modules():  # packed weights are buffers; a tied head shares its embedding's table
+            if isinstance(m, QuantLinear) and id(m) not in seen:
+                seen.add(id(m))
+                n += m.in_features * m.out_features
         return n
 
     def info(self) -> dict:
@@ -179,6 +183,7 @@ class PocketModel:
             "decode": "fused" if self.fused_reason is None else f"eager ({self.fused_reason})",
             "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
             "vision_precision": self.vision_precision,
+            "quantization": (self.loaded.quantization or {}).get("mode"),
         }
 
     # --- templates ---------------------------------------------------------------------------------

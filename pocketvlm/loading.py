@@ -90,7 +90,7 @@ def resolve(source: str | os.PathLike) -> tuple[str, Path]:
         raise ModelNotFoundError(f"{p} is neither a model folder nor a .gguf file")
     real = resolve_real_model(s)
     if real is not None:
-        return "gguf", real
+        return ("hf" if real.is_dir() else "gguf"), real
     if _REPO_ID.match(s) and not s.startswith((".", "/", "~")):
         return "hf", download(s)
     raise ModelNotFoundError(f"model {s!r} not found: no such file or folder, and not a Hugging Face repo id")
@@ -489,7 +489,11 @@ def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None =
     manifest (file sizes; sha256 too with ``verify``) and loaded with its recorded quantization."""
     from .package import is_package, load_package
 
+    from .real_models import DEFAULT_QUANTIZATION
+
     dtype = parse_dtype(dtype)
+    if quantization is None:
+        quantization = DEFAULT_QUANTIZATION.get(str(source))
     if is_package(source):
         loaded = load_package(source, device=device, dtype=dtype, max_seq_len=max_seq_len, verify=verify)
         recorded = (loaded.quantization or {}).get("mode")

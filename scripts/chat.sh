@@ -3,9 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh serve,default-model
-# No arguments: the embedded default model, keeping its GGUF blocks quantized (the file's own quality, decoded
-# by the fused CPU step: ~4x the fp32 speed; see README "Measured results").
-if [[ $# -eq 0 ]]; then
-    set -- --quantization gguf
-fi
+# No arguments: pocketvlm-scenes, the default VLM (DINOv2 ViT-S/14 + Qwen2.5-Coder-0.5B-Instruct, trained by
+# pocketvlm on generated scenes), at q4f16_1. Attach a picture with /image PATH; text chat works too.
+# The first start rebuilds it from its real parts (a few minutes, once).
 exec .venv/bin/pocketvlm chat "$@"

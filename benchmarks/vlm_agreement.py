@@ -1,0 +1,67 @@
+"""Greedy answers of pocketvlm vs transformers on the same LLaVA folder, question by question.
+
+    python benchmarks/vlm_agreement.py FOLDER --data QUESTIONS.jsonl [--limit N] [--json OUT]
+
+Both run float32 (pocketvlm with vision_precision fp32 and no quantization), the same chat template and
+greedy decoding; the share of identical answers is printed (the README's pocketvlm-vs-transformers figure).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def transformers_answerer(folder, max_tokens=16):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def answer(image, question):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+        inputs = proc(images=image, text=prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        return proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return answer
+
+
+def main(argv=None):
+    import pocketvlm
+    from pocketvlm.eval import evaluate, load_questions, pocketvlm_answerer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--per-type", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    qs = load_questions(a.data)
+    t = time.time()
+    ours = evaluate(pocketvlm_answerer(pocketvlm.load(a.folder, quantization="q0f32", vision_precision="fp32")),
+                    qs, limit=a.limit, per_type=a.per_type)
+    t_ours = time.time() - t
+    t = time.time()
+    ref = evaluate(transformers_answerer(a.folder), qs, limit=a.limit, per_type=a.per_type)
+    t_ref = time.time() - t
+    pairs = list(zip(ours.records, ref.records))
+    same = sum(o.prediction == r.prediction for o, r in pairs)
+    diff = [(o.id, o.prediction, r.prediction) for o, r in pairs if o.prediction != r.prediction]
+    print(f"identical greedy answers: {same}/{len(pairs)} = {100 * same / len(pairs):.1f}%")
+    print(f"accuracy pocketvlm {100 * ours.overall.accuracy:.1f}%, transformers {100 * ref.overall.accuracy:.1f}%;"
+          f" time pocketvlm {t_ours:.0f} s, transformers {t_ref:.0f} s")
+    for d in diff[:20]:
+        print("  differs:", d)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"identical": same, "n": len(pairs), "differ": diff, "seconds": [t_ours, t_ref],
+                       "accuracy": [ours.overall.accuracy, ref.overall.accuracy]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

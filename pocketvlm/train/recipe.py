@@ -1,0 +1,115 @@
+"""A trained LLaVA as a recipe: the real parts it was built from (by built-in name) plus only what training
+made (projector and LoRA adapters, a few MB), rebuilt into a full model folder on first use.
+
+``recipe.json`` names the language model and vision tower, the assembly options, the LoRA settings and the
+sha256 of each shipped file; ``build`` checks them, assembles the base (``assemble_llava``), loads the
+projector, merges the LoRA in float32 and saves the LLaVA folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CorruptWeightsError
+
+RECIPE = "recipe.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str = "",
+                 dtype: torch.dtype = torch.float16) -> Path:
+    """From a training output folder (``projector.safetensors``, ``adapter/``, ``train_config.json`` and the
+    base's ``config.json``) write the shippable recipe folder (trained tensors in ``dtype``)."""
+    from safetensors.torch import load_file, save_file
+
+    trained, out = Path(trained), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = json.loads((trained / "train_config.json").read_text())
+    cfg = json.loads((trained / "config.json").read_text())
+    files = {}
+    proj = load_file(str(trained / "projector.safetensors"))
+    save_file({k: v.to(dtype).contiguous() for k, v in proj.items()}, str(out / "projector.safetensors"))
+    files["projector.safetensors"] = _sha256(out / "projector.safetensors")
+    adapter = trained / "adapter"
+    if adapter.exists():
+        a = load_file(str(adapter / "adapter_model.safetensors"))
+        save_file({k: v.to(dtype).contiguous() for k, v in a.items()}, str(out / "adapter_model.safetensors"))
+        shutil.copyfile(adapter / "adapter_config.json", out / "adapter_config.json")
+        files["adapter_model.safetensors"] = _sha256(out / "adapter_model.safetensors")
+    vcfg = cfg["vision_config"]
+    layers = cfg["vision_feature_layer"]
+    recipe = {"llm": llm, "vision": vision, "image_size": vcfg["image_size"],
+              "feature_layers": layers if isinstance(layers, list) else [layers],
+              "strategy": cfg["vision_feature_select_strategy"],
+              "lora": {"r": tc["lora_r"], "alpha": tc["lora_alpha"], "targets": list(tc["lora_targets"])}
+              if adapter.exists() else None,
+              "files": files, "note": note}
+    (out / RECIPE).write_text(json.dumps(recipe, indent=2))
+    return out
+
+
+def recipe_id(recipe_dir: Path) -> str:
+    return hashlib.sha256((Path(recipe_dir) / RECIPE).read_bytes()).hexdigest()[:16]
+
+
+def build(recipe_dir, out, resolve_part) -> Path:
+    """Rebuild the model of ``recipe_dir`` into ``out``. ``resolve_part(name)`` gives the path of a built-in
+    part (the LLM GGUF, the Dinov2Model folder)."""
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from .. import loading
+    from .assemble import assemble_llava
+    from .lora import apply_lora, load_adapter_state, merge_lora
+    from .loop import save_llava
+
+    recipe_dir, out = Path(recipe_dir), Path(out)
+    r = json.loads((recipe_dir / RECIPE).read_text())
+    for name, digest in r["files"].items():
+        got = _sha256(recipe_dir / name)
+        if got != digest:
+            raise CorruptWeightsError(f"{recipe_dir / name}: sha256 {got} does not match the recipe's {digest}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, \
+            tqdm(total=4, desc=f"assembling {out.name}", unit="step") as bar:
+        base = assemble_llava(resolve_part(r["llm"]), resolve_part(r["vision"]), Path(tmp) / "base",
+                              image_size=r["image_size"], feature_layers=tuple(r["feature_layers"]),
+                              strategy=r["strategy"])
+        bar.update()
+        model = loading.load_hf(base).model
+        proj = load_file(str(recipe_dir / "projector.safetensors"))
+        model.model.multi_modal_projector.load_state_dict(
+            {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in proj.items()})
+        bar.update()
+        if r.get("lora"):
+            lm = model.model.language_model
+            apply_lora(lm, r["lora"]["targets"], r["lora"]["r"], r["lora"]["alpha"])
+            state = {k: v.float() for k, v in load_file(str(recipe_dir / "adapter_model.safetensors")).items()}
+            load_adapter_state(lm, state, prefix="model.language_model.")
+            merge_lora(lm)
+        bar.update()
+        staging = Path(tmp) / "model"
+        staging.mkdir()
+        save_llava(model, base, staging)
+        shutil.copyfile(recipe_dir / RECIPE, staging / RECIPE)
+        if r.get("lora"):  # the adapters apart, in peft's layout (not at the top: transformers would take the
+            (staging / "adapter").mkdir()  # folder for a bare adapter)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(recipe_dir / name, staging / "adapter" / name)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
+        bar.update()
+    return out
