@@ -150,8 +150,10 @@ class PocketModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The language model's dtype (a VLM's tower may run in another precision)."""
-        return next(self.model.get_input_embeddings().parameters()).dtype
+        """The language model's dtype (a VLM's tower may run in another precision; a quantized layer keeps its
+        packed weights as buffers, so the first float parameter outside the tower and projector decides)."""
+        return next(p for n, p in self.model.named_parameters()
+                    if p.is_floating_point() and "vision_tower" not in n and "multi_modal_projector" not in n).dtype
 
     @property
     def device(self) -> torch.device:
@@ -237,8 +239,9 @@ class PocketModel:
 
         if self.template is None:
             raise TemplateError(
-                "this model has no chat template; pass template=NAME (e.g. chatml, llama-2, vicuna, gemma, "
-                "phi-3, zephyr, redpajama_chat)")
+                "this model has no chat template (a base model?); pass template=NAME (--template NAME: chatml, "
+                "llama-2, vicuna, gemma, phi-3, zephyr, redpajama_chat), or complete the text as it is with "
+                "model.generate(...) (`pocketvlm generate --raw`)")
         placeholder = getattr(self.model, "image_placeholder", "<image>")
         # Hugging Face VLM checkpoints' own templates iterate over content parts ({"type": "image"});
         # text-only templates and pocketvlm's built-in ones take content as a string with placeholders.
@@ -362,11 +365,9 @@ def load_tokenizer(loaded: loading.Loaded):
 def load_image_processor(loaded: loading.Loaded):
     from .image import ImageProcessorConfig
 
-    f = Path(loaded.path) / "preprocessor_config.json"
-    if loaded.kind in ("hf", "package") and f.exists():
-        import json
-
-        return ImageProcessorConfig.from_dict(json.loads(f.read_text()))
+    d = loading.image_processor_dict(Path(loaded.path)) if loaded.kind in ("hf", "package") else None
+    if d is not None:
+        return ImageProcessorConfig.from_dict(d)
     default = getattr(loaded.model, "default_image_processor", None)
     return default() if callable(default) else None
 

@@ -135,6 +135,25 @@ def read_config(folder: Path) -> dict:
     return d
 
 
+def image_processor_dict(folder: Path) -> dict | None:
+    """The image processor's settings of an HF folder: ``preprocessor_config.json``, or (transformers >= 5's
+    ``save_pretrained`` of a processor) the ``image_processor`` entry of ``processor_config.json``, with the
+    processor's own keys (``processor_class``, ``patch_size``, ...) beside it; None if neither exists."""
+    f, p = Path(folder) / "preprocessor_config.json", Path(folder) / "processor_config.json"
+    try:
+        if f.is_file():
+            return json.loads(f.read_text())
+        if p.is_file():
+            d = json.loads(p.read_text())
+            nested = d.get("image_processor") if isinstance(d, dict) else None
+            if isinstance(nested, dict):
+                outer = {k: v for k, v in d.items() if not isinstance(v, dict)}
+                return {**outer, **nested}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{folder}: the image processor configuration is not valid JSON: {e}") from e
+    return None
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():

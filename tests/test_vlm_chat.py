@@ -131,3 +131,36 @@ def test_fast_vision_gives_the_same_greedy_answer(llava_dir, photo):
 def test_unknown_vision_precision(llava_dir):
     with pytest.raises(QuantizationError, match="int8"):
         pocketvlm.load(llava_dir, vision_precision="int2")
+
+
+def test_transformers5_processor_folder_loads(tmp_path, photo):
+    """transformers >= 5 saves a processor as processor_config.json with the image processor nested inside
+    (no preprocessor_config.json): the folder must load as a VLM and see the same pixels."""
+    import json
+    import shutil
+
+    import transformers
+
+    d = make_tiny_llava(tmp_path / "tf5")
+    first = pocketvlm.load(d, context_window_size=256)
+    want = first.chat([ask(photo)], temperature=0, max_tokens=6)
+    (d / "preprocessor_config.json").unlink()
+    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, image_token="<image>",
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    saved = tmp_path / "saved"
+    proc.save_pretrained(saved)
+    assert not (saved / "preprocessor_config.json").exists()
+    nested = json.loads((saved / "processor_config.json").read_text())
+    assert "image_processor" in nested
+    shutil.copyfile(saved / "processor_config.json", d / "processor_config.json")
+    again = pocketvlm.load(d, context_window_size=256)
+    assert again.image_processor == first.image_processor
+    assert again.chat([ask(photo)], temperature=0, max_tokens=6) == want
+    # and a package converted from it keeps the image processor
+    from pocketvlm.package import convert
+
+    pkg = convert(d, "q8f16_1", tmp_path / "pkg")
+    assert (pkg / "preprocessor_config.json").exists()
+    assert pocketvlm.load(pkg, context_window_size=256).image_processor == first.image_processor

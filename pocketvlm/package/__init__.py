@@ -31,11 +31,6 @@ def load_package_model(folder, *, device="cpu", dtype="float32", context_window_
     vision = apply_vision_precision(loaded.model, vision_precision)
     proc = None
     if hasattr(loaded.model, "encode_images"):
-        import json
-
-        from ..image import ImageProcessorConfig
-
-        f = loaded.path / "preprocessor_config.json"
-        proc = ImageProcessorConfig.from_dict(json.loads(f.read_text())) if f.exists() else load_image_processor(loaded)
+        proc = load_image_processor(loaded)
     return PocketModel(loaded, load_tokenizer(loaded), template=template, context_window_size=context_window_size,
                        prefill_chunk_size=prefill_chunk_size, image_processor=proc, vision_precision=vision)

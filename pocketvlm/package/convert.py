@@ -201,9 +201,9 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     written.append("config.json")
     written += save_tokenizer(loaded, out)
     if hasattr(model, "encode_images") and loaded.kind != "gguf":
-        src = Path(loaded.path) / "preprocessor_config.json"
-        if src.is_file():
-            shutil.copyfile(src, out / "preprocessor_config.json")
+        d = loading.image_processor_dict(Path(loaded.path))
+        if d is not None:
+            (out / "preprocessor_config.json").write_text(json.dumps(d, indent=2))
             written.append("preprocessor_config.json")
     del loaded, model
     write_manifest(out, written, source=str(source), mode=mode.name, total=total, vision=vision,
