@@ -18,7 +18,7 @@ import torch
 from . import loading
 from .engine.generate import Slot
 from .engine.sampling import SamplingParams
-from .errors import ContextWindowError, ImageError, TemplateError
+from .errors import ContextWindowError, ImageError, PocketVLMError, TemplateError
 
 DEFAULT_CONTEXT = 4096
 
@@ -372,12 +372,27 @@ def load_image_processor(loaded: loading.Loaded):
     return default() if callable(default) else None
 
 
+def _is_gguf_file(source) -> bool:
+    from .package import is_package
+
+    if is_package(source):
+        return False
+    try:
+        return loading.resolve(source)[0] == "gguf"
+    except PocketVLMError:
+        return False  # loading.load will say what is wrong
+
+
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
          context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
          quantization: str | None = None, compile: bool = False, vision_precision: str = "auto",
          fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None, **kw) -> PocketModel:
     """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
-    or a built-in real model name (default: the embedded Qwen2.5-Coder-0.5B-Instruct).
+    or a built-in real model name (default: ``pocketvlm-scenes``, the embedded VLM).
+
+    ``quantization``: None keeps a source as it is stored, except that a ``.gguf`` file runs on its own
+    quantized blocks ("gguf", as llama.cpp does) and a built-in model at its default (pocketvlm-scenes:
+    q4f16_1); "q0f32" (or "q0f16", "q0bf16") dequantizes on purpose. ``info()["quantization"]`` says which runs.
 
     ``vision_precision`` applies to a VLM's vision tower only: "auto" (default: int8 on CPUs with AVX-512 VNNI,
     bf16 on CUDA, else fp32), "fp32" (exact), "bf16" or "int8"; see :mod:`pocketvlm.quant.vision_fast` for
@@ -391,7 +406,10 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     from .real_models import DEFAULT_MODEL
 
     max_seq = context_window_size
-    loaded = loading.load(source or DEFAULT_MODEL, device=device, dtype=dtype, max_seq_len=max_seq,
+    source = source or DEFAULT_MODEL
+    if quantization is None and _is_gguf_file(source):
+        quantization = "gguf"
+    loaded = loading.load(source, device=device, dtype=dtype, max_seq_len=max_seq,
                           quantization=quantization, **kw)
     from .quant.vision_fast import apply_vision_precision
 

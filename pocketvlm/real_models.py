@@ -93,13 +93,9 @@ DINOV2_CONFIG = {
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    from .package.files import sha256
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256(path)
 
 
 def dinov2_onnx_path() -> Path:

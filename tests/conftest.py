@@ -31,4 +31,4 @@ def qwen_real():
     import pocketvlm
     from pocketvlm.real_models import qwen_gguf_path
 
-    return pocketvlm.load(qwen_gguf_path(), context_window_size=1024)
+    return pocketvlm.load(qwen_gguf_path(), context_window_size=1024, quantization="q0f32")

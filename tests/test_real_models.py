@@ -80,7 +80,7 @@ def test_streamed_chat_equals_non_streamed(qwen_real):
 def gemma_pair(gemma3_gguf):
     import pocketvlm
 
-    return pocketvlm.load(gemma3_gguf, context_window_size=512), hf_model(gemma3_gguf)
+    return pocketvlm.load(gemma3_gguf, context_window_size=512, quantization="q0f32"), hf_model(gemma3_gguf)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[1:])
@@ -89,3 +89,16 @@ def test_gemma3_greedy_matches_transformers(gemma_pair, prompt):
     ids = ours.tokenizer.encode(prompt)
     with torch.inference_mode():
         assert greedy_ours(ours, ids) == greedy_hf(ref, ids)
+
+
+def test_gguf_runs_on_its_own_blocks_by_default(qwen_gguf, qwen_real):
+    """A .gguf source keeps its quantized blocks unless told otherwise (as llama.cpp); q0f32 dequantizes on
+    purpose; both count the model's 630M weights (quantized layers by their logical size)."""
+    import pocketvlm
+
+    pm = pocketvlm.load(qwen_gguf, context_window_size=64)
+    assert pm.info()["quantization"] == "gguf"
+    assert pm.info()["decode"] == "fused"
+    assert qwen_real.info()["quantization"] == "q0f32"
+    assert pm.num_parameters() == qwen_real.num_parameters()
+    assert 620e6 < pm.num_parameters() < 640e6

@@ -21,11 +21,9 @@ RECIPE = "recipe.json"
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..package.files import sha256
+
+    return sha256(path)
 
 
 def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str = "",
