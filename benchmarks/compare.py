@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         # the fused decode step (default); the GGUF file's own blocks (the very weights llama.cpp runs);
         # the same q4 weights decoded by the eager PyTorch modules; fp32
         configs = [(a.quantization, None, f"pocketvlm {a.quantization}"), ("gguf", None, GGUF_ROW),
-                   (a.quantization, False, f"pocketvlm {a.quantization} eager decode"), (None, None, "pocketvlm fp32")]
+                   (a.quantization, False, f"pocketvlm {a.quantization} eager decode"), ("q0f32", None, "pocketvlm fp32")]
         for q, fused, name in configs:
             if q == "gguf" and "pocketvlm-gguf" in a.skip:
                 continue

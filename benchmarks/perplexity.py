@@ -91,7 +91,7 @@ def run_model(key: str, args, text: str, text_file: Path) -> list[dict]:
     label, path_fn = MODELS[key]
     path = path_fn()
     t0 = time.perf_counter()
-    pm = pocketvlm.load(str(path), device=args.device)
+    pm = pocketvlm.load(str(path), device=args.device, quantization="q0f32")  # the unquantized reference
     print(f"\n{label}: loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     tok = pm.tokenizer
     bos = tok.bos_token_id if tok.add_bos_token else None
