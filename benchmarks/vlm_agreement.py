@@ -40,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--per-type", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ours-json", default=None, help="also write pocketvlm's fp32 eval (as `pocketvlm eval --json`)")
     a = ap.parse_args(argv)
     qs = load_questions(a.data)
     t = time.time()
@@ -57,6 +58,9 @@ def main(argv=None):
           f" time pocketvlm {t_ours:.0f} s, transformers {t_ref:.0f} s")
     for d in diff[:20]:
         print("  differs:", d)
+    if a.ours_json:
+        with open(a.ours_json, "w") as f:
+            f.write(json.dumps({"model": ours.to_dict(), "blind": None}, indent=1))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"identical": same, "n": len(pairs), "differ": diff, "seconds": [t_ours, t_ref],

@@ -6,4 +6,7 @@ bash scripts/setup.sh serve,default-model
 # No arguments: pocketvlm-scenes, the default VLM (DINOv2 ViT-S/14 + Qwen2.5-Coder-0.5B-Instruct, trained by
 # pocketvlm on generated scenes), at q4f16_1. Attach a picture with /image PATH; text chat works too.
 # The first start rebuilds it from its real parts (a few minutes, once).
+if [[ $# -eq 0 ]]; then
+    set -- --temperature 0  # greedy: its short answers are its best guesses
+fi
 exec .venv/bin/pocketvlm chat "$@"
