@@ -191,7 +191,7 @@ def test_llava_bad_inputs(llava_models):
     with pytest.raises(ConfigError, match="vision_config"):
         llava.Config.from_dict({"model_type": "llava", "text_config": TEXT["llama"]})
     with pytest.raises(ConfigError, match="unsupported vision tower"):
-        llava.Config.from_dict({**good, "vision_config": dict(CLIP, model_type="dinov2")})
+        llava.Config.from_dict({**good, "vision_config": dict(CLIP, model_type="vit")})
     with pytest.raises(ConfigError, match="select_strategy"):
         llava.Config.from_dict({**good, "vision_feature_select_strategy": "patch"})
 
