@@ -14,28 +14,10 @@ import argparse
 import json
 import time
 
-import torch
-
-
-def transformers_answerer(folder, max_tokens=16):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    proc = AutoProcessor.from_pretrained(folder)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-
-    def answer(image, question):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
-        inputs = proc(images=image, text=prompt, return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
-        return proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    return answer
-
 
 def main(argv=None):
     import pocketvlm
-    from pocketvlm.eval import evaluate, load_questions, pocketvlm_answerer
+    from pocketvlm.eval import evaluate, load_questions, pocketvlm_answerer, transformers_answerer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")

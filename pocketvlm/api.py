@@ -372,15 +372,21 @@ def load_image_processor(loaded: loading.Loaded):
     return default() if callable(default) else None
 
 
-def _is_gguf_file(source) -> bool:
-    from .package import is_package
+def default_quantization(source) -> str | None:
+    """The quantization a source loads with when none is asked for: a built-in name's own (pocketvlm-scenes:
+    q4f16_1; the GGUF built-ins: gguf), "gguf" for a local .gguf file (its own blocks, as llama.cpp runs it),
+    None (as stored) otherwise. Only local paths are resolved here: a hub id is never fetched twice."""
+    from .real_models import DEFAULT_QUANTIZATION
 
-    if is_package(source):
-        return False
+    s = str(source)
+    if s in DEFAULT_QUANTIZATION:
+        return DEFAULT_QUANTIZATION[s]
+    if not Path(s).expanduser().exists():
+        return None
     try:
-        return loading.resolve(source)[0] == "gguf"
+        return "gguf" if loading.resolve(s)[0] == "gguf" else None
     except PocketVLMError:
-        return False  # loading.load will say what is wrong
+        return None  # loading.load will say what is wrong
 
 
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -407,8 +413,8 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
 
     max_seq = context_window_size
     source = source or DEFAULT_MODEL
-    if quantization is None and _is_gguf_file(source):
-        quantization = "gguf"
+    if quantization is None:
+        quantization = default_quantization(source)
     loaded = loading.load(source, device=device, dtype=dtype, max_seq_len=max_seq,
                           quantization=quantization, **kw)
     from .quant.vision_fast import apply_vision_precision

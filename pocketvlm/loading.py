@@ -508,11 +508,7 @@ def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None =
     manifest (file sizes; sha256 too with ``verify``) and loaded with its recorded quantization."""
     from .package import is_package, load_package
 
-    from .real_models import DEFAULT_QUANTIZATION
-
     dtype = parse_dtype(dtype)
-    if quantization is None:
-        quantization = DEFAULT_QUANTIZATION.get(str(source))
     if is_package(source):
         loaded = load_package(source, device=device, dtype=dtype, max_seq_len=max_seq_len, verify=verify)
         recorded = (loaded.quantization or {}).get("mode")

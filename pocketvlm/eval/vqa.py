@@ -363,3 +363,23 @@ def pocketvlm_answerer(model, max_tokens: int = 16, reuse_prefix: bool = True) -
         return model.chat(messages, temperature=0, max_tokens=max_tokens)
 
     return answer
+
+
+def transformers_answerer(folder, max_tokens: int = 16) -> AnswerFn:
+    """Greedy answers of ``transformers``' ``LlavaForConditionalGeneration`` (float32) on a LLaVA folder, with its
+    own processor and chat template: the reference pocketvlm's answers are compared with (needs transformers)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def answer(image: Image.Image, question: str) -> str:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        inputs = proc(images=image, text=proc.apply_chat_template(msgs, add_generation_prompt=True),
+                      return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        return proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    return answer

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ImageError
-from . import base
+from . import base, clip
 from .clip import ACT, MLP, check_size, interpolate_positions, layer_index, select_features
 
 __all__ = ["Config", "Model", "sanitize", "select_features"]
@@ -82,13 +82,8 @@ class Config:
     def intermediate_size(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)  # HF's rounding (the config has no intermediate_size)
 
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
+    grid = clip.Config.grid  # image_size // patch_size
+    num_patches = clip.Config.num_patches
 
 
 class PatchEmbeddings(nn.Module):

@@ -76,7 +76,8 @@ def _vision_part(vision_folder: Path, image_size: int) -> tuple[dict, dict]:
     return {**cfg, "image_size": image_size}, w
 
 
-def _tokenizer_files(tok, out: Path, template: str) -> None:
+def _tokenizer_files(tok, out: Path, template: str) -> int:
+    """tokenizer.json (with <image> added) + tokenizer_config.json + chat_template.jinja; returns <image>'s id."""
     from tokenizers import AddedToken
 
     backend = tok.backend

@@ -109,7 +109,7 @@ def load_base(folder, device="cpu"):
     tok = Tokenizer.from_folder(folder)
     if not tok.chat_template:
         raise ConfigError(f"{folder} has no chat template; training renders conversations with it")
-    proc = ImageProcessorConfig.from_dict(json.loads((folder / "preprocessor_config.json").read_text()))
+    proc = ImageProcessorConfig.from_dict(loading.image_processor_dict(folder) or {})
     return loaded, tok, proc
 
 
@@ -253,8 +253,6 @@ def finish(cfg: TrainConfig, trained, targets) -> Path:
     trained projector and the LoRA merged in float32."""
     from safetensors.torch import save_file
 
-    from .. import loading
-
     out, base = Path(cfg.out), Path(cfg.base)
     proj = {f"model.multi_modal_projector.{k}": v.detach().float().cpu().contiguous()
             for k, v in trained.model.multi_modal_projector.state_dict().items()}
@@ -263,18 +261,31 @@ def finish(cfg: TrainConfig, trained, targets) -> Path:
     if targets:
         save_adapter(lm, out / "adapter", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                      prefix="model.language_model.", base_model=str(base))
-    fresh = loading.load_hf(base).model
-    fresh.model.multi_modal_projector.load_state_dict(
-        {k.split("multi_modal_projector.", 1)[1]: v for k, v in proj.items()})
+    adapter = None
     if targets:
         from safetensors.torch import load_file
 
-        apply_lora(fresh.model.language_model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
-        load_adapter_state(fresh.model.language_model, load_file(str(out / "adapter" / "adapter_model.safetensors")),
-                           prefix="model.language_model.")
-        merge_lora(fresh.model.language_model)
+        adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lora = {"targets": cfg.lora_targets, "r": cfg.lora_r, "alpha": cfg.lora_alpha}
+    fresh = merged_llava(base, proj, adapter, lora)
     save_llava(fresh, base, out)
     return out
+
+
+def merged_llava(base: Path, projector: dict, adapter: dict | None = None, lora: dict | None = None):
+    """The base folder's float32 LLaVA with a trained projector state (``model.multi_modal_projector.*``) and,
+    when given, peft-named LoRA tensors (``lora``: targets, r, alpha) merged in float32."""
+    from .. import loading
+
+    model = loading.load_hf(Path(base)).model
+    model.model.multi_modal_projector.load_state_dict(
+        {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in projector.items()})
+    if adapter is not None:
+        lm = model.model.language_model
+        apply_lora(lm, lora["targets"], lora["r"], lora["alpha"])
+        load_adapter_state(lm, {k: v.float() for k, v in adapter.items()}, prefix="model.language_model.")
+        merge_lora(lm)
+    return model
 
 
 def save_llava(model, base: Path, out: Path) -> None:

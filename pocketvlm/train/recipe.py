@@ -68,10 +68,8 @@ def build(recipe_dir, out, resolve_part) -> Path:
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from .. import loading
     from .assemble import assemble_llava
-    from .lora import apply_lora, load_adapter_state, merge_lora
-    from .loop import save_llava
+    from .loop import merged_llava, save_llava
 
     recipe_dir, out = Path(recipe_dir), Path(out)
     r = json.loads((recipe_dir / RECIPE).read_text())
@@ -86,17 +84,10 @@ def build(recipe_dir, out, resolve_part) -> Path:
                               image_size=r["image_size"], feature_layers=tuple(r["feature_layers"]),
                               strategy=r["strategy"])
         bar.update()
-        model = loading.load_hf(base).model
         proj = load_file(str(recipe_dir / "projector.safetensors"))
-        model.model.multi_modal_projector.load_state_dict(
-            {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in proj.items()})
         bar.update()
-        if r.get("lora"):
-            lm = model.model.language_model
-            apply_lora(lm, r["lora"]["targets"], r["lora"]["r"], r["lora"]["alpha"])
-            state = {k: v.float() for k, v in load_file(str(recipe_dir / "adapter_model.safetensors")).items()}
-            load_adapter_state(lm, state, prefix="model.language_model.")
-            merge_lora(lm)
+        adapter = load_file(str(recipe_dir / "adapter_model.safetensors")) if r.get("lora") else None
+        model = merged_llava(base, proj, adapter, r.get("lora"))
         bar.update()
         staging = Path(tmp) / "model"
         staging.mkdir()
