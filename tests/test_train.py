@@ -197,6 +197,78 @@ def test_labels_are_exactly_the_answers(base, tok):
     assert ids == enc._ids(enc._render(msgs, False))
 
 
+def test_independent_turns_learn_each_turn_exactly_as_asked_alone(base, tok):
+    """Packed independent turns: the loss of the packed row equals the losses of each question asked alone
+    with the image (what inference sees), and no answer token can attend to another turn."""
+    ours = _ours(base)
+    enc = Encoder(tok, tok.chat_template, ours.image_token_id, ours.num_image_tokens())
+    turns = [("What colour?", "Red"), ("How many?", "1"), ("Is it a square? Say more.", "Yes, a red one.")]
+    msgs = to_messages([{"from": "human" if i % 2 == 0 else "gpt", "value": ("<image>\n" if i == 0 else "") + v}
+                        for i, v in enumerate(x for t in turns for x in t)])
+    ids, labels, pos, seg = enc.encode_independent(msgs)
+    assert len(ids) == len(labels) == len(pos) == len(seg) and sorted(set(seg)) == [0, 1, 2, 3]
+    from pocketvlm.train.data import Sample, single_turns
+
+    alone = [enc.encode(c) for c in single_turns(msgs)]
+    p = seg.index(1)
+    assert ours.image_token_id in ids[:p] and all(ids[:p] == a[:p] for a, _ in alone)
+    for k, (a_ids, a_lab) in enumerate(alone, 1):   # each turn: its own tokens at its own positions
+        assert [t for t, s in zip(ids, seg) if s == k] == a_ids[p:]
+        assert [q for q, s in zip(pos, seg) if s == k] == list(range(p, len(a_ids)))
+    image = load_image(str(Path(base).parent / "data" / "img" / "red.png"))
+    from pocketvlm.image import ImageProcessorConfig
+
+    proc = ImageProcessorConfig.from_dict(json.loads((base / "preprocessor_config.json").read_text()))
+    with torch.no_grad():
+        feats = ours.image_hidden_states(preprocess(image, proc).pixel_values)[0]
+        packed, n = loop._step_loss(ours, Sample("p", Path("x"), ids, labels, pos, seg), feats, torch.float32, "cpu")
+        singles = [loop._step_loss(ours, Sample("s", Path("x"), a, lab), feats, torch.float32, "cpu")
+                   for a, lab in alone]
+        chat, _ = loop._step_loss(ours, Sample("c", Path("x"), *enc.encode(msgs)), feats, torch.float32, "cpu")
+    assert n == sum(c for _, c in singles)
+    torch.testing.assert_close(packed, sum(x for x, _ in singles), atol=1e-4, rtol=0)
+    assert abs(float(chat) - float(packed)) > 1e-3   # as one dialogue, later answers see earlier turns
+
+
+def test_data_turns_option(parts, encoder):
+    rows = [_row("m", "img/red.png", "<image>\nWhat colour?", "Red", "And the shape?", "Square")]
+    path = _write(parts.data / "multi.json", rows)
+    chat = load_dataset(path, encoder)
+    packed = load_dataset(path, encoder, turns="independent")
+    assert chat.samples[0].segments is None and packed.samples[0].segments is not None
+    assert sum(t != IGNORE for t in chat.samples[0].labels) == sum(t != IGNORE for t in packed.samples[0].labels)
+    with pytest.raises(ConfigError, match="turns must be one of chat, independent"):
+        load_dataset(path, encoder, turns="parallel")
+
+
+def test_image_token_is_never_predicted_by_the_assembled_base(base, tok):
+    """The LM head's added <image> row is the mean of the others (transformers' resizing): its logit is the
+    vocabulary's mean logit, below the top token at every position."""
+    ours = _ours(base)
+    ids, pv = _inputs(base, tok)
+    with torch.no_grad():
+        logits = ours(ids, pixel_values=pv)[0]
+    assert bool((logits[:, ours.image_token_id] < logits.max(-1).values).all())
+    torch.testing.assert_close(logits[:, ours.image_token_id], logits[:, :ours.image_token_id].mean(-1),
+                               atol=1e-4, rtol=0)
+
+
+def test_projector_calibration_starts_image_tokens_at_the_text_embedding_scale(parts, base):
+    model = _ours(base)
+    g = torch.Generator().manual_seed(3)
+    feats = {str(i): torch.randn(4, 32, generator=g) * 7 + 3 for i in range(8)}   # far from unit scale
+    got = loop.calibrate_projector(model, feats)
+    x = torch.cat(list(feats.values()))
+    with torch.no_grad():
+        out = model.model.multi_modal_projector(x)
+        pre = model.model.multi_modal_projector.linear_1(x)
+        emb = model.get_input_embeddings()(torch.arange(parts.vocab)[None])[0]
+    rms = out.pow(2).mean(-1).sqrt().median()
+    target = emb.pow(2).mean(-1).sqrt().median()
+    assert abs(float(rms) / float(target) - 1) < 0.1 and abs(got["image_token_rms"] / got["embedding_rms"] - 1) < 1e-4
+    assert abs(float(pre.std()) - 1) < 0.2   # hidden units start near unit variance
+
+
 # --- training -------------------------------------------------------------------------------------------
 
 def _cfg(base, out, **kw):
@@ -232,6 +304,8 @@ def test_stage1_trains_only_the_projector(base, stage1):
     assert losses[-1] < 0.85 * losses[0] and all(b < a + 1e-3 for a, b in zip(losses, losses[1:])), losses
     tc = json.loads((stage1 / "train_config.json").read_text())
     assert tc["samples"] == 4 and tc["skipped"] == {"image file missing": 1}
+    cal = tc["projector_calibration"]   # stage 1 starts from a projector calibrated on the data
+    assert abs(cal["image_token_rms"] / cal["embedding_rms"] - 1) < 1e-4
     before, after = load_file(str(base / "model.safetensors")), load_file(str(stage1 / "model.safetensors"))
     assert before.keys() == after.keys()
     proj = load_file(str(stage1 / "projector.safetensors"))

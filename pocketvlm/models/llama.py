@@ -177,9 +177,15 @@ class TextModel(nn.Module):
         return self.rotary(positions, dtype)
 
     def masks(self, q_pos, k_pos, key_valid):
+        """One boolean mask per layer type. ``key_valid`` is [B, T] (False: padding) or a 4-D [B, 1, S, T]
+        boolean mask of allowed pairs (several sequences packed in one row), combined with the causal mask."""
         window = self.config.sliding_window
         types = {layer.layer_type for layer in self.layers}
-        return {t: build_mask(q_pos, k_pos, key_valid, window if t == "sliding_attention" else None) for t in types}
+        pairs = None
+        if key_valid is not None and key_valid.dim() == 4:
+            pairs, key_valid = key_valid.bool(), None
+        masks = {t: build_mask(q_pos, k_pos, key_valid, window if t == "sliding_attention" else None) for t in types}
+        return masks if pairs is None else {t: m & pairs for t, m in masks.items()}
 
     def forward(self, input_ids=None, inputs_embeds=None, input_pos=None, cache=None, attention_mask=None,
                 position_ids=None):

@@ -26,6 +26,12 @@ def register_cli(sub) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--turns", choices=("chat", "independent"), default="chat",
+                   help="chat: a conversation is learned as one dialogue (LLaVA); independent: each question-answer "
+                        "turn is learned alone with the image (packed in one row; for independent questions)")
+    p.add_argument("--projector-init", choices=("auto", "calibrate", "keep"), default="auto",
+                   help="auto: a fresh projector calibrated on the data's image features at stage 1, the base's "
+                        "projector kept at stage 2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +61,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                       lr=a.lr if a.lr is not None else (1e-3 if a.stage == 1 else 2e-4), warmup=a.warmup,
                       lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                       lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
-                      device=a.device, dtype=a.dtype, seed=a.seed, save_every=a.save_every, resume=a.resume)
+                      turns=a.turns, projector_init=a.projector_init, device=a.device, dtype=a.dtype, seed=a.seed, save_every=a.save_every, resume=a.resume)
     out = train(cfg)
     print(f"trained model: {out}")
     return 0

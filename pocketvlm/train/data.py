@@ -30,6 +30,8 @@ class Sample:
     image: Path
     input_ids: list[int]   # the image's slots hold image_token_id
     labels: list[int]      # IGNORE except answer tokens
+    positions: list[int] | None = None  # independent turns packed in one row: each token's own position
+    segments: list[int] | None = None   # and its turn (0: the shared prefix up to the image, k: turn k)
 
 
 @dataclass
@@ -96,6 +98,18 @@ def to_messages(conversations) -> list[dict]:
     return msgs
 
 
+def single_turns(msgs: list[dict]) -> list[list[dict]]:
+    """A conversation about one image -> one single-turn conversation per answer, each starting with the
+    image (where LLaVA's own preprocessing puts it), the system message kept."""
+    system = [m for m in msgs if m["role"] == "system"]
+    rest = [m for m in msgs if m["role"] != "system"]
+    out = []
+    for user, answer in zip(rest[0::2], rest[1::2]):
+        parts = [p for p in user["content"] if p["type"] != "image"]
+        out.append(system + [{"role": "user", "content": [{"type": "image"}] + parts}, answer])
+    return out
+
+
 class Encoder:
     """Renders and tokenizes conversations for one model (tokenizer + chat template + image token id)."""
 
@@ -138,9 +152,41 @@ class Encoder:
         return ids, labels
 
 
+    def encode_independent(self, msgs: list[dict]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Every question-answer turn as its own single-turn conversation with the image, packed in one row:
+        the shared prefix (system, user header, image) once, then each turn with the positions it would have
+        alone. With an attention mask that lets a turn see only the prefix and itself, each answer is learned
+        exactly as it is asked at inference, and no answer can be read off an earlier turn; the image tokens
+        are computed once per row. Returns (ids, labels, positions, segments)."""
+        encoded = [self.encode(c) for c in single_turns(msgs)]
+        first = encoded[0][0]
+        p = 0
+        while all(p < len(i) and i[p] == first[p] and lab[p] == IGNORE for i, lab in encoded):
+            p += 1
+        if any(self.image_token_id in i[p:] for i, _ in encoded):
+            raise ConfigError("independent turns need the image in a prefix shared by every turn; this chat "
+                              "template renders it elsewhere")
+        ids, labels, pos, seg = first[:p], [IGNORE] * p, list(range(p)), [0] * p
+        for k, (i, lab) in enumerate(encoded, 1):
+            ids += i[p:]
+            labels += lab[p:]
+            pos += list(range(p, len(i)))
+            seg += [k] * (len(i) - p)
+        return ids, labels, pos, seg
+
+
+TURNS = ("chat", "independent")
+
+
 def load_dataset(path, encoder: Encoder, *, image_folder=None, max_samples: int | None = None,
-                 check_images: bool = True) -> Dataset:
-    """Read, check and tokenize a LLaVA-format file; unusable rows are counted by reason, not fatal."""
+                 check_images: bool = True, turns: str = "chat") -> Dataset:
+    """Read, check and tokenize a LLaVA-format file; unusable rows are counted by reason, not fatal.
+
+    ``turns="chat"`` learns a conversation as one dialogue (LLaVA's way: later answers see earlier turns);
+    ``"independent"`` learns each question-answer turn alone with the image (``Encoder.encode_independent``),
+    for data whose questions are independent of each other."""
+    if turns not in TURNS:
+        raise ConfigError(f"turns must be one of {', '.join(TURNS)}, got {turns!r}")
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -163,7 +209,11 @@ def load_dataset(path, encoder: Encoder, *, image_folder=None, max_samples: int 
                         im.verify()
                 except (UnidentifiedImageError, OSError, SyntaxError) as e:
                     raise ValueError("image file is not an image") from e
-            ids, labels = encoder.encode(msgs)
+            pos = seg = None
+            if turns == "independent":
+                ids, labels, pos, seg = encoder.encode_independent(msgs)
+            else:
+                ids, labels = encoder.encode(msgs)
         except ConfigError:
             raise
         except ValueError as e:
@@ -172,7 +222,7 @@ def load_dataset(path, encoder: Encoder, *, image_folder=None, max_samples: int 
         if not any(t != IGNORE for t in labels):
             ds.skipped["no answer token"] += 1
             continue
-        ds.samples.append(Sample(rid, img, ids, labels))
+        ds.samples.append(Sample(rid, img, ids, labels, pos, seg))
     if not ds.samples:
         raise DataError(f"{path}: no usable training sample ({ds.report()})")
     return ds

@@ -62,6 +62,8 @@ class TrainConfig:
     seed: int = 0
     max_samples: int | None = None
     save_every: int = 100          # optimizer steps between checkpoints
+    turns: str = "chat"            # "independent": each question-answer turn learned alone (data.load_dataset)
+    projector_init: str = "auto"   # auto: calibrate at stage 1, keep at stage 2; or "calibrate" / "keep"
     resume: bool = False
     progress: bool = True
 
@@ -70,7 +72,8 @@ class TrainConfig:
         base_cfg = (Path(self.base) / "config.json").read_text() if (Path(self.base) / "config.json").exists() else ""
         # the base's path too: a stage-1 output has the same config.json as its base but other weights
         parts = [base_cfg, str(Path(self.base).resolve()), str(Path(self.data).resolve()), self.stage, self.lora_r,
-                 self.lora_alpha, sorted(self.lora_targets) if self.stage == 2 else None, self.batch_size, self.seed]
+                 self.lora_alpha, sorted(self.lora_targets) if self.stage == 2 else None, self.batch_size, self.seed,
+                 self.turns]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -134,8 +137,53 @@ def cache_features(model, proc, paths, *, batch: int = 16, progress: bool = True
     return out
 
 
+@torch.no_grad()
+def calibrate_projector(model, feats: dict, *, seed: int = 0, max_rows: int = 50_000) -> dict:
+    """Fresh, data-aware init of an MLP projector (``linear_1`` -> act -> ``linear_N``) from the training
+    images' tower features: ``linear_1`` standardises every feature dimension (their mean and std folded into
+    its weights and bias, so each hidden unit starts at unit variance) and the last linear is scaled so the
+    image tokens start at the RMS of the language model's own token embeddings. With nn.Linear's default init
+    DINOv2's image tokens start ~20x larger than Qwen2.5's text embeddings. Returns the measured scales."""
+    proj = model.model.multi_modal_projector
+    linears = [getattr(proj, f"linear_{i}") for i in range(1, getattr(proj, "depth", 0) + 1)]
+    if not linears:
+        raise ConfigError(f"projector_init='calibrate' needs an MLP projector, not {type(proj).__name__}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats.values()]).float()
+    x = x[torch.randperm(len(x), generator=g)[:max_rows]]
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    for i, lin in enumerate(linears):
+        w = torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.in_features)
+        if i == 0:
+            w = w / sd
+        lin.weight.copy_(w)
+        if lin.bias is not None:
+            lin.bias.copy_(-(w @ mu) if i == 0 else torch.zeros_like(lin.bias))
+    embed = model.get_input_embeddings()   # what text tokens enter the language model as (Gemma: scaled)
+    dev = next(embed.parameters()).device
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randperm(vocab, generator=g)[:4096].to(dev)
+    target = embed(ids[None])[0].float().pow(2).mean(-1).sqrt().median().cpu()
+    x = x.to(linears[0].weight.dtype)
+    before = proj(x).float().pow(2).mean(1).sqrt().median()
+    linears[-1].weight.mul_(target / before)
+    if linears[-1].bias is not None:
+        linears[-1].bias.mul_(target / before)
+    return {"feature_rms": float(x.float().pow(2).mean(1).sqrt().median()), "embedding_rms": float(target),
+            "image_token_rms": float(proj(x).float().pow(2).mean(1).sqrt().median())}
+
+
 def trainable_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _packing(sample, device) -> dict:
+    """Attention mask and positions of independent turns packed in one row (none for a plain sample)."""
+    if sample.segments is None:
+        return {}
+    seg = torch.tensor(sample.segments, device=device)
+    pairs = (seg[None, :] == 0) | (seg[None, :] == seg[:, None])   # a turn sees the prefix and itself
+    return {"attention_mask": pairs[None, None], "position_ids": torch.tensor([sample.positions], device=device)}
 
 
 def _step_loss(model, sample, feats, dtype, device):
@@ -148,7 +196,7 @@ def _step_loss(model, sample, feats, dtype, device):
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
         img = model.model.multi_modal_projector(feats.to(device)[None].float())
         emb = model.embed(ids, img)
-        h = model.model.language_model(inputs_embeds=emb)
+        h = model.model.language_model(inputs_embeds=emb, **_packing(sample, device))
         logits = model.lm_head(h[:, :-1][keep])
     return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
 
@@ -168,7 +216,7 @@ def train(cfg: TrainConfig) -> Path:
     loaded, tok, proc = load_base(cfg.base, cfg.device)
     model = loaded.model
     enc = Encoder(tok, tok.chat_template, model.image_token_id, model.num_image_tokens())
-    ds = load_dataset(cfg.data, enc, image_folder=cfg.image_folder, max_samples=cfg.max_samples)
+    ds = load_dataset(cfg.data, enc, image_folder=cfg.image_folder, max_samples=cfg.max_samples, turns=cfg.turns)
     print(f"data: {ds.report()}", flush=True)
 
     lm = model.model.language_model
@@ -200,9 +248,16 @@ def train(cfg: TrainConfig) -> Path:
         log_f.unlink()
 
     feats = cache_features(model, proc, [s.image for s in ds.samples], progress=cfg.progress, device=cfg.device)
+    if cfg.projector_init not in ("auto", "calibrate", "keep"):
+        raise ConfigError(f"projector_init must be auto, calibrate or keep, got {cfg.projector_init!r}")
+    calibration = None
+    if step == 0 and (cfg.projector_init == "calibrate" or (cfg.projector_init == "auto" and cfg.stage == 1)):
+        calibration = calibrate_projector(model, feats, seed=cfg.seed)
+        print(f"projector calibrated: {calibration}", flush=True)
     (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "total_steps": total,
                                                       "trainable_parameters": n_train, "compute_dtype": str(dtype),
-                                                      "samples": len(ds.samples), "skipped": dict(ds.skipped)},
+                                                      "samples": len(ds.samples), "skipped": dict(ds.skipped),
+                                                      "projector_calibration": calibration},
                                                      indent=2, default=str))
 
     def order(epoch):
