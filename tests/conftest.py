@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,20 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    """pocketvlm's C++ CPU kernel. Skips only where there is no C++ compiler; where there is one, a kernel
+    that does not build (a compile error) fails every test that needs it instead of hiding behind a skip."""
+    from pocketvlm.quant import cpu_kernel
+
+    if cpu_kernel.available():
+        return cpu_kernel
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx}) here: pocketvlm runs its PyTorch paths")
+    pytest.fail(f"the CPU kernel did not build although {cxx} is here: {cpu_kernel._state['error']}")
 
 
 @pytest.fixture(scope="session")

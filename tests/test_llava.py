@@ -5,7 +5,6 @@ pocketvlm.image.preprocess and are fed to both models."""
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 
 import numpy as np
@@ -72,11 +71,6 @@ _llava_cache = {}
 def llava_models(tmp_path_factory):
     def get(text):
         if text not in _llava_cache:
-            if text == "phi3":
-                try:
-                    importlib.import_module("pocketvlm.models.phi3")
-                except ImportError:
-                    pytest.skip("pocketvlm.models.phi3 has not landed yet")
             torch.manual_seed(0)
             cfg = transformers.LlavaConfig(vision_config=CLIP, text_config=TEXT[text], image_token_index=IMG)
             hf = _randomize(transformers.LlavaForConditionalGeneration(cfg), 1).eval()

@@ -202,10 +202,6 @@ def onevision_source(qwen_package) -> Path:
 
 @pytest.mark.slow
 def test_llava_onevision_peak_rss_within_15_percent(qwen_package, tmp_path):
-    try:
-        from pocketvlm.models import llava_onevision  # noqa: F401
-    except ImportError:
-        pytest.skip("pocketvlm.models.llava_onevision is not in this build")
     pkg = cached_package(onevision_source(qwen_package), "q4f16_1", "llava-onevision-0.5b-random-q4f16_1")
     if ONEVISION_TEMPLATE not in (pkg / "tokenizer_config.json").read_text():
         pkg = convert(onevision_source(qwen_package), "q4f16_1", pkg, overwrite=True, progress=False)

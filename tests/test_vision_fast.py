@@ -18,7 +18,7 @@ from pocketvlm.quant import cpu_kernel, vision_fast as vf
 
 transformers = pytest.importorskip("transformers")
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler for the CPU kernel")
+needs_kernel = pytest.mark.usefixtures("kernel")   # conftest: fails (not skips) when a compiler is here
 SHAPES = [(1, 4, 1), (5, 7, 33), (13, 36, 40), (25, 100, 64), (577, 64, 96), (12, 4304, 48)]
 ACTS = [None, "quick_gelu", "gelu_pytorch_tanh", "gelu"]
 
@@ -145,8 +145,10 @@ def test_auto_and_unknown_precision():
         vf.resolve_precision("int4", cpu)
 
 
-needs_bf16_attention = pytest.mark.skipif(not (cpu_kernel.available() and vf.bf16_attention_available()),
-                                          reason="no AVX-512 BF16 here")
+def needs_bf16_attention(fn):
+    skip = pytest.mark.skipif(not (cpu_kernel.available() and vf.bf16_attention_available()),
+                              reason="no AVX-512 BF16 here")
+    return needs_kernel(skip(fn))
 
 
 @needs_bf16_attention
