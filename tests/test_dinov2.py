@@ -301,3 +301,37 @@ def test_bad_pixels_and_layers(dino_pair):
         ours(_pixels(), output_layer=5)
     with pytest.raises(ConfigError, match="select_strategy"):
         ours.features(_pixels(), strategy="cls")
+
+
+def _tower_bytes(model) -> int:
+    from pocketvlm.quant.vision_fast import VisionInt8Linear, find_vision_parts
+
+    tower, _ = find_vision_parts(model)
+    tensors = {id(t): t for t in [*tower.parameters(), *tower.buffers()]}
+    packed = sum(m._packed.numel() * m._packed.element_size() for m in tower.modules()
+                 if isinstance(m, VisionInt8Linear) and m._packed is not None)
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_memory_estimate_counts_the_vision_precision(llava_dir, tmp_path, precision):
+    """The estimate's weights + kernel cache move with the tower's precision by what a loaded model holds
+    (int8: codes + the GEMM's packed copy + scales; bf16: two bytes per weight), measured after one image."""
+    from pocketvlm.package.memory import estimate_memory
+    from pocketvlm.quant import vision_fast as vf
+
+    if precision == "int8" and not vf.vnni_available():
+        pytest.skip("the int8 GEMM needs AVX-512 VNNI; elsewhere int8 runs PyTorch's reference (no packed copy)")
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(photo)
+    config = json.loads((llava_dir / "config.json").read_text())
+    got = {}
+    for p in ("fp32", precision):
+        vlm = pocketvlm.load(llava_dir, quantization="q4f16_1", context_window_size=128, vision_precision=p)
+        vlm.chat(_ask(photo), temperature=0, max_tokens=1)
+        est = estimate_memory(config, "q4f16_1", 128, vision_precision=p)
+        got[p] = (_tower_bytes(vlm.model), est["weights"] + est["kernel_cache"])
+    measured, estimated = got["fp32"][0] - got[precision][0], got["fp32"][1] - got[precision][1]
+    print(f"vision tower at {precision}: saves {measured} B measured, {estimated} B estimated "
+          f"({(estimated - measured) / measured:+.1%})")
+    assert measured > 0 and abs(estimated - measured) <= 0.05 * measured

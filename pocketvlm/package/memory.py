@@ -99,11 +99,14 @@ def meta_model(config: dict, mode: str | None, context_window_size: int | None =
 def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> tuple[int, int, int]:
     """(weights, kernel_cache, repack transient) bytes of a (meta or real) model run in ``dtype`` on ``device``."""
     from ..quant import QuantLinear, kernels
+    from ..quant.vision_fast import VisionInt8Linear
 
     a = DTYPE_BYTES[dtype]
     scale_keys = set()
     kernel = repack = 0
     for n, m in model.named_modules():
+        if isinstance(m, VisionInt8Linear) and device == "cpu":
+            kernel += m.qweight.numel()   # the int8 GEMM's packed copy of the codes (built at first call)
         if isinstance(m, QuantLinear):
             scale_keys |= {f"{n}.scales", f"{n}.zeros"}
             if device == "cpu" and kernels.cpu_int4_supported(m.kernel_rows, m.kernel_cols, m.kernel_group):
@@ -117,7 +120,8 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> t
             continue
         seen.add(id(t))
         if t.is_floating_point() and k not in scale_keys:
-            total += t.numel() * a
+            # the model is cast to the run dtype, except what runs lower already (a bf16 vision tower)
+            total += t.numel() * min(a, t.element_size())
         else:
             total += t.numel() * t.element_size()
     return total, kernel, repack
@@ -185,16 +189,22 @@ def vision_bytes(model: nn.Module, cfg, dtype: torch.dtype, tiles: int | None) -
 def estimate_memory(config, mode: str | None = None, context_window_size: int | None = None,
                     prefill_chunk_size: int = 512, *, dtype="float32", device: str = "cpu",
                     image_tiles: int | None = None, tokenizer_bytes: int = 0,
-                    runtime_bytes: int = RUNTIME_BYTES, kv_cache_dtype="auto") -> dict[str, int]:
+                    runtime_bytes: int = RUNTIME_BYTES, kv_cache_dtype="auto",
+                    vision_precision: str = "auto") -> dict[str, int]:
     """Bytes needed to run the model an HF ``config`` dict describes, quantized with ``mode`` (or the
     package's recorded ``"quantization"``), at ``context_window_size`` (default: min(model, 4096)).
     ``tokenizer_bytes``: size of tokenizer.json (its in-memory form is counted ~9x). The KV cache is counted
-    in ``kv_cache_dtype`` as ``pocketvlm.load`` picks it (auto: float16 for a quantized float32 model)."""
+    in ``kv_cache_dtype`` as ``pocketvlm.load`` picks it (auto: float16 for a quantized float32 model), and a
+    VLM's vision tower at ``vision_precision`` as ``pocketvlm.load`` resolves it on ``device`` (int8: one byte
+    per weight plus the kernel's packed copy; bf16: two bytes)."""
+    from ..quant.vision_fast import apply_vision_precision
     from ..loading import kv_cache_dtype_for
 
     dtype = _dtype(dtype)
     kv_dtype = kv_cache_dtype_for(kv_cache_dtype, mode or (config.get("quantization") or {}).get("mode"), dtype)
     model, fam, cfg = meta_model(config, mode, context_window_size)
+    if device == "cpu":   # on meta: the same swaps and casts as loading, on shapes only
+        apply_vision_precision(model, vision_precision)
     t = _text_cfg(cfg)
     ctx = int(context_window_size or min(getattr(t, "max_position_embeddings", 4096) or 4096, 4096))
     weights, kernel, repack = weight_bytes(model, dtype, device)
@@ -208,7 +218,8 @@ def estimate_memory(config, mode: str | None = None, context_window_size: int | 
 
 
 def estimate_package(folder, *, config: dict | None = None, context_window_size: int | None = None,
-                     prefill_chunk_size: int = 512, dtype="float32", device="cpu", image_tiles=None) -> dict:
+                     prefill_chunk_size: int = 512, dtype="float32", device="cpu", image_tiles=None,
+                     vision_precision: str = "auto") -> dict:
     """The estimate for a package folder plus the settings it assumed (stored in manifest.json)."""
     import json
 
@@ -216,7 +227,8 @@ def estimate_package(folder, *, config: dict | None = None, context_window_size:
     config = config or json.loads((folder / "config.json").read_text())
     tok = folder / "tokenizer.json"
     est = estimate_memory(config, None, context_window_size, prefill_chunk_size, dtype=dtype, device=device,
-                          image_tiles=image_tiles, tokenizer_bytes=tok.stat().st_size if tok.exists() else 0)
+                          image_tiles=image_tiles, tokenizer_bytes=tok.stat().st_size if tok.exists() else 0,
+                          vision_precision=vision_precision)
     return {"bytes": est, "context_window_size": context_window_size, "prefill_chunk_size": prefill_chunk_size,
             "dtype": str(_dtype(dtype)).replace("torch.", ""), "device": device}
 
