@@ -4,9 +4,8 @@
     model = pocketvlm.load()                       # embedded default: Qwen2.5-Coder-0.5B-Instruct
     model.chat([{"role": "user", "content": "Hi!"}])
 """
-__version__ = "0.1.0"
-
-from .errors import PocketVLMError  # noqa: E402
+from .errors import PocketVLMError
+from .version import __version__  # noqa: F401
 
 
 def load(*args, **kwargs):
@@ -28,4 +27,4 @@ def __getattr__(name):  # lazy: importing pocketvlm stays cheap (no torch import
     raise AttributeError(name)
 
 
-__all__ = ["load", "PocketVLMError", "Engine", "PocketModel"]
+__all__ = ["load", "PocketVLMError", "Engine", "PocketModel", "__version__"]

@@ -11,14 +11,16 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from . import loading
+from .loading import load_image_processor, load_tokenizer  # noqa: F401 - also pocketvlm.api's API
 from .engine.generate import Slot
 from .engine.sampling import SamplingParams
 from .errors import ContextWindowError, ImageError, PocketVLMError, TemplateError
+from .models.base import is_vlm
+from .prompts import Prompt, build_image_prompt
 
 DEFAULT_CONTEXT = 4096
 
@@ -42,18 +44,6 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     tokens: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Prompt:
-    """A prompt ready for the engine: ``keys`` per position, ``ids`` (image positions hold the image
-    token id) and an ``embed_fn`` when image features must be spliced in."""
-
-    keys: list
-    ids: list[int]
-    embed_fn: Any = None
-    n_images: int = 0
-    stop_ids: set | None = None  # None: the tokenizer's EOS ids
 
 
 class StopStringFilter:
@@ -112,7 +102,7 @@ class PocketModel:
         max_pos = getattr(self.text_config, "max_position_embeddings", DEFAULT_CONTEXT) or DEFAULT_CONTEXT
         self.context_window_size = int(context_window_size or min(max_pos, DEFAULT_CONTEXT))
         self.prefill_chunk_size = int(prefill_chunk_size)
-        self.vision_precision = vision_precision if hasattr(loaded.model, "encode_images") else "none"
+        self.vision_precision = vision_precision if is_vlm(loaded.model) else "none"
         self.kv_cache_dtype = loading.kv_cache_dtype_for(kv_cache_dtype, (loaded.quantization or {}).get("mode"), self.dtype)
         self.template = self._pick_template(template)
         self._slot: Slot | None = None
@@ -142,7 +132,7 @@ class PocketModel:
 
     @property
     def is_vlm(self) -> bool:
-        return hasattr(self.model, "encode_images")
+        return is_vlm(self.model)
 
     @property
     def architecture(self) -> str:
@@ -275,8 +265,6 @@ class PocketModel:
             ids = [bos] + ids  # the template did not write the BOS this tokenizer always starts with
         if not images:
             return Prompt(ids, ids, stop_ids=self.chat_stop_ids)
-        from .vision_prompt import build_image_prompt
-
         return build_image_prompt(self, ids, images)
 
     # --- generation --------------------------------------------------------------------------------
@@ -354,24 +342,6 @@ class PocketModel:
         return self._collect(self.run(self.chat_prompt(messages), **kw))
 
 
-def load_tokenizer(loaded: loading.Loaded):
-    from .tokenizer import Tokenizer
-
-    if loaded.kind == "gguf":
-        return Tokenizer.from_gguf(loaded.gguf_metadata if loaded.gguf_metadata is not None else loaded.path)
-    return Tokenizer.from_folder(loaded.path)
-
-
-def load_image_processor(loaded: loading.Loaded):
-    from .image import ImageProcessorConfig
-
-    d = loading.image_processor_dict(Path(loaded.path)) if loaded.kind in ("hf", "package") else None
-    if d is not None:
-        return ImageProcessorConfig.from_dict(d)
-    default = getattr(loaded.model, "default_image_processor", None)
-    return default() if callable(default) else None
-
-
 def default_quantization(source) -> str | None:
     """The quantization a source loads with when none is asked for: a built-in name's own (pocketvlm-scenes:
     q4f16_1; the GGUF built-ins: gguf), "gguf" for a local .gguf file (its own blocks, as llama.cpp runs it),
@@ -409,19 +379,19 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     error says why a model does not qualify), ``False`` decodes with the eager PyTorch modules.
 
     ``kv_cache_dtype``: see :func:`pocketvlm.loading.kv_cache_dtype_for` (default: float16 for quantized float32 models)."""
-    from .real_models import DEFAULT_MODEL
+    from .real_models import DEFAULT_MODEL, resolve_source
 
     max_seq = context_window_size
     source = source or DEFAULT_MODEL
     if quantization is None:
         quantization = default_quantization(source)
-    loaded = loading.load(source, device=device, dtype=dtype, max_seq_len=max_seq,
+    loaded = loading.load(resolve_source(source), device=device, dtype=dtype, max_seq_len=max_seq,
                           quantization=quantization, **kw)
     from .quant.vision_fast import apply_vision_precision
 
     vision = apply_vision_precision(loaded.model, vision_precision)  # "none" for text-only models
     tok = load_tokenizer(loaded)
-    proc = load_image_processor(loaded) if hasattr(loaded.model, "encode_images") else None
+    proc = load_image_processor(loaded) if is_vlm(loaded.model) else None
     return PocketModel(loaded, tok, template=template, context_window_size=context_window_size,
                        prefill_chunk_size=prefill_chunk_size, image_processor=proc, compile=compile, fused=fused,
                        kv_cache_dtype=kv_cache_dtype, vision_precision=vision)

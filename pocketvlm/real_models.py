@@ -94,7 +94,7 @@ DINOV2_CONFIG = {
 
 
 def _sha256(path: Path) -> str:
-    from .package.files import sha256
+    from .loading.package_files import sha256
 
     return sha256(path)
 
@@ -248,3 +248,12 @@ def resolve_real_model(name: str) -> Path | None:
     """The path (GGUF file or model folder) of a built-in real model name, or None if ``name`` is not one."""
     fn = REAL_MODELS.get(name)
     return fn() if fn else None
+
+
+def resolve_source(source):
+    """A model source with a built-in name replaced by its path (fetched or built on first use); anything
+    else (a path, a hub repo id) as given, for :func:`pocketvlm.loading.load`. A local file or folder of the
+    same name wins over a built-in name."""
+    if isinstance(source, str) and source in REAL_MODELS and not Path(source).expanduser().exists():
+        return resolve_part(source)
+    return source

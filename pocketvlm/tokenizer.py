@@ -38,9 +38,7 @@ tokenizer's own chat template writes. Templates chosen elsewhere: see
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -50,9 +48,9 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
-from .errors import ConfigError, CorruptWeightsError, ModelNotFoundError, UnsupportedArchitectureError
+from .errors import ConfigError, ModelNotFoundError, UnsupportedArchitectureError
 
-__all__ = ["Tokenizer", "StreamDecoder", "END_OF_TURN_TOKENS", "read_gguf_metadata"]
+__all__ = ["Tokenizer", "StreamDecoder", "END_OF_TURN_TOKENS"]
 
 # Spellings chat templates use to end a turn; stopping there is what every chat runtime does.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|eom_id|>", "<turn|>")
@@ -108,100 +106,6 @@ def _byte_alphabet() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {b: chr(c) for b, c in zip(keep, chars)}
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF metadata (only the key/value section; tensors are someone else's business)
-# ---------------------------------------------------------------------------------------------
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file (v2/v3, little-endian) as Python values.
-
-    Much faster than ``gguf.GGUFReader`` for tokenizer use: string arrays become lists of str,
-    numeric arrays numpy arrays.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"GGUF file not found: {path}; pass the path of an existing .gguf file")
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as e:  # empty file
-            raise CorruptWeightsError(f"{path} is empty, not a GGUF file; re-download it") from e
-    try:
-        return _parse_kv(buf, path)
-    except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
-        if isinstance(e, CorruptWeightsError):
-            raise
-        raise CorruptWeightsError(f"{path}: truncated or malformed GGUF metadata ({e}); re-download the file") from e
-    finally:
-        buf.close()
-
-
-def _parse_kv(buf, path: Path, with_end: bool = False):
-    if buf[:4] != b"GGUF":
-        raise CorruptWeightsError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r}); pass a .gguf file")
-    version = struct.unpack_from("<I", buf, 4)[0]
-    if version not in (2, 3):
-        raise CorruptWeightsError(f"{path}: unsupported GGUF version {version} (expected 2 or 3, little-endian)")
-    n_kv = struct.unpack_from("<Q", buf, 16)[0]
-    pos = 24
-    size = len(buf)
-
-    def read_str(pos: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        end = pos + 8 + n
-        if end > size:
-            raise CorruptWeightsError(f"{path}: string runs past the end of the file; the file is truncated")
-        return bytes(buf[pos + 8:end]).decode("utf-8"), end
-
-    def read_val(t: int, pos: int):
-        if t == 8:
-            return read_str(pos)
-        if t == 9:
-            it, n = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if it == 8:
-                out = []
-                for _ in range(n):
-                    s, pos = read_str(pos)
-                    out.append(s)
-                return out, pos
-            if it not in _NP:
-                raise CorruptWeightsError(f"{path}: unknown GGUF array type {it}")
-            dt = np.dtype(_NP[it])
-            end = pos + n * dt.itemsize
-            if end > size:
-                raise CorruptWeightsError(f"{path}: array runs past the end of the file; the file is truncated")
-            arr = np.frombuffer(buf, dtype=dt, count=n, offset=pos).copy()
-            return (arr.astype(bool) if it == 7 else arr), end
-        if t not in _SCALAR:
-            raise CorruptWeightsError(f"{path}: unknown GGUF value type {t}")
-        (v,) = struct.unpack_from(_SCALAR[t], buf, pos)
-        return v, pos + struct.calcsize(_SCALAR[t])
-
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, pos = read_str(pos)
-        (t,) = struct.unpack_from("<I", buf, pos)
-        meta[key], pos = read_val(t, pos + 4)
-    return (meta, pos) if with_end else meta
-
-
-def _metadata_from_reader(reader) -> dict[str, Any]:
-    """Key/values of a ``gguf.GGUFReader`` (only the ones we need, converted like read_gguf_metadata)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if not (key.startswith("tokenizer.") or key.startswith("general.")):
-            continue
-        val = field.contents()
-        if isinstance(val, list) and val and not isinstance(val[0], str):
-            val = np.asarray(val)
-        meta[key] = val
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,11 +340,13 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader_or_path) -> "Tokenizer":
         """Rebuild the tokenizer a GGUF file describes (path, or an open ``gguf.GGUFReader``)."""
+        from .loading.gguf_file import metadata_from_reader, read_gguf_metadata
+
         if isinstance(reader_or_path, (str, os.PathLike)):
             meta = read_gguf_metadata(reader_or_path)
             where = str(reader_or_path)
         elif hasattr(reader_or_path, "fields"):
-            meta = _metadata_from_reader(reader_or_path)
+            meta = metadata_from_reader(reader_or_path)
             where = "GGUF reader"
         elif isinstance(reader_or_path, dict):  # already-parsed metadata
             meta, where = reader_or_path, "GGUF metadata"

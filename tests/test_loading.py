@@ -100,7 +100,7 @@ def whole_model_gguf(path):
             continue
         mod = model.get_submodule(mod_name)
         data = t.data
-        order = loading._unpermuted_rows(fam, hf, data.shape[0], cfg)
+        order = loading.gguf._unpermuted_rows(fam, hf, data.shape[0], cfg)
         if order is not None:
             data = np.ascontiguousarray(data[order])
         with warnings.catch_warnings():

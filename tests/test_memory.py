@@ -24,9 +24,9 @@ MEASURE = r"""
 import json, resource, sys, time
 folder, ctx, chunk, n_prompt, image = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 import torch
-from pocketvlm.package import load_package_model
+import pocketvlm
 t = time.time()
-pm = load_package_model(folder, context_window_size=ctx, prefill_chunk_size=chunk)
+pm = pocketvlm.load(folder, context_window_size=ctx, prefill_chunk_size=chunk)
 words = ("the quick brown fox jumps over the lazy dog and keeps running through the field " * 400).split()
 ids = pm.tokenizer.encode(" ".join(words))[:n_prompt]
 content = pm.tokenizer.decode(ids)

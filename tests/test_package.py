@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import pocketvlm
 from pocketvlm import loading
 from pocketvlm.errors import DeviceError, PackageError, QuantizationError
-from pocketvlm.package import convert, load_package, load_package_model
+from pocketvlm.package import convert, load_package
 from pocketvlm.package.devices import DEVICES, get_device
 from pocketvlm.package.memory import estimate_memory, params_estimate
 
@@ -119,7 +120,7 @@ def test_q0_mode_stores_float16_and_loads_in_requested_dtype(tiny, tmp_path):
 
 
 def test_package_chats_through_the_api(pkg):
-    pm = load_package_model(pkg, context_window_size=128)
+    pm = pocketvlm.load(pkg, context_window_size=128)
     assert pm.loaded.kind == "package" and pm.tokenizer.chat_template == CHAT
     out = pm.chat("hello", max_tokens=5, temperature=0)
     assert isinstance(out, str)

@@ -1,8 +1,9 @@
-"""Config plumbing shared by every family: frozen dataclasses built from a Hugging Face ``config.json`` dict."""
+"""What every family shares: config plumbing (frozen dataclasses built from a Hugging Face ``config.json``
+dict) and the contract a vision-language model offers the engine (:class:`VisionLanguageModel`)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import ConfigError
 
@@ -36,3 +37,31 @@ def rope_parameters(d: dict[str, Any], default_theta: float = 10000.0) -> dict[s
     p["rope_type"] = p.get("rope_type", p.get("type", "default")) or "default"
     p.pop("type", None)
     return p
+
+
+@runtime_checkable
+class VisionLanguageModel(Protocol):
+    """What a VLM family's ``Model`` offers on top of the text-model contract (``forward``, ``make_cache``,
+    ``get_input_embeddings``): ``llava`` implements it once (any tower: CLIP, SigLIP, DINOv2), and
+    ``llava_onevision`` (tiles, newline rows) and ``mobilevlm`` (its names, LDP projectors) override parts.
+
+    The engine's whole use of images: preprocess (:mod:`pocketvlm.image`), ``encode_images`` once per distinct
+    image (the API caches the features by content hash), expand each placeholder to ``num_image_tokens``
+    slots of ``image_token_id``, and ``embed`` the ids with the features spliced in (one splice, in llava)."""
+
+    @property
+    def image_token_id(self) -> int: ...
+
+    def encode_images(self, pixel_values, image_sizes=None):
+        """Pixel values -> projected features, ``[n_images, n_tokens, hidden]`` or a list of ``[n_tokens_i, hidden]``."""
+
+    def num_image_tokens(self, image_size=None) -> int:
+        """Feature rows one image of (height, width) ``image_size`` takes in the prompt."""
+
+    def embed(self, input_ids, image_features):
+        """Token embeddings of ``input_ids`` with the image-token rows replaced, in order, by the features."""
+
+
+def is_vlm(model) -> bool:
+    """Whether ``model`` takes images (implements :class:`VisionLanguageModel`)."""
+    return isinstance(model, VisionLanguageModel)

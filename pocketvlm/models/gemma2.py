@@ -107,7 +107,6 @@ sanitize = gemma.sanitize
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-GGUF_ARCHITECTURES = ("gemma2",)
 
 # llama.cpp calls Gemma 2's pre-MLP norm ``ffn_norm`` (the slot Llama's post-attention norm uses).
 GGUF_TENSORS = {

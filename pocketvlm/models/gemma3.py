@@ -107,7 +107,6 @@ def sanitize(weights: dict, cfg: Config) -> dict:
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-GGUF_ARCHITECTURES = ("gemma3",)
 
 GGUF_TENSORS = {
     **gemma2.GGUF_TENSORS,

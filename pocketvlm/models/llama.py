@@ -259,7 +259,6 @@ def sanitize(weights: dict, cfg: Config) -> dict:
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-GGUF_ARCHITECTURES = ("llama",)
 
 # GGUF tensor name -> HF name ("{i}" is the layer index); shared by the llama-like families.
 GGUF_TENSORS = {
@@ -306,6 +305,11 @@ def gguf_config(meta: dict, arch: str) -> dict:
     if g("attention.sliding_window"):
         d["sliding_window"] = g("attention.sliding_window")
     return d
+
+
+#: llama.cpp's Llama converter permutes q/k rows for its interleaved RoPE (its Qwen2, Phi-3, Gemma converters
+#: do not): ``gguf_sanitize`` undoes it, and the streaming GGUF loader asks this flag to do the same per tensor.
+GGUF_QK_PERMUTED = True
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -47,7 +47,6 @@ class Model(llama.Model):
 
 sanitize = llama.sanitize
 
-GGUF_ARCHITECTURES = ("qwen2",)
 GGUF_TENSORS = llama.GGUF_TENSORS
 
 

@@ -16,9 +16,10 @@ import re
 import time
 from pathlib import Path
 
-from .. import __version__
 from ..errors import PackageError
-from . import devices, files
+from ..loading import package_files as files
+from ..version import __version__
+from . import devices
 from .convert import check_output, convert
 
 BUNDLE_FORMAT = "pocketvlm-bundle"

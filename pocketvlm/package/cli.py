@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..errors import PackageError
 from .bundle import fmt_bytes, table
@@ -46,7 +45,7 @@ def register_cli(sub) -> None:
 
 def cmd_convert(a) -> int:
     from .convert import convert
-    from .files import read_manifest
+    from ..loading.package_files import read_manifest
 
     out = convert(a.source, a.quantization, a.output, overwrite=a.overwrite, dtype=a.dtype,
                   context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size)

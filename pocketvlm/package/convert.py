@@ -1,5 +1,6 @@
 """``convert``: any source pocketvlm loads (HF folder, hub id, GGUF, built-in name) -> a package folder,
-and ``load_package``: a package folder -> :class:`pocketvlm.loading.Loaded` without requantizing.
+read back by :func:`pocketvlm.loading.load_package` (a package folder -> :class:`pocketvlm.loading.Loaded`
+without requantizing).
 
 Conversion loads the source in float32 (GGUF tensors dequantized), swaps the layers for quantized ones
 with :func:`pocketvlm.quant.quantize_model` (embeddings included, as MLC does; the vision tower and
@@ -22,16 +23,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__, loading
-from ..errors import CorruptWeightsError, PackageError
-from ..models import registry
-from . import files
+from .. import loading
+from ..errors import PackageError
+from ..models.base import is_vlm
+from ..loading import package_files as files
+from ..loading.package import is_package, scale_keys
+from ..version import __version__
 
 #: Files a Hugging Face folder keeps its tokenizer and generation defaults in (copied as they are).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json", "tokenizer.model",
                    "vocab.json", "merges.txt")
-_SCALE_KEYS = ("scales", "zeros")
 
 
 def _mode(name):
@@ -88,17 +90,6 @@ def quantize_with_progress(model: nn.Module, mode: str, progress: bool = True) -
     return record
 
 
-def scale_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of quantized modules' scales/zeros: they keep their own dtype."""
-    from ..quant import QuantLinear
-
-    keys = set()
-    for n, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            keys.update(f"{n}.{k}" if n else k for k in _SCALE_KEYS)
-    return keys
-
-
 def state_to_save(model: nn.Module, store_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, tied) : floats cast to ``store_dtype`` (scales excepted); a tensor shared by two keys is
     saved once and ``tied`` maps the dropped key to the kept one."""
@@ -131,9 +122,7 @@ def save_tokenizer(loaded: loading.Loaded, out: Path) -> list[str]:
                 shutil.copyfile(src, out / name)
                 written.append(name)
         return written
-    from ..api import load_tokenizer
-
-    tok = load_tokenizer(loaded)
+    tok = loading.load_tokenizer(loaded)
     if hasattr(tok, "save"):  # the tokenizer module's own writer, when it has one
         tok.save(out)
         return [n for n in TOKENIZER_FILES if (out / n).is_file()]
@@ -169,7 +158,9 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
         raise PackageError(f"{source} is already a pocketvlm package ({files.MANIFEST}); convert its original source")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         check_output(out, overwrite)  # fail before the (slow) load
-    loaded = loading.load(source, dtype=torch.float32)
+    from ..real_models import resolve_source
+
+    loaded = loading.load(resolve_source(source), dtype=torch.float32)
     model = loaded.model
     sizes = float_sizes(model)
     total, vision = count_parameters(model)
@@ -200,7 +191,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
     written.append("config.json")
     written += save_tokenizer(loaded, out)
-    if hasattr(model, "encode_images") and loaded.kind != "gguf":
+    if is_vlm(model) and loaded.kind != "gguf":
         d = loading.image_processor_dict(Path(loaded.path))
         if d is not None:
             (out / "preprocessor_config.json").write_text(json.dumps(d, indent=2))
@@ -238,78 +229,3 @@ def write_manifest(out: Path, names: list[str], *, source: str, mode: str, total
                                           prefill_chunk_size=prefill_chunk_size)
     (out / files.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-# --- load ---------------------------------------------------------------------------------------------
-
-def is_package(path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / files.MANIFEST).is_file()
-
-
-def build_skeleton(config: dict, *, max_seq_len: int | None = None) -> tuple[nn.Module, object, object]:
-    """(model on meta with the recorded quantized modules, family, Config) from a package config."""
-    from ..quant import build_quantized
-
-    fam = registry.family(config["model_type"])
-    cfg = fam.Config.from_dict(config)
-    with torch.device("meta"):
-        model = fam.Model(cfg, max_seq_len=max_seq_len)
-    record = (config.get("quantization") or {}).get("modules") or {}
-    if record:
-        build_quantized(model, record)
-    return model, fam, cfg
-
-
-def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-                 verify: bool = False) -> loading.Loaded:
-    """Load a package folder: sizes checked against the manifest (and sha256 with ``verify``), the model
-    rebuilt on meta with the recorded quantized modules, the saved tensors loaded strictly."""
-    from ..quant import QuantEmbedding
-
-    folder = Path(folder).expanduser()
-    manifest = files.read_manifest(folder)
-    files.verify_files(folder, manifest, full=verify)
-    dtype = loading.parse_dtype(dtype)
-    config = loading.read_config(folder)
-    q = config.get("quantization")
-    if not isinstance(q, dict) or "mode" not in q:
-        raise PackageError(f"{folder}/config.json has no 'quantization' entry; re-run `pocketvlm convert`")
-    model, fam, cfg = build_skeleton(config, max_seq_len=max_seq_len)
-    expected = model.state_dict()
-    keep = scale_keys(model)
-
-    def want(name, stored, shape):
-        e = expected.get(name)
-        if e is None or not stored.is_floating_point:
-            return None
-        return stored if name in keep else dtype
-
-    state: dict[str, torch.Tensor] = {}
-    for f in files.weight_files(folder):
-        state.update(files.read_tensors(f, want))
-    for dup, orig in (q.get("tied") or {}).items():
-        if orig in state:
-            state[dup] = state[orig]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CorruptWeightsError(f"{folder}: the saved tensors do not match the model: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CorruptWeightsError(f"{folder}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        if k in keep and v.dtype != expected[k].dtype:
-            raise CorruptWeightsError(f"{folder}: tensor {k} is {v.dtype}, the recorded mode stores {expected[k].dtype}")
-    if device != "cpu":
-        state = {k: v.to(device) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    for m in model.modules():
-        if isinstance(m, QuantEmbedding):
-            m.dtype = dtype  # built on meta as float32; rows come out in the activation dtype
-    model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
-    model.eval().requires_grad_(False)
-    loaded = loading.Loaded(model, cfg, fam, str(folder), "package", folder, config)
-    loaded.quantization = q  # its "mode" and "modules", as a load that quantizes records them
-    return loaded

@@ -12,7 +12,8 @@ All terms are bytes for batch 1, computed from the config and quantization mode 
 * ``activations``: the largest of (a) a quantized embedding's row lookup, which unpacks the whole
   table (2 bytes per weight), and (b) one decoder layer at ``prefill_chunk_size`` tokens: the residual
   stream, q/k/v, the MLP intermediates, and for quantized layers the dense prefill path's transient
-  dequantized weight (float32 codes, scaled copy, bf16 result: ~13 bytes/weight of the largest layer).
+  dequantized weight (float32 codes, scaled copy, bf16 result: ~13 bytes/weight of the largest layer), counted
+  when the chunk reaches the dense path (``quant.linear.dense_from_tokens``: 16 rows with the own kernel).
   Attention scores (``heads x chunk x context`` float32) are counted as PyTorch's math SDPA path
   would hold them. The logits are for the kept positions only (the engine keeps one).
 * ``vision``: the encoder at the largest image tiling: ``tiles x tokens x hidden`` states, the MLP
@@ -131,7 +132,7 @@ def _text_cfg(cfg):
     return getattr(cfg, "text_config", cfg)
 
 
-def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, chunk: int) -> int:
+def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, chunk: int, device: str = "cpu") -> int:
     from ..quant import QuantEmbedding, QuantLinear, TiedQuantHead
 
     t = _text_cfg(cfg)
@@ -150,9 +151,9 @@ def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, ch
             skip.add(id(m.table))
         elif isinstance(m, TiedQuantHead):
             skip.add(id(m._embedding.table))
-    from ..quant import DENSE_MIN_TOKENS
+    from ..quant.linear import dense_from_tokens
 
-    if P >= DENSE_MIN_TOKENS:
+    if P >= dense_from_tokens(device):
         # the LM head sees only the kept positions (one row: the GEMV kernel, no dequantized copy)
         sizes = [m.kernel_rows * m.kernel_cols for n, m in model.named_modules()
                  if isinstance(m, QuantLinear) and id(m) not in skip and "vision_tower" not in n
@@ -209,7 +210,7 @@ def estimate_memory(config, mode: str | None = None, context_window_size: int | 
     ctx = int(context_window_size or min(getattr(t, "max_position_embeddings", 4096) or 4096, 4096))
     weights, kernel, repack = weight_bytes(model, dtype, device)
     kv = model.make_cache(1, ctx, dtype=kv_dtype, device="meta").nbytes
-    act = activation_bytes(model, cfg, dtype, ctx, prefill_chunk_size)
+    act = activation_bytes(model, cfg, dtype, ctx, prefill_chunk_size, device)
     vis, _ = vision_bytes(model, cfg, dtype, image_tiles)
     out = {"weights": weights, "kernel_cache": kernel, "kv_cache": kv, "activations": act, "vision": vis,
            "repack": repack, "runtime": runtime_bytes + TOKENIZER_FACTOR * tokenizer_bytes}
@@ -248,8 +249,9 @@ def params_estimate(params: float, mode: str, *, runtime_bytes: int = RUNTIME_BY
 def source_config(source) -> tuple[dict, int]:
     """(HF config dict, tokenizer.json bytes or an estimate) of a model source, without reading weights."""
     from .. import loading
+    from ..real_models import resolve_source
 
-    kind, path = loading.resolve(source)
+    kind, path = loading.resolve(resolve_source(source))
     if kind == "hf":
         tok = Path(path) / "tokenizer.json"
         return loading.read_config(Path(path)), tok.stat().st_size if tok.exists() else 0
@@ -268,8 +270,8 @@ def estimate_source(model, mode: str, context_window_size=None, prefill_chunk_si
                     dtype="float32") -> dict:
     """{"model", "quantization", "bytes"} for a package folder (its recorded quantization) or a source
     quantized with ``mode`` (estimated from the config alone)."""
-    from .convert import is_package
-    from .files import read_manifest
+    from ..loading import is_package
+    from ..loading.package_files import read_manifest
 
     if is_package(model):
         m = read_manifest(Path(model))

@@ -1,8 +1,13 @@
 """Quantized drop-ins for ``nn.Linear`` / ``nn.Embedding`` that keep weights low-bit at run time.
 
-The ``QuantLinear`` kinds are run through one kernel, PyTorch's CPU int4 GEMV
-(``kernels.int4_mm``), by re-expressing their codes *exactly* as int4 codes with
-``w = (c - 8) * S + Z`` per kernel group ("kernel codes"):
+Which code multiplies (``QuantLinear.forward``), on CPU:
+
+* fewer than ``OWN_KERNEL_MAX_TOKENS`` rows (decode, short prompts): pocketvlm's own C++ kernel
+  (:mod:`.cpu_kernel`: 4-, 5- and 8-bit layouts, int8 activations as llama.cpp), when it built;
+* more rows: the dense path, the weight dequantized to ``dense_dtype`` and one ``F.linear`` GEMM;
+* only where the own kernel did not build (no C++ compiler): PyTorch's CPU int4 GEMV
+  (``kernels.int4_mm``) below ``dense_min_tokens``. For it every kind re-expresses its codes *exactly* as
+  int4 codes with ``w = (c - 8) * S + Z`` per kernel group ("kernel codes"):
 
 * :class:`Int4Linear` - MLC q4*_1 (``(q - 7) * s`` = ``(q - 8) * s + s``: Z = S) and GGUF
   Q4_0/Q4_1/Q4_K (their own S, Z per 32 weights, see ``gguf_blocks.int4_codes``).
@@ -19,13 +24,13 @@ The ``QuantLinear`` kinds are run through one kernel, PyTorch's CPU int4 GEMV
   to bf16 cannot shift a zero weight). Exact, but it reads
   64/40 of an int4 weight (0.8 B/weight) instead of 0.375.
 
-Precision: the kernel needs scales in the activation dtype and is only fast in bfloat16, so
-activations are cast to bf16 and S, Z are rounded to bf16 for the kernel (codes stay exact);
-the result is cast back to the input dtype.
+Precision of PyTorch's int4 kernel: it needs scales in the activation dtype and is only fast in bfloat16,
+so activations are cast to bf16 and S, Z are rounded to bf16 for it (codes stay exact); the result is cast
+back to the input dtype.
 
-Prefill: a GEMV kernel is the wrong tool for many tokens. With ``M >= dense_min_tokens`` rows the
-module dequantizes its weight to ``dense_dtype`` and calls ``F.linear`` (a dense GEMM); the default
-threshold is measured in benchmarks/kernels.py. ``dense_dtype`` on CPU is bfloat16 where the CPU
+Prefill: a GEMV kernel is the wrong tool for many tokens: the dense path takes over (from
+``OWN_KERNEL_MAX_TOKENS`` rows with the own kernel, from ``dense_min_tokens`` with PyTorch's; both thresholds
+measured in benchmarks/kernels.py). ``dense_dtype`` on CPU is bfloat16 where the CPU
 multiplies bf16 natively (AVX-512-BF16 / AMX: oneDNN's bf16 GEMM ran the 512-token prefill of
 Qwen2.5-0.5B at ~380 GFLOP/s vs ~110 for fp32 on the 2-core Zen 4 VM, prefill 170 -> 270-290 tokens/s)
 and float32 elsewhere (on AVX2-only CPUs PyTorch's bf16 GEMM measured several times *slower* than fp32). On non-CPU devices, or shapes the
@@ -51,9 +56,20 @@ from . import cpu_kernel, formats, kernels
 #: Re-measure on a quiet machine; override per module with ``module.dense_min_tokens``.
 DENSE_MIN_TOKENS = 512
 
-#: pocketvlm's own CPU kernel (``cpu_kernel``, AVX2 with a portable fallback) is used below this many
+#: pocketvlm's own CPU kernel (``cpu_kernel``: AVX2/FMA, AVX-512 VNNI paths chosen at run time, scalar fallback) is used below this many
 #: tokens when it built; its time grows linearly with the token count, so prefill goes dense earlier.
 OWN_KERNEL_MAX_TOKENS = 16
+
+
+def dense_from_tokens(device: str | torch.device = "cpu") -> int:
+    """The row count from which a ``QuantLinear`` on ``device`` takes the dense path (dequantized weight + GEMM):
+    ``OWN_KERNEL_MAX_TOKENS`` with the own kernel, else ``DENSE_MIN_TOKENS`` (PyTorch's int4 kernel) on CPU,
+    and 0 (always dense) elsewhere. The memory estimate counts the dense path's transient from here."""
+    if torch.device(device).type != "cpu":
+        return 0
+    return OWN_KERNEL_MAX_TOKENS if cpu_kernel.available() else DENSE_MIN_TOKENS
+
+
 #: Activations in the own kernel: "int8" (quantized per 32 values, as llama.cpp does; fast) or "fp32" (exact).
 OWN_KERNEL_ACT = "int8"
 

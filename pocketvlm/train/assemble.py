@@ -118,7 +118,6 @@ def assemble_llava(llm_source, vision_folder, out, *, image_size: int = 168, fea
     from safetensors.torch import save_file
 
     from .. import loading
-    from ..api import load_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +126,7 @@ def assemble_llava(llm_source, vision_folder, out, *, image_size: int = 168, fea
     if tcfg.get("model_type") != "qwen2" and "<|im_start|>" in template:
         raise ConfigError(f"the default ChatML template fits Qwen2 models; pass a template for {tcfg.get('model_type')!r}")
     vcfg, vw = _vision_part(Path(vision_folder), image_size)
-    tok = load_tokenizer(llm)
+    tok = loading.load_tokenizer(llm)
     image_id = _tokenizer_files(tok, out, template)
     if image_id > tcfg["vocab_size"]:
         raise ConfigError(f"<image> got id {image_id}, past the model's {tcfg['vocab_size']}-row embedding")

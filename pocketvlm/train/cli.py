@@ -50,12 +50,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     if base is None:
         if not (a.llm and a.vision):
             raise ConfigError("give a LLaVA folder to train, or --llm and --vision to assemble one")
-        from ..real_models import dinov2_vits14_path
+        from ..real_models import resolve_source
         from .assemble import assemble_llava
 
-        vision = dinov2_vits14_path() if a.vision == "dinov2-vits14" else a.vision
         layers = tuple(int(x) for x in a.feature_layers.split(","))
-        base = str(assemble_llava(a.llm, vision, Path(a.out) / "base", image_size=a.image_size, feature_layers=layers))
+        base = str(assemble_llava(resolve_source(a.llm), resolve_source(a.vision), Path(a.out) / "base", image_size=a.image_size, feature_layers=layers))
     cfg = TrainConfig(base=base, data=a.data, out=a.out, stage=a.stage, image_folder=a.image_folder, epochs=a.epochs,
                       max_steps=a.max_steps, max_samples=a.max_samples, batch_size=a.batch_size,
                       lr=a.lr if a.lr is not None else (1e-3 if a.stage == 1 else 2e-4), warmup=a.warmup,

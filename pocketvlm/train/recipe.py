@@ -21,7 +21,7 @@ RECIPE = "recipe.json"
 
 
 def _sha256(path: Path) -> str:
-    from ..package.files import sha256
+    from ..loading.package_files import sha256
 
     return sha256(path)
 
@@ -58,8 +58,15 @@ def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str =
     return out
 
 
+#: Bumped when the assembly itself changes (what a rebuilt folder holds besides the shipped tensors), so a
+#: folder built by an older pocketvlm is rebuilt. 2: the <image> LM-head row is the mean row.
+BUILD_VERSION = 2
+
+
 def recipe_id(recipe_dir: Path) -> str:
-    return hashlib.sha256((Path(recipe_dir) / RECIPE).read_bytes()).hexdigest()[:16]
+    """What a built folder must have been built from: the recipe (with its files' sha256) and BUILD_VERSION."""
+    data = (Path(recipe_dir) / RECIPE).read_bytes() + f"build {BUILD_VERSION}".encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def build(recipe_dir, out, resolve_part) -> Path:

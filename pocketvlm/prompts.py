@@ -1,4 +1,5 @@
-"""Turning a rendered chat prompt with image placeholders into engine input for a VLM.
+"""What the engine takes (:class:`Prompt`), and for a VLM the turning of a rendered chat prompt with image
+placeholders into one.
 
 Each image placeholder token in the prompt is expanded to the number of feature rows its image produces
 (``model.num_image_tokens(image_size)``). The features are computed once per distinct image (cache keyed by
@@ -7,10 +8,25 @@ with ``masked_scatter``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from .errors import ContextWindowError, ImageError
 from .image import image_hash, load_image, preprocess
+
+
+@dataclass
+class Prompt:
+    """A prompt ready for the engine: ``keys`` per position, ``ids`` (image positions hold the image
+    token id) and an ``embed_fn`` when image features must be spliced in."""
+
+    keys: list
+    ids: list[int]
+    embed_fn: Any = None
+    n_images: int = 0
+    stop_ids: set | None = None  # None: the tokenizer's EOS ids
 
 
 def encode_image(pm, img) -> tuple[str, torch.Tensor]:
@@ -34,8 +50,6 @@ def encode_image(pm, img) -> tuple[str, torch.Tensor]:
 
 
 def build_image_prompt(pm, ids: list[int], images: list):
-    from .api import Prompt
-
     image_id = pm.model.image_token_id
     slots = [i for i, t in enumerate(ids) if t == image_id]
     if len(slots) != len(images):

@@ -1,5 +1,6 @@
 """A fast, read-only view of a llama.cpp GGUF file: metadata as Python values and tensors as memory-mapped
 byte arrays, without ``gguf.GGUFReader``'s per-element parsing of the vocabulary (which dominated load time).
+:func:`read_gguf_metadata` reads the key/value section alone (what a tokenizer needs).
 
 Tensor ``data`` arrays have the layout ``gguf.GGUFReader`` gives (quantized: ``uint8 [rows..., bytes per row]``;
 float types: their numpy dtype with the dimensions reversed), so :mod:`pocketvlm.quant.gguf_blocks` takes either.
@@ -7,6 +8,7 @@ float types: their numpy dtype with the dimensions reversed), so :mod:`pocketvlm
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +16,105 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptWeightsError, ModelNotFoundError
+from ..errors import CorruptWeightsError, ModelNotFoundError
 
 _FLOAT = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
 
+
+# --- metadata (the key/value section) ------------------------------------------------------------------
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file (v2/v3, little-endian) as Python values.
+
+    Much faster than ``gguf.GGUFReader`` for tokenizer use: string arrays become lists of str,
+    numeric arrays numpy arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {path}; pass the path of an existing .gguf file")
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as e:  # empty file
+            raise CorruptWeightsError(f"{path} is empty, not a GGUF file; re-download it") from e
+    try:
+        return parse_kv(buf, path)
+    except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, CorruptWeightsError):
+            raise
+        raise CorruptWeightsError(f"{path}: truncated or malformed GGUF metadata ({e}); re-download the file") from e
+    finally:
+        buf.close()
+
+
+def parse_kv(buf, path: Path, with_end: bool = False):
+    if buf[:4] != b"GGUF":
+        raise CorruptWeightsError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r}); pass a .gguf file")
+    version = struct.unpack_from("<I", buf, 4)[0]
+    if version not in (2, 3):
+        raise CorruptWeightsError(f"{path}: unsupported GGUF version {version} (expected 2 or 3, little-endian)")
+    n_kv = struct.unpack_from("<Q", buf, 16)[0]
+    pos = 24
+    size = len(buf)
+
+    def read_str(pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        end = pos + 8 + n
+        if end > size:
+            raise CorruptWeightsError(f"{path}: string runs past the end of the file; the file is truncated")
+        return bytes(buf[pos + 8:end]).decode("utf-8"), end
+
+    def read_val(t: int, pos: int):
+        if t == 8:
+            return read_str(pos)
+        if t == 9:
+            it, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if it == 8:
+                out = []
+                for _ in range(n):
+                    s, pos = read_str(pos)
+                    out.append(s)
+                return out, pos
+            if it not in _NP:
+                raise CorruptWeightsError(f"{path}: unknown GGUF array type {it}")
+            dt = np.dtype(_NP[it])
+            end = pos + n * dt.itemsize
+            if end > size:
+                raise CorruptWeightsError(f"{path}: array runs past the end of the file; the file is truncated")
+            arr = np.frombuffer(buf, dtype=dt, count=n, offset=pos).copy()
+            return (arr.astype(bool) if it == 7 else arr), end
+        if t not in _SCALAR:
+            raise CorruptWeightsError(f"{path}: unknown GGUF value type {t}")
+        (v,) = struct.unpack_from(_SCALAR[t], buf, pos)
+        return v, pos + struct.calcsize(_SCALAR[t])
+
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, pos = read_str(pos)
+        (t,) = struct.unpack_from("<I", buf, pos)
+        meta[key], pos = read_val(t, pos + 4)
+    return (meta, pos) if with_end else meta
+
+
+def metadata_from_reader(reader) -> dict[str, Any]:
+    """Key/values of a ``gguf.GGUFReader`` (only the ones we need, converted like read_gguf_metadata)."""
+    meta = {}
+    for key, fld in reader.fields.items():
+        if not (key.startswith("tokenizer.") or key.startswith("general.")):
+            continue
+        val = fld.contents()
+        if isinstance(val, list) and val and not isinstance(val[0], str):
+            val = np.asarray(val)
+        meta[key] = val
+    return meta
+
+
+# --- tensors ------------------------------------------------------------------------------------------
 
 @dataclass
 class GGUFTensor:
@@ -49,8 +146,6 @@ class GGUFFile:
 def read_gguf(path: str | Path) -> GGUFFile:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from .tokenizer import _parse_kv
-
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file not found: {path}")
@@ -63,7 +158,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     buf = memoryview(mm)
     size = len(mm)
     try:
-        meta, pos = _parse_kv(buf, path, with_end=True)
+        meta, pos = parse_kv(buf, path, with_end=True)
         n_tensors = struct.unpack_from("<Q", buf, 8)[0]
         infos = []
         for _ in range(n_tensors):
