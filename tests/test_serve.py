@@ -2,24 +2,18 @@
 uvicorn server on a free loopback port, serving a tiny random-weight Qwen2 chat model."""
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from PIL import Image
 
 import pocketvlm
 from pocketvlm.errors import ImageError, ModelNotFoundError, RequestError, SamplingError
@@ -29,124 +23,10 @@ from pocketvlm.serve.engine import Engine
 from pocketvlm.serve.images import ImagePolicy, check_public_url
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixtures import make_tiny_llava, make_tiny_qwen2  # noqa: E402
-
-MAX_BODY = 2_000_000
-MAX_PIXELS = 1_000_000
-
-
-# --- fixtures ----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls are too small for threads; on a shared, busy machine two spinning OpenMP
-    threads per op make every token several times slower. Restored after this module."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    # never_eos: greedy answers run to max_tokens, so a long generation can be interrupted mid-way
-    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_chat"), max_position_embeddings=1024, never_eos=True)
-
-
-@pytest.fixture(scope="module")
-def pm(tiny_dir):
-    return pocketvlm.load(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    allowed = root / "allowed"
-    allowed.mkdir()
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(allowed / "red.png")
-    Image.new("RGB", (8, 8), (10, 10, 200)).save(root / "secret.png")  # outside the allowed folder
-    (allowed / "link.png").symlink_to(root / "secret.png")
-    return allowed
-
-
-@pytest.fixture(scope="module")
-def engine(pm, image_dir):
-    e = Engine({"tiny": pm}, slots=4, allow_local_images=False, allowed_image_dir=image_dir,
-               max_image_pixels=MAX_PIXELS)
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, max_body_bytes=MAX_BODY, allowed_hosts=["127.0.0.1", "localhost"])) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def keyed_server(engine):
-    """A second app over the same engine (same scheduler), requiring an API key."""
-    with ServerThread(create_app(engine, api_key="sekret")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def reference(pm, messages, max_tokens):
-    """The greedy answer computed directly, on a fresh slot, without the scheduler or the server."""
-    prompt = pm.chat_prompt(messages)
-    events = list(pm.run(prompt, max_tokens=max_tokens, slot=pm.new_slot(), temperature=0))
-    return "".join(e.text for e in events), events[-1]
-
-
-def png_bytes(w=8, h=8, color=(0, 128, 255)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(data: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def png_header_only(w, h) -> bytes:
-    """A PNG whose header claims w x h pixels with almost no pixel data (a decompression-bomb probe)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
-def image_msg(url, text="What is this?"):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": text}]}]
-
-
-def post(server, body, **kw):
-    kw.setdefault("timeout", 60)
-    return httpx.post(server.url + "/v1/chat/completions", json=body, **kw)
-
-
-def assert_error(r, status, code=None, param=None, contains=None):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if code is not None:
-        assert err["code"] == code, err
-    if param is not None:
-        assert err["param"] == param, err
-    if contains is not None:
-        assert contains in err["message"], err
-    return err
+from serve_fixtures import make_tiny_llava  # noqa: E402
+from serve_common import (  # noqa: E402,F401 - fixtures and helpers
+    MAX_BODY, MAX_PIXELS, assert_error, client, data_url, engine, image_dir, image_msg, keyed_server, one_torch_thread,
+    pm, png_bytes, png_header_only, post, reference, server, tiny_dir, user)
 
 
 # --- the OpenAI client against the live server ------------------------------------------------------
@@ -473,170 +353,6 @@ def test_remote_fetch_to_loopback_refused_through_server(engine, pm):
         e2.close()
         httpd.shutdown()
         httpd.server_close()
-
-
-# --- concurrency -------------------------------------------------------------------------------------
-
-PROMPTS = ["Hello!", "What is in this picture?", "Count: one two three", "The quick brown fox",
-           "Describe the image", "The sky is blue", "thank you", "question answer model"]
-
-
-def test_eight_concurrent_streams_complete_and_match_solo_answers(server, pm, engine):
-    max_tokens = 20
-    solo = {p: reference(pm, user(p), max_tokens)[0] for p in PROMPTS}
-    assert len(set(solo.values())) > 1  # the prompts really lead to different answers
-    observed, health_latency, stop = [], [], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            h = httpx.get(server.url + "/health", timeout=30).json()
-            health_latency.append(time.perf_counter() - t0)
-            observed.append(h["schedulers"]["tiny"])
-            time.sleep(0.01)
-
-    def stream_one(p):
-        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        s = c.chat.completions.create(model="tiny", messages=user(p), max_tokens=max_tokens, temperature=0,
-                                      stream=True)
-        parts, finish = [], None
-        for ch in s:
-            parts.append(ch.choices[0].delta.content or "")
-            finish = ch.choices[0].finish_reason or finish
-        return "".join(parts), finish
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(8) as ex:
-            results = dict(zip(PROMPTS, ex.map(stream_one, PROMPTS)))
-    finally:
-        stop.set()
-        watcher.join()
-    for p in PROMPTS:
-        assert results[p][0] == solo[p], p
-        assert results[p][1] in ("stop", "length")
-    # requests really overlapped: all four slots busy at once and others queued behind them
-    assert max(o["active"] for o in observed) == 4
-    assert max(o["waiting"] for o in observed) >= 1
-    assert len(health_latency) >= 3  # /health kept answering during generation
-    assert engine.schedulers["tiny"].stats()["free_slots"] == 4
-
-
-def test_disconnect_mid_stream_frees_the_slot(pm):
-    e = Engine({"tiny": pm}, slots=1)
-    sched = e.schedulers["tiny"]
-    try:
-        with ServerThread(create_app(e)) as s:
-            body = {"model": "tiny", "messages": user("Hello!"), "max_tokens": 900, "temperature": 0, "stream": True}
-            with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
-                lines = r.iter_lines()
-                got = [next(lines) for _ in range(6)]  # a few events, then hang up
-            assert any(g.startswith("data: ") for g in got)
-            t0 = time.perf_counter()
-            r2 = post(s, {"model": "tiny", "messages": user("thank you"), "max_tokens": 3, "temperature": 0})
-            assert r2.status_code == 200
-            wait = time.perf_counter() - t0
-            steps_after = sched.steps
-            # the abandoned answer stopped far short of its 900 tokens: its slot went to the next request
-            assert steps_after < 300, (steps_after, wait)
-            time.sleep(0.3)
-            assert sched.steps == steps_after  # nothing is still generating for the gone client
-            assert sched.stats() == {"slots": 1, "active": 0, "waiting": 0, "free_slots": 1}
-    finally:
-        e.close()
-
-
-class _GatedModel:
-    """A stand-in PocketModel whose answers wait on a gate, to hold slots for as long as a test needs."""
-
-    context_window_size = 64
-
-    def __init__(self):
-        self.gate = threading.Event()
-
-    def new_slot(self):
-        return type("Slot", (), {"keys": [], "reset": lambda self: None})()
-
-    def chat_prompt(self, messages):
-        from pocketvlm.api import Prompt
-
-        return Prompt([1, 2], [1, 2])
-
-    def run(self, prompt, *, max_tokens, stop, slot, **sampling):
-        from pocketvlm.api import Event
-
-        self.gate.wait(30)
-        yield Event("ok", 5, "stop", 2, 1)
-
-
-def test_queue_limit_raises_server_busy_and_maps_to_503():
-    from pocketvlm.errors import ServerBusyError
-    from pocketvlm.serve.app import error_response_for
-    from pocketvlm.serve.engine import Job, Scheduler
-
-    fake = _GatedModel()
-    sched = Scheduler(fake, n_slots=1, max_waiting=1)
-    got = []
-    req = schemas.parse_chat_request({"messages": user("hi")})
-    try:
-        a = sched.submit(Job(req, req.messages, {}, lambda k, v: got.append((k, v))))
-        deadline = time.monotonic() + 10
-        while sched.stats()["active"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        b = sched.submit(Job(req, req.messages, {}, lambda k, v: got.append((k, v))))
-        assert sched.stats()["waiting"] == 1
-        with pytest.raises(ServerBusyError) as ei:
-            sched.submit(Job(req, req.messages, {}, lambda k, v: None))
-        status, body = error_response_for(ei.value)
-        assert status == 503 and body["error"]["code"] == "server_busy"
-        fake.gate.set()  # both accepted requests then finish
-        assert a.done.wait(10) and b.done.wait(10)
-        assert [k for k, _ in got] == ["event", "event"]
-    finally:
-        fake.gate.set()
-        sched.close()
-
-
-def test_non_streaming_client_timeout_cancels_generation(pm):
-    e = Engine({"tiny": pm}, slots=1)
-    sched = e.schedulers["tiny"]
-    try:
-        with ServerThread(create_app(e)) as s:
-            with pytest.raises(httpx.ReadTimeout):
-                post(s, {"model": "tiny", "messages": user("Hello!"), "max_tokens": 1000, "temperature": 0},
-                     timeout=0.3)
-            deadline = time.monotonic() + 10
-            while sched.stats()["active"] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert sched.stats()["active"] == 0
-            assert sched.steps < 1000
-    finally:
-        e.close()
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status")
-
-
-def test_memory_flat_over_200_sequential_requests(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        def one(i):
-            body = {"model": "tiny", "messages": user(PROMPTS[i % len(PROMPTS)] + f" {i}"), "max_tokens": 4,
-                    "stream": i % 2 == 0}
-            r = c.post("/v1/chat/completions", json=body)
-            assert r.status_code == 200
-        for i in range(30):  # warm up allocator, caches, threads
-            one(i)
-        before = _rss_mb()
-        for i in range(200):
-            one(i)
-        grown = _rss_mb() - before
-    print(f"RSS {before:.1f} MB before, grew {grown:+.1f} MB over 200 requests")
-    assert grown < 10, f"RSS grew {grown:.1f} MB over 200 requests"
 
 
 # --- a vision-language model: images as data URLs, one and two per message -----------------------------
