@@ -161,8 +161,46 @@ def test_foreign_host_and_non_json_content_type_refused(server):
     assert_error(r, 415, code="unsupported_media_type")
     r = httpx.post(server.url + "/v1/chat/completions", data={"model": "tiny"})  # a form post
     assert_error(r, 415, code="unsupported_media_type")
-    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body))  # no Content-Type: fine
-    assert r.status_code == 200
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body))  # no Content-Type either
+    assert_error(r, 415, code="unsupported_media_type")
+
+
+def test_other_sites_pages_cannot_post(server, engine):
+    """A browser's no-cors POST from another site carries that site's Origin: 403 before anything runs. The
+    chat page served here (same origin), clients without an Origin and --allowed-origin front ends pass."""
+    body = {"model": "tiny", "messages": user("hi"), "max_tokens": 1}
+    for origin in ("https://evil.example", "null", "http://127.0.0.1:1", "file://"):
+        assert_error(post(server, body, headers={"Origin": origin}), 403, code="cross_origin")
+    port = server.url.rsplit(":", 1)[1]
+    assert post(server, body, headers={"Origin": f"http://127.0.0.1:{port}"}).status_code == 200
+    assert post(server, body).status_code == 200
+    with ServerThread(create_app(engine, allowed_origins=["https://chat.example.org"])) as s:
+        assert post(s, body, headers={"Origin": "https://chat.example.org"}).status_code == 200
+        assert_error(post(s, body, headers={"Origin": "https://evil.example"}), 403, code="cross_origin")
+    assert httpx.get(server.url + "/v1/models", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
+def test_client_input_never_gives_500(server):
+    """Inputs that used to reach an exception: a lone surrogate, a seed past 64 bits, NaN and infinite numbers."""
+    cases = [({"messages": [{"role": "user", "content": "hi \ud83d there"}]}, "messages[0].content"),
+             ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, "messages[0].content"),
+             ({"stop": ["\ud83d"]}, "stop"), ({"seed": 2 ** 70}, "seed"), ({"seed": -1}, "seed"),
+             ({"temperature": "NaN"}, "temperature"), ({"repetition_penalty": "Infinity"}, "repetition_penalty"),
+             ({"top_p": "-Infinity"}, "top_p")]
+    for extra, param in cases:
+        body = {"model": "tiny", "messages": user("hi"), "max_tokens": 1, **extra}
+        raw = json.dumps(body).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity").replace('"-Infinity"', "-Infinity")
+        r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+        assert_error(r, 400, param=param)
+
+
+def test_internal_errors_keep_their_text_server_side(caplog):
+    from pocketvlm.serve.app import error_response_for
+
+    with caplog.at_level("ERROR", logger="pocketvlm.serve"):
+        status, body = error_response_for(ValueError("/secret/path and a token"))
+    assert status == 500 and "secret" not in body["error"]["message"] and "see the server log" in body["error"]["message"]
+    assert "secret" in caplog.text and "ValueError" in caplog.text
 
 
 def test_prompt_over_context_window_is_400(server, pm):
@@ -182,6 +220,10 @@ def test_auth(keyed_server):
     assert_error(r, 401, code="invalid_api_key")
     assert r.headers["www-authenticate"] == "Bearer"
     assert_error(httpx.get(url + "/v1/models"), 401)
+    # the key is checked before the body is read: a body over the 32 MiB limit without a key is 401, not 413
+    r = httpx.post(url + "/v1/chat/completions", content=b"{" + b" " * (33 * 1024 * 1024) + b"}",
+                   headers={"Content-Type": "application/json"})
+    assert_error(r, 401, code="invalid_api_key")
     r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
     assert httpx.get(url + "/health").status_code == 200  # liveness needs no key
@@ -199,7 +241,8 @@ def test_body_limit_is_413(server):
         payload = json.dumps(big).encode()
         for i in range(0, len(payload), 65536):
             yield payload[i:i + 65536]
-    r = httpx.post(server.url + "/v1/chat/completions", content=chunked(), timeout=60)
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunked(), timeout=60,
+                   headers={"Content-Type": "application/json"})
     assert_error(r, 413, code="request_too_large")
 
 

@@ -120,7 +120,7 @@ class _GatedModel:
 
 def test_queue_limit_raises_server_busy_and_maps_to_503():
     from pocketvlm.errors import ServerBusyError
-    from pocketvlm.serve.app import error_response_for
+    from pocketvlm.serve.app import error_json, error_response_for
     from pocketvlm.serve.engine import Job, Scheduler
 
     fake = _GatedModel()
@@ -138,6 +138,7 @@ def test_queue_limit_raises_server_busy_and_maps_to_503():
             sched.submit(Job(req, req.messages, {}, lambda k, v: None))
         status, body = error_response_for(ei.value)
         assert status == 503 and body["error"]["code"] == "server_busy"
+        assert error_json(ei.value).headers["retry-after"] == "1"
         fake.gate.set()  # both accepted requests then finish
         assert a.done.wait(10) and b.done.wait(10)
         assert [k for k, _ in got] == ["event", "event"]

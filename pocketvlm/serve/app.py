@@ -15,6 +15,7 @@ quick for the other commands.
 import asyncio
 import hmac
 import json
+import logging
 import sys
 import threading
 import time
@@ -28,6 +29,9 @@ from .engine import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 STATIC_DIR = Path(__file__).with_name("static")
+#: Seconds a client told 503 (server busy) should wait before retrying.
+RETRY_AFTER_S = 1
+log = logging.getLogger("pocketvlm.serve")
 
 
 def error_response_for(e: BaseException) -> tuple[int, dict]:
@@ -48,7 +52,16 @@ def error_response_for(e: BaseException) -> tuple[int, dict]:
         return 400, schemas.error_body(msg, param=param, code="invalid_value" if isinstance(e, SamplingError) else None)
     if isinstance(e, PocketVLMError):
         return 400, schemas.error_body(msg, param=param)
-    return 500, schemas.error_body(f"internal error: {type(e).__name__}: {msg}", "server_error")
+    log.error("internal error while handling a request", exc_info=e)   # the traceback stays server-side
+    return 500, schemas.error_body(f"internal error ({type(e).__name__}); see the server log", "server_error")
+
+
+def error_json(e: BaseException):
+    """The JSONResponse for an exception: OpenAI's error body, ``Retry-After`` on 503."""
+    from fastapi.responses import JSONResponse
+
+    status, body = error_response_for(e)
+    return JSONResponse(body, status_code=status, headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None)
 
 
 class ClientGone(Exception):
@@ -64,7 +77,7 @@ LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               allowed_hosts: list[str] | None = None):
+               allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None):
     """The FastAPI application serving ``engine``. ``allowed_hosts``: accepted ``Host`` header names (None:
     any); a server on loopback should accept only loopback names, so that a web page whose domain is
     rebound to 127.0.0.1 cannot use the models through the visitor's browser."""
@@ -168,8 +181,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                 return Response(status_code=499)  # nobody reads it; the status is for access logs
             if isinstance(ex, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 raise
-            status, body = error_response_for(ex)
-            return JSONResponse(body, status_code=status)
+            return error_json(ex)
         model = prepared[0]
 
         if not req.stream:
@@ -181,8 +193,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                     except ClientGone:
                         return Response(status_code=499)
                     if kind == "error":
-                        status, body = error_response_for(value)
-                        return JSONResponse(body, status_code=status)
+                        return error_json(value)
                     parts.append(value.text)
             finally:
                 job.cancel()
@@ -220,7 +231,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return Guard(app, max_body_bytes, allowed_hosts)
+    return Guard(app, max_body_bytes, allowed_hosts, api_key=api_key, allowed_origins=allowed_origins)
 
 
 def _host_name(host: str) -> str:
@@ -230,24 +241,44 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-class Guard:
-    """ASGI middleware run before the application: refuses a ``Host`` not in ``allowed_hosts`` (400), a POST
-    whose Content-Type is not JSON (415: browsers send form and text/plain bodies cross-site without asking),
-    and request bodies over ``limit`` bytes (413, by Content-Length or counted while reading)."""
+def _origin_ok(origin: str, host: str, allowed_origins: set[str]) -> bool:
+    """A browser's ``Origin`` is this server itself (the chat page: same scheme-less host:port as the ``Host``
+    header) or one of ``allowed_origins``; ``null`` (sandboxed frames, files) never is."""
+    o = origin.strip().lower().rstrip("/")
+    if o in allowed_origins:
+        return True
+    scheme, sep, netloc = o.partition("://")
+    return bool(sep) and scheme in ("http", "https") and netloc == host
 
-    def __init__(self, app, limit: int, allowed_hosts: list[str] | None = None):
+
+class Guard:
+    """ASGI middleware run before the application reads anything, in this order:
+
+    - a ``Host`` not in ``allowed_hosts``: 400 (DNS rebinding);
+    - a state-changing request (not GET/HEAD/OPTIONS) from a browser page of another site (an ``Origin`` that
+      is neither this server nor in ``allowed_origins``): 403. Browsers send ``no-cors`` POSTs cross-site
+      without asking; their ``Origin`` header says whose page sent it;
+    - a POST without ``Content-Type: application/json``: 415 (forms and text/plain are what browsers send
+      cross-site without a preflight);
+    - with ``api_key``, a ``/v1/`` request without the key: 401, before the body is read;
+    - a body over ``limit`` bytes: 413 (by Content-Length, or counted while reading)."""
+
+    def __init__(self, app, limit: int, allowed_hosts: list[str] | None = None, *, api_key: str | None = None,
+                 allowed_origins: list[str] | None = None):
         self.app = app
         self.limit = int(limit)
         self.allowed_hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+        self.api_key = api_key
+        self.allowed_origins = {o.strip().lower().rstrip("/") for o in allowed_origins or []}
 
     def __getattr__(self, name):  # expose the wrapped FastAPI app's attributes (state, routes, ...)
         return getattr(self.app, name)
 
-    async def _reply(self, send, status: int, message: str, code: str) -> None:
+    async def _reply(self, send, status: int, message: str, code: str, extra: list | None = None) -> None:
         body = json.dumps(schemas.error_body(message, code=code)).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+                                (b"connection", b"close"), *(extra or [])]})
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
@@ -261,10 +292,21 @@ class Guard:
                                          f"{', '.join(sorted(self.allowed_hosts))}; see --allowed-host)", "invalid_host")
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        origin = headers.get("origin")
+        if origin is not None and not _origin_ok(origin, headers.get("host", "").strip().lower(), self.allowed_origins):
+            return await self._reply(send, 403, f"requests from the web page of {origin!r} are not accepted here "
+                                     "(another site); start the server with --allowed-origin for a web front end",
+                                     "cross_origin")
         ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            return await self._reply(send, 415, f"Content-Type {ctype!r} is not accepted; send JSON with "
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            return await self._reply(send, 415, f"Content-Type {ctype or '(none)'!r} is not accepted; send JSON with "
                                      "'Content-Type: application/json'", "unsupported_media_type")
+        if self.api_key and scope.get("path", "").startswith("/v1/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())):
+                return await self._reply(send, 401, "no valid API key: send 'Authorization: Bearer <key>' with the "
+                                         "key the server was started with", "invalid_api_key",
+                                         [(b"www-authenticate", b"Bearer")])
         too_big = f"the request body is over the limit of {self.limit:,} bytes (--max-body-bytes); send smaller images"
         for k, v in scope.get("headers", []):
             if k == b"content-length":
@@ -356,6 +398,9 @@ def register_cli(sub) -> None:
     p.add_argument("--allowed-host", action="append", default=None,
                    help="Host header names to accept (repeatable). Default: on a loopback --host only 127.0.0.1, "
                         "localhost and ::1 (DNS-rebinding guard); on other addresses any")
+    p.add_argument("--allowed-origin", action="append", default=None,
+                   help="a web front end on another origin allowed to POST here, e.g. https://chat.example.org "
+                        "(repeatable). Default: only this server's own chat page; other sites' pages get 403")
     p.add_argument("--allowed-image-dir", default=None, help="allow local image paths, only inside this folder")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (public hosts only; never loopback or private addresses)")
@@ -407,7 +452,8 @@ def cmd_serve(a) -> int:
         allowed_hosts = LOOPBACK_NAMES
     elif allowed_hosts is not None:
         allowed_hosts = allowed_hosts + LOOPBACK_NAMES
-    app = create_app(engine, api_key=api_key, max_body_bytes=a.max_body_bytes, allowed_hosts=allowed_hosts)
+    app = create_app(engine, api_key=api_key, max_body_bytes=a.max_body_bytes, allowed_hosts=allowed_hosts,
+                     allowed_origins=a.allowed_origin)
     if a.host not in LOOPBACK_NAMES and not api_key:
         print(f"warning: listening on {a.host} without --api-key: anyone who can reach this address can use "
               "the models", file=sys.stderr)

@@ -8,6 +8,7 @@ objects (``resp.choices[0].message.content``) and ``model_dump()`` for the JSON 
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -69,8 +70,8 @@ def _number(body: dict, name: str, default, lo=None, hi=None, lo_open=False, int
     if integer:
         if not isinstance(v, int) or isinstance(v, bool):
             raise _err(f"'{name}' must be an integer (got {v!r})", name)
-    elif not _is_number(v):
-        raise _err(f"'{name}' must be a number (got {v!r})", name)
+    elif not _is_number(v) or not math.isfinite(v):
+        raise _err(f"'{name}' must be a finite number (got {v!r})", name)
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise _serr(f"'{name}' must be in {rng} (got {v!r})", name)
@@ -121,8 +122,20 @@ def _check_messages(messages: Any) -> list[dict]:
                 content = "".join(p["text"] for p in content)
         else:
             raise _err(f"{where}.content must be a string or a list of parts", f"{where}.content")
+        _check_text(content, f"{where}.content")
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
+
+
+def _check_text(content, where: str) -> None:
+    """Text a tokenizer can take: JSON's "\\ud83d" alone decodes to a lone surrogate, which is not Unicode."""
+    texts = [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _err(f"{where} holds an unpaired UTF-16 surrogate at character {e.start}; send valid Unicode",
+                       where) from None
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -157,7 +170,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     top_k = _number(body, "top_k", 0, 0, integer=True)
     min_p = _number(body, "min_p", 0.0, 0, 1)
     rep = _number(body, "repetition_penalty", 1.0, 0, lo_open=True)
-    seed = _number(body, "seed", None, integer=True)
+    seed = _number(body, "seed", None, lo=0, hi=2 ** 63 - 1, integer=True)
 
     stop = body.get("stop")
     if stop is None:
@@ -168,6 +181,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise _err("'stop' must be a string or a list of strings", "stop")
     if len(stop) > MAX_STOP_STRINGS:
         raise _err(f"'stop' takes at most {MAX_STOP_STRINGS} strings (got {len(stop)})", "stop")
+    for s in stop:
+        _check_text(s, "stop")
 
     stream = body.get("stream", False)
     if stream is None:
