@@ -87,6 +87,17 @@ def test_truncated_gguf(tmp_path, qwen_gguf):
         loading.load(f)
 
 
+def test_empty_gguf_is_a_clear_error_for_the_model_and_the_tokenizer(tmp_path):
+    from pocketvlm.tokenizer import Tokenizer
+
+    f = tmp_path / "empty.gguf"
+    f.write_bytes(b"")
+    with pytest.raises(CorruptWeightsError, match="is empty, not a GGUF file"):
+        loading.load_gguf(f)
+    with pytest.raises(CorruptWeightsError, match="is empty, not a GGUF file"):
+        Tokenizer.from_gguf(f)
+
+
 def test_gguf_architecture_not_supported(tmp_path):
     import gguf
 

@@ -27,6 +27,17 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
+def _map_file(path: Path) -> mmap.mmap:
+    """The whole file mapped read-only, with clear errors for a missing or empty file."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {path}; pass the path of an existing .gguf file")
+    with open(path, "rb") as f:
+        try:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as e:  # an empty file
+            raise CorruptWeightsError(f"{path} is empty, not a GGUF file; re-download it") from e
+
+
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """All key/value metadata of a GGUF file (v2/v3, little-endian) as Python values.
 
@@ -34,13 +45,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     numeric arrays numpy arrays.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"GGUF file not found: {path}; pass the path of an existing .gguf file")
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as e:  # empty file
-            raise CorruptWeightsError(f"{path} is empty, not a GGUF file; re-download it") from e
+    buf = _map_file(path)
     try:
         return parse_kv(buf, path)
     except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
@@ -147,13 +152,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        try:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as e:  # an empty file
-            raise CorruptWeightsError(f"{path} is not a valid GGUF file: {e}") from e
+    mapped = _map_file(path)
     mm = np.frombuffer(mapped, dtype=np.uint8)  # read-only, like np.memmap(mode="r")
     buf = memoryview(mm)
     size = len(mm)
