@@ -244,12 +244,6 @@ def resolve_part(name: str) -> Path:
     return fn()
 
 
-def resolve_real_model(name: str) -> Path | None:
-    """The path (GGUF file or model folder) of a built-in real model name, or None if ``name`` is not one."""
-    fn = REAL_MODELS.get(name)
-    return fn() if fn else None
-
-
 def resolve_source(source):
     """A model source with a built-in name replaced by its path (fetched or built on first use); anything
     else (a path, a hub repo id) as given, for :func:`pocketvlm.loading.load`. A local file or folder of the

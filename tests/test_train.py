@@ -473,6 +473,8 @@ def test_bad_training_setups(parts, base, tmp_path):
     assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in str(e.value)
     with pytest.raises(ConfigError, match="LoRA rank must be >= 1"):
         train(_cfg(base, tmp_path / "c", data=data, stage=2, lora_r=0))
+    with pytest.raises(ConfigError, match="projector_init must be auto, calibrate, keep, got 'zero'"):
+        train(_cfg(base, tmp_path / "p", data=data, projector_init="zero"))
     with pytest.raises(ConfigError, match="training dtype must be auto, float32 or bfloat16"):
         train(_cfg(base, tmp_path / "d", data=data, dtype="float8"))
     with pytest.raises(ConfigError, match="is not a LLaVA model"):

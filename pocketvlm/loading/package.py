@@ -28,7 +28,6 @@ def scale_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-
 def is_package(path) -> bool:
     p = Path(path)
     return p.is_dir() and (p / package_files.MANIFEST).is_file()

@@ -98,7 +98,6 @@ sanitize = llama.sanitize
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-
 GGUF_TENSORS = {k: v for k, v in llama.GGUF_TENSORS.items() if not k.endswith(".bias")}
 
 

@@ -107,7 +107,6 @@ sanitize = gemma.sanitize
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-
 # llama.cpp calls Gemma 2's pre-MLP norm ``ffn_norm`` (the slot Llama's post-attention norm uses).
 GGUF_TENSORS = {
     **gemma.GGUF_TENSORS,

@@ -107,7 +107,6 @@ def sanitize(weights: dict, cfg: Config) -> dict:
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-
 GGUF_TENSORS = {
     **gemma2.GGUF_TENSORS,
     "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",

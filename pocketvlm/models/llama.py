@@ -259,7 +259,6 @@ def sanitize(weights: dict, cfg: Config) -> dict:
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-
 # GGUF tensor name -> HF name ("{i}" is the layer index); shared by the llama-like families.
 GGUF_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",

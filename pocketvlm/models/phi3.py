@@ -102,7 +102,6 @@ sanitize = llama.sanitize
 
 # --- llama.cpp GGUF ---------------------------------------------------------------------------------
 
-
 GGUF_TENSORS = {
     # embeddings, norms, output head and o_proj/down_proj as in llama; q/k/v and gate/up are fused
     **{k: v for k, v in llama.GGUF_TENSORS.items()

@@ -98,8 +98,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         if not api_key:
             return None
         header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if key_ok(header, api_key):
             return None
         what = "no API key was given" if not header else "the API key is not valid"
         return err(401, f"{what}: send 'Authorization: Bearer <key>' with the key the server was started with",
@@ -241,6 +240,12 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def key_ok(authorization: str, api_key: str) -> bool:
+    """Whether an ``Authorization`` header value carries ``Bearer <api_key>`` (compared in constant time)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
 def _origin_ok(origin: str, host: str, allowed_origins: set[str]) -> bool:
     """A browser's ``Origin`` is this server itself (the chat page: same scheme-less host:port as the ``Host``
     header) or one of ``allowed_origins``; ``null`` (sandboxed frames, files) never is."""
@@ -302,8 +307,7 @@ class Guard:
             return await self._reply(send, 415, f"Content-Type {ctype or '(none)'!r} is not accepted; send JSON with "
                                      "'Content-Type: application/json'", "unsupported_media_type")
         if self.api_key and scope.get("path", "").startswith("/v1/"):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())):
+            if not key_ok(headers.get("authorization", ""), self.api_key):
                 return await self._reply(send, 401, "no valid API key: send 'Authorization: Bearer <key>' with the "
                                          "key the server was started with", "invalid_api_key",
                                          [(b"www-authenticate", b"Bearer")])

@@ -5,6 +5,9 @@ import argparse
 
 
 def register_cli(sub) -> None:
+    from .data import TURNS
+    from .loop import PROJECTOR_INITS
+
     p = sub.add_parser("train", help="LLaVA-style training: stage 1 (projector) or 2 (projector + LoRA)",
                        description="Train a LLaVA folder on LLaVA-format data. With --llm and --vision, the base "
                                    "is first assembled from those parts (a fresh projector) into OUT/base.")
@@ -26,10 +29,10 @@ def register_cli(sub) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--turns", choices=("chat", "independent"), default="chat",
+    p.add_argument("--turns", choices=TURNS, default="chat",
                    help="chat: a conversation is learned as one dialogue (LLaVA); independent: each question-answer "
                         "turn is learned alone with the image (packed in one row; for independent questions)")
-    p.add_argument("--projector-init", choices=("auto", "calibrate", "keep"), default="auto",
+    p.add_argument("--projector-init", choices=PROJECTOR_INITS, default="auto",
                    help="auto: a fresh projector calibrated on the data's image features at stage 1, the base's "
                         "projector kept at stage 2")
     p.add_argument("--device", default="cpu")
@@ -54,13 +57,15 @@ def cmd_train(a: argparse.Namespace) -> int:
         from .assemble import assemble_llava
 
         layers = tuple(int(x) for x in a.feature_layers.split(","))
-        base = str(assemble_llava(resolve_source(a.llm), resolve_source(a.vision), Path(a.out) / "base", image_size=a.image_size, feature_layers=layers))
+        base = str(assemble_llava(resolve_source(a.llm), resolve_source(a.vision), Path(a.out) / "base",
+                                  image_size=a.image_size, feature_layers=layers))
     cfg = TrainConfig(base=base, data=a.data, out=a.out, stage=a.stage, image_folder=a.image_folder, epochs=a.epochs,
                       max_steps=a.max_steps, max_samples=a.max_samples, batch_size=a.batch_size,
                       lr=a.lr if a.lr is not None else (1e-3 if a.stage == 1 else 2e-4), warmup=a.warmup,
                       lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                       lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
-                      turns=a.turns, projector_init=a.projector_init, device=a.device, dtype=a.dtype, seed=a.seed, save_every=a.save_every, resume=a.resume)
+                      turns=a.turns, projector_init=a.projector_init, device=a.device, dtype=a.dtype, seed=a.seed,
+                      save_every=a.save_every, resume=a.resume)
     out = train(cfg)
     print(f"trained model: {out}")
     return 0

@@ -151,7 +151,6 @@ class Encoder:
             ids, labels = [bos] + ids, [IGNORE] + labels
         return ids, labels
 
-
     def encode_independent(self, msgs: list[dict]) -> tuple[list[int], list[int], list[int], list[int]]:
         """Every question-answer turn as its own single-turn conversation with the image, packed in one row:
         the shared prefix (system, user header, image) once, then each turn with the positions it would have

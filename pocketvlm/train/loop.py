@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from .data import IGNORE, Encoder, load_dataset
 from .lora import apply_lora, load_adapter_state, merge_lora, save_adapter
 
+PROJECTOR_INITS = ("auto", "calibrate", "keep")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COPY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "preprocessor_config.json", "processor_config.json", "special_tokens_map.json", "generation_config.json")
@@ -137,6 +138,11 @@ def cache_features(model, proc, paths, *, batch: int = 16, progress: bool = True
     return out
 
 
+def _median_rms(t: torch.Tensor) -> torch.Tensor:
+    """The median over rows of each row's root mean square."""
+    return t.float().pow(2).mean(-1).sqrt().median()
+
+
 @torch.no_grad()
 def calibrate_projector(model, feats: dict, *, seed: int = 0, max_rows: int = 50_000) -> dict:
     """Fresh, data-aware init of an MLP projector (``linear_1`` -> act -> ``linear_N``) from the training
@@ -163,14 +169,14 @@ def calibrate_projector(model, feats: dict, *, seed: int = 0, max_rows: int = 50
     dev = next(embed.parameters()).device
     vocab = model.config.text_config.vocab_size
     ids = torch.randperm(vocab, generator=g)[:4096].to(dev)
-    target = embed(ids[None])[0].float().pow(2).mean(-1).sqrt().median().cpu()
+    target = _median_rms(embed(ids[None])[0]).cpu()
     x = x.to(linears[0].weight.dtype)
-    before = proj(x).float().pow(2).mean(1).sqrt().median()
-    linears[-1].weight.mul_(target / before)
+    scale = target / _median_rms(proj(x))
+    linears[-1].weight.mul_(scale)
     if linears[-1].bias is not None:
-        linears[-1].bias.mul_(target / before)
-    return {"feature_rms": float(x.float().pow(2).mean(1).sqrt().median()), "embedding_rms": float(target),
-            "image_token_rms": float(proj(x).float().pow(2).mean(1).sqrt().median())}
+        linears[-1].bias.mul_(scale)
+    return {"feature_rms": float(_median_rms(x)), "embedding_rms": float(target),
+            "image_token_rms": float(_median_rms(proj(x)))}
 
 
 def trainable_state(model) -> dict:
@@ -207,6 +213,8 @@ def train(cfg: TrainConfig) -> Path:
 
     if cfg.stage not in (1, 2):
         raise ConfigError(f"stage must be 1 (projector) or 2 (projector + LoRA), got {cfg.stage}")
+    if cfg.projector_init not in PROJECTOR_INITS:
+        raise ConfigError(f"projector_init must be {', '.join(PROJECTOR_INITS)}, got {cfg.projector_init!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -248,8 +256,6 @@ def train(cfg: TrainConfig) -> Path:
         log_f.unlink()
 
     feats = cache_features(model, proc, [s.image for s in ds.samples], progress=cfg.progress, device=cfg.device)
-    if cfg.projector_init not in ("auto", "calibrate", "keep"):
-        raise ConfigError(f"projector_init must be auto, calibrate or keep, got {cfg.projector_init!r}")
     calibration = None
     if step == 0 and (cfg.projector_init == "calibrate" or (cfg.projector_init == "auto" and cfg.stage == 1)):
         calibration = calibrate_projector(model, feats, seed=cfg.seed)
