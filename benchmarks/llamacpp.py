@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pocketvlm.quant.calibrate import HELD_OUT_TOPICS
 from pocketvlm.real_models import gemma3_gguf_path, qwen_gguf_path
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build_llamacpp.sh"
@@ -141,10 +142,28 @@ def run_perplexity(model: str | Path, text_file: str | Path, ctx: int = 512, thr
     return PerplexityResult(ppl, err, int(chunks_match.group(1)) if chunks_match else -1, log)
 
 
+def quantize_q4_0(src: str | Path, dst: str | Path, timeout: float = 1800) -> Path:
+    """``llama-quantize`` of ``src`` to Q4_0 with the output and token-embedding tensors at Q4_0 too: the
+    file of the same bits as pocketvlm's q4f16_1 (4.5 bits per weight everywhere)."""
+    dst = Path(dst)
+    if not dst.is_file():
+        cmd = [str(binary("llama-quantize")), "--allow-requantize", "--output-tensor-type", "q4_0",
+               "--token-embedding-type", "q4_0", str(src), str(dst), "Q4_0"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"llama-quantize failed ({out.returncode}): {(out.stdout + out.stderr)[-2000:]}")
+    return dst
+
+
 # Real English prose that every CPython install carries: the language reference's topic texts
 # used by help() (pydoc_data). Mostly prose with a few code lines; it changes only with the
-# Python version, which is therefore part of the result's identity.
-PROSE_TOPICS = ("execmodel", "naming", "types", "specialnames", "typesseq")
+# Python version, which is therefore part of the result's identity. `convert --calibrate`'s default
+# text is the *other* topics, so these stay held out.
+PROSE_TOPICS = HELD_OUT_TOPICS
+#: A second held-out text of another kind: the docstrings of these pure-Python standard-library modules
+#: (module, classes, functions; in name order), which no calibration text contains.
+DOCSTRING_MODULES = ("argparse", "pathlib", "json", "collections", "functools", "textwrap", "shutil", "subprocess",
+                     "logging", "dataclasses", "typing", "enum", "fractions", "statistics", "calendar")
 
 
 def prose_text(max_chars: int = 40_000) -> str:
@@ -158,6 +177,27 @@ def write_prose_file(path: str | Path, max_chars: int = 40_000) -> Path:
     path = Path(path)
     path.write_text(prose_text(max_chars), encoding="utf-8")
     return path
+
+
+def docstring_text(max_chars: int = 120_000) -> str:
+    """The docstrings (``inspect.getdoc``) of :data:`DOCSTRING_MODULES` and their public members defined
+    there, each once, joined by blank lines."""
+    import importlib
+    import inspect
+
+    out: list[str] = []
+    for name in DOCSTRING_MODULES:
+        mod = importlib.import_module(name)
+        members = [getattr(mod, n) for n in sorted(vars(mod)) if not n.startswith("_")]
+        for obj in [mod] + [m for m in members if getattr(m, "__module__", None) == name]:
+            doc = inspect.getdoc(obj)
+            if doc and doc not in out:
+                out.append(doc)
+    return "\n\n".join(out)[:max_chars]
+
+
+#: held-out texts by name: text function (both engines read the same characters)
+TEXTS = {"prose": prose_text, "docstrings": docstring_text}
 
 
 def main(argv: list[str] | None = None) -> int:

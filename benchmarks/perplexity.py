@@ -36,7 +36,7 @@ from pocketvlm.real_models import gemma3_gguf_path, qwen_gguf_path  # noqa: E402
 
 MODELS = {"qwen": ("Qwen2.5-Coder-0.5B-Instruct Q4_K_M", qwen_gguf_path),
           "gemma3": ("Gemma 3 270M Q4_K_M", gemma3_gguf_path)}
-MODES = ["q8f16_1", "q4f16_1", "q4f32_1", "q3f16_1"]
+MODES = ["q8f16_1", "q4f16_1", "q4f16_1+search", "q4f16_1+gptq", "q3f16_1", "q3f16_1+search", "q3f16_1+gptq"]
 RESULTS = Path(__file__).resolve().parent / "results" / "perplexity.md"
 
 
@@ -87,7 +87,25 @@ def cpu_name() -> str:
     return platform.processor() or "?"
 
 
-def run_model(key: str, args, text: str, text_file: Path) -> list[dict]:
+def quantized_copy(fp32: torch.nn.Module, mode: str, tok, bos) -> torch.nn.Module:
+    """``MODE`` (RTN, what ``pocketvlm.load(path, quantization=MODE)`` does), ``MODE+search`` (error-minimising
+    scales: ``convert``'s default), ``MODE+gptq`` (``convert --calibrate`` with the default text) or
+    ``MODE:decoder`` (diagnostic: decoder linears only, RTN)."""
+    from pocketvlm.quant.calibrate import calibrate_model, calibration_windows, default_text
+
+    qm = copy.deepcopy(fp32)  # as if loaded again, without re-reading the GGUF
+    base, _, scope = mode.partition(":")
+    base, _, how = base.partition("+")
+    if scope == "decoder":
+        quantize_model(qm, base, skip=["lm_head"], embeddings=False)
+    elif how == "gptq":
+        calibrate_model(qm, base, calibration_windows(tok.encode(default_text()), bos_token_id=bos))
+    else:
+        quantize_model(qm, base, embeddings=True, search=how == "search")
+    return qm
+
+
+def run_model(key: str, args, texts: dict[str, tuple[str, Path]]) -> list[dict]:
     label, path_fn = MODELS[key]
     path = path_fn()
     t0 = time.perf_counter()
@@ -95,62 +113,72 @@ def run_model(key: str, args, text: str, text_file: Path) -> list[dict]:
     print(f"\n{label}: loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     tok = pm.tokenizer
     bos = tok.bos_token_id if tok.add_bos_token else None
-    ids = tok.encode(text)
-    print(f"{len(ids)} tokens, BOS per window: {bos is not None}", flush=True)
+    ids = {name: tok.encode(text) for name, (text, _) in texts.items()}
     rows = []
 
-    def measure(name, model, nbytes):
-        t = time.perf_counter()
-        r = evaluate_perplexity(model, ids, args.context, bos_token_id=bos, max_windows=args.windows)
-        secs = time.perf_counter() - t
-        print(f"  {name:12s} PPL {r.ppl:.4f} ± {r.stderr:.4f}  ({r.n_windows} windows, {r.n_scored} tokens, "
-              f"{secs:.0f} s)  per-window running PPL {[round(x, 4) for x in r.window_ppl]}", flush=True)
-        rows.append(dict(model=label, engine="pocketvlm", mode=name, ppl=r.ppl, stderr=r.stderr, bytes=nbytes,
-                         windows=r.n_windows, scored=r.n_scored, seconds=secs, running=r.window_ppl))
+    def measure(mode, model, nbytes, seconds):
+        row = dict(model=label, engine="pocketvlm", mode=mode, bytes=nbytes, quantize_s=seconds, texts={})
+        for name, tids in ids.items():
+            r = evaluate_perplexity(model, tids, args.context, bos_token_id=bos, max_windows=args.windows,
+                                    progress=False)
+            row["texts"][name] = dict(ppl=r.ppl, stderr=r.stderr, windows=r.n_windows, scored=r.n_scored,
+                                      running=r.window_ppl)
+        print(f"  {mode:18s} " + "  ".join(f"{n} {t['ppl']:.4f}" for n, t in row["texts"].items())
+              + f"  (quantized in {seconds:.0f} s)", flush=True)
+        rows.append(row)
 
-    if "none" in args.modes:
-        measure("unquantized", pm.model, weight_bytes(pm.model))
-    for mode in [m for m in args.modes if m != "none"]:
-        qm = copy.deepcopy(pm.model)  # same as load(path, quantization=mode), without re-reading the GGUF
-        base, _, scope = mode.partition(":")
-        if scope == "decoder":  # diagnostic: decoder linears only, embedding and LM head stay fp32
-            quantize_model(qm, base, skip=["lm_head"], embeddings=False)
-        else:
-            quantize_model(qm, base, embeddings=True)
-        measure(mode, qm, weight_bytes(qm))
-        del qm
+    for mode in args.modes:
+        t = time.perf_counter()
+        model = pm.model if mode == "none" else quantized_copy(pm.model, mode, tok, bos)
+        measure("unquantized" if mode == "none" else mode, model, weight_bytes(model), time.perf_counter() - t)
+        del model
     del pm
 
     if not args.skip_llamacpp:
-        t = time.perf_counter()
-        res = llamacpp.run_perplexity(path, text_file, ctx=args.context, threads=args.threads, chunks=args.windows)
-        secs = time.perf_counter() - t
-        running = llama_window_ppls(res.log)
-        print(f"  {'llama.cpp':12s} PPL {res.ppl:.4f} ± {res.stderr:.4f}  ({res.n_chunks} chunks, {secs:.0f} s)  "
-              f"per-window running PPL {running}", flush=True)
-        rows.append(dict(model=label, engine="llama.cpp", mode="Q4_K_M (llama-perplexity)", ppl=res.ppl,
-                         stderr=res.stderr, bytes=gguf_tensor_bytes(path), windows=res.n_chunks,
-                         mix=gguf_type_mix(path),
-                         scored=res.n_chunks * (args.context - args.context // 2 - 1), seconds=secs, running=running))
+        files = [("Q4_K_M (the file)", path)]
+        try:
+            files.append(("Q4_0 (same bits)", llamacpp.quantize_q4_0(path, llamacpp.llamacpp_home() / f"{key}-q4_0.gguf")))
+        except (FileNotFoundError, RuntimeError) as e:
+            print(f"  no Q4_0 file: {e}", flush=True)
+        for mode, gguf in files:
+            row = dict(model=label, engine="llama.cpp", mode=mode, bytes=gguf_tensor_bytes(gguf), quantize_s=0,
+                       mix=gguf_type_mix(gguf), texts={})
+            for name, (_, text_file) in texts.items():
+                res = llamacpp.run_perplexity(gguf, text_file, ctx=args.context, threads=args.threads,
+                                              chunks=args.windows)
+                row["texts"][name] = dict(ppl=res.ppl, stderr=res.stderr, windows=res.n_chunks,
+                                          scored=res.n_chunks * (args.context - args.context // 2 - 1),
+                                          running=llama_window_ppls(res.log))
+            print(f"  llama.cpp {mode:18s} " + "  ".join(f"{n} {t['ppl']:.4f}" for n, t in row["texts"].items()),
+                  flush=True)
+            rows.append(row)
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| model | engine | weights | PPL | ± | vs unquantized | weight MiB | windows | scored tokens | wall s |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def table(rows: list[dict], names: list[str]) -> str:
+    head = "| model | engine | weights | " + " | ".join(f"{n} PPL | vs unquantized" for n in names) + \
+           " | weight MiB | quantize s |"
+    out = [head, "| --- | --- | --- | " + " | ".join("---: | ---:" for _ in names) + " | ---: | ---: |"]
     for r in rows:
-        base = next((b["ppl"] for b in rows if b["model"] == r["model"] and b["mode"] == "unquantized"), None)
-        rel = f"{(r['ppl'] / base - 1) * 100:+.2f} %" if base else "n/a"
-        out.append(f"| {r['model']} | {r['engine']} | {r['mode']} | {r['ppl']:.4f} | {r['stderr']:.4f} | {rel} | "
-                   f"{r['bytes'] / 2**20:.1f} | {r['windows']} | {r['scored']} | {r['seconds']:.0f} |")
+        base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == "unquantized"), None)
+        cells = []
+        for n in names:
+            t = r["texts"][n]
+            rel = f"{(t['ppl'] / base['texts'][n]['ppl'] - 1) * 100:+.2f} %" if base else "n/a"
+            cells.append(f"{t['ppl']:.4f} ± {t['stderr']:.3f} | {rel}")
+        out.append(f"| {r['model']} | {r['engine']} | {r['mode']} | " + " | ".join(cells) +
+                   f" | {r['bytes'] / 2**20:.1f} | {r['quantize_s']:.0f} |")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--modes", nargs="+", default=["none", *MODES], help="'none' = unquantized fp32; MODE:decoder = decoder linears only (embedding, LM head fp32)")
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--modes", nargs="+", default=["none", *MODES],
+                    help="'none' = unquantized fp32; MODE (RTN), MODE+search, MODE+gptq; MODE:decoder = decoder "
+                         "linears only (embedding, LM head fp32)")
+    ap.add_argument("--texts", nargs="+", default=list(llamacpp.TEXTS), choices=list(llamacpp.TEXTS))
+    ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2, help="llama-perplexity threads")
     ap.add_argument("--device", default="cpu")
@@ -158,22 +186,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    raw = llamacpp.prose_text()
-    text = raw.removesuffix("\n")  # llama.cpp's -f drops one trailing newline; tokenize what it sees
     with tempfile.TemporaryDirectory() as tmp:
-        text_file = llamacpp.write_prose_file(Path(tmp) / "prose.txt")
+        texts = {}
+        for name in args.texts:
+            raw = llamacpp.TEXTS[name]()
+            f = Path(tmp) / f"{name}.txt"
+            f.write_text(raw, encoding="utf-8")
+            texts[name] = (raw.removesuffix("\n"), f)  # llama.cpp's -f drops one trailing newline
         rows = []
         for key in args.models:
-            rows += run_model(key, args, text, text_file)
+            rows += run_model(key, args, texts)
 
-    md = table(rows)
+    md = table(rows, args.texts)
     print("\n" + md)
     info = llamacpp.build_info()
     load = os.getloadavg()
     cmd = "python benchmarks/perplexity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    mixes = "\n".join(f"  * {r['model']}: {r['mix']}" for r in rows if "mix" in r)
-    details = "\n".join(f"* {r['model']} / {r['mode']}: running PPL after each window "
-                        f"{', '.join(f'{x:.4f}' for x in r['running'])}" for r in rows)
+    mixes = "\n".join(f"  * {r['model']} {r['mode']}: {r['mix']}" for r in rows if "mix" in r)
+    details = "\n".join(f"* {r['model']} / {r['mode']} / {n}: running PPL after each window "
+                        f"{', '.join(f'{x:.4f}' for x in t['running'])}" for r in rows for n, t in r["texts"].items())
     doc = f"""# Perplexity of pocketvlm quantization modes
 
 * date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
@@ -181,25 +212,26 @@ def main(argv: list[str] | None = None) -> int:
 * machine: {cpu_name()}, {os.cpu_count()} cores, shared (load average at the end {load[0]:.1f}); torch {torch.__version__},
   {torch.get_num_threads()} torch threads, Python {platform.python_version()}; llama.cpp {info.get('llama_cpp_commit', '?')[:7]}
   ({args.threads} threads)
-* text: `benchmarks/llamacpp.py` prose (pydoc_data topics {', '.join(llamacpp.PROSE_TOPICS)}, {len(raw)} chars),
-  {args.windows} windows of {args.context} tokens from the start of the text, each scoring its last
+* texts, both held out from `convert --calibrate`'s default calibration text (the *other* pydoc_data topics):
+  * prose: pydoc_data topics {', '.join(llamacpp.PROSE_TOPICS)} (the language reference);
+  * docstrings: the docstrings of {', '.join(llamacpp.DOCSTRING_MODULES)} (`inspect.getdoc`).
+* {args.windows} windows of {args.context} tokens from the start of each text, each scoring its last
   {args.context - args.context // 2 - 1} tokens (llama.cpp's method; BOS replaces each window's first token where the
   tokenizer adds BOS), identical for both engines.
 * "unquantized" is the Q4_K_M GGUF dequantized to float32: the MLC modes re-quantize those weights, so
-  "vs unquantized" is the loss a mode adds on top of the GGUF's own quantization. llama.cpp runs the
-  Q4_K_M file itself (its dot products quantize activations to 8 bit), so its PPL should sit next to
-  "unquantized".
-* pocketvlm modes quantize every linear and the embedding (tied LM head included), as
-  `pocketvlm.load(path, quantization=MODE)`. The decoder's linears see 512 rows per window and take
-  the quantized modules' prefill path (weight dequantized to fp32 per call + dense GEMM); the LM head
-  runs only on the {args.context - args.context // 2} scored rows (`logits_to_keep`), below
-  `DENSE_MIN_TOKENS`, so it takes the int4 kernel (bf16 activations, bf16-rounded scales).
-* what the GGUF source holds (share of weights by type; the "Q4_K_M" files are mostly 5-8 bit, so
-  the 4-bit MLC modes are a real step down from them):
+  "vs unquantized" is the loss a mode adds on top of the GGUF's own quantization.
+* pocketvlm rows quantize every linear and the embedding (tied LM head included):
+  * `MODE`: MLC's round-to-nearest, `scale = max|w| / offset` (what `pocketvlm.load(path, quantization=MODE)` does);
+  * `MODE+search`: error-minimising group scales (`pocketvlm convert`'s default);
+  * `MODE+gptq`: GPTQ rounding calibrated on the default text (`pocketvlm convert --calibrate`), 64 windows of 512;
+  * `MODE:decoder` (diagnostic): RTN on the decoder's linears only; embedding and LM head fp32.
+  All of them write the same format (codes + one fp16 scale per group), so size and speed do not change.
+* llama.cpp rows: `llama-perplexity` on the Q4_K_M file itself and on a Q4_0 file of the same bits
+  (`llama-quantize --allow-requantize --output-tensor-type q4_0 --token-embedding-type q4_0 ... Q4_0`, from the
+  Q4_K_M file, like the pocketvlm modes). Tensor types:
 {mixes}
-* `MODE:decoder` rows (diagnostic): only the decoder's linears quantized; embedding and LM head fp32.
 * weight MiB: persistent tensors (codes, scales, norms, biases; shared tensors once); for llama.cpp the
-  GGUF's tensor data. wall s: this run's wall time on the shared machine (not a speed benchmark).
+  GGUF's tensor data. quantize s: this run's wall time to quantize (shared machine).
 
 {md}
 

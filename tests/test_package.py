@@ -51,11 +51,11 @@ def pkg(tiny, tmp_path_factory) -> Path:
     return convert(tiny, "q4f16_1", tmp_path_factory.mktemp("pkg") / "q4", progress=False)
 
 
-def reference(tiny, mode):
+def reference(tiny, mode, search=True):
     from pocketvlm.quant import quantize_model
 
     ref = loading.load(tiny)
-    quantize_model(ref.model, mode, embeddings=True)
+    quantize_model(ref.model, mode, embeddings=True, search=search)
     return ref.model
 
 
@@ -101,6 +101,17 @@ def test_loaded_package_matches_in_memory_quantization(tiny, tmp_path, mode):
     with torch.inference_mode():
         f = loading.load(tiny).model(ids)
     assert (a - f).abs().max() < 0.5 * f.abs().max()  # and still the same model, approximately
+
+
+def test_rtn_scales_are_mlc_formula(tiny, tmp_path):
+    out = convert(tiny, "q4f16_1", tmp_path / "rtn", progress=False, scales="rtn")
+    got = load_package(out)
+    assert json.loads((out / "config.json").read_text())["quantization"]["scales"] == "rtn"
+    ids = torch.arange(0, 300, 7)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(got.model(ids), reference(tiny, "q4f16_1", search=False)(ids), rtol=0, atol=0)
+    with pytest.raises(PackageError, match="scales must be"):
+        convert(tiny, "q4f16_1", tmp_path / "bad", progress=False, scales="minmax")
 
 
 def test_q0_mode_stores_float16_and_loads_in_requested_dtype(tiny, tmp_path):

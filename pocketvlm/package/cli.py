@@ -21,6 +21,12 @@ def register_cli(sub) -> None:
     p.add_argument("--dtype", default=None, help="dtype of tensors kept in float (default: the mode's)")
     p.add_argument("--context-window-size", type=int, default=None, help="for the manifest's memory estimate")
     p.add_argument("--prefill-chunk-size", type=int, default=512)
+    p.add_argument("--scales", choices=("search", "rtn"), default="search",
+                   help="group scales: error-minimising search (default) or MLC's plain max/offset; same format")
+    p.add_argument("--calibrate", nargs="?", const=True, default=None, metavar="TEXT_FILE",
+                   help="GPTQ rounding calibrated on a text (default: Python's own language reference)")
+    p.add_argument("--calibration-windows", type=int, default=None,
+                   help="windows of 512 tokens taken from the calibration text (default 64)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("package", help="convert the models of a package config into one bundle folder")
@@ -48,7 +54,8 @@ def cmd_convert(a) -> int:
     from ..loading.package_files import read_manifest
 
     out = convert(a.source, a.quantization, a.output, overwrite=a.overwrite, dtype=a.dtype,
-                  context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size)
+                  context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
+                  scales=a.scales, calibrate=a.calibrate, calibration_windows=a.calibration_windows)
     m = read_manifest(out)
     p = m["parameters"]
     print(f"wrote {out}: {m['quantization']}, {p['total'] / 1e6:.1f}M parameters ({p['quantized'] / 1e6:.1f}M quantized, "

@@ -73,8 +73,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, vision
 
 
-def quantize_with_progress(model: nn.Module, mode: str, progress: bool = True) -> dict[str, str]:
-    """quantize_model with a tqdm bar ticking once per module it considers."""
+def quantize_with_progress(model: nn.Module, mode: str, progress: bool = True, search: bool = True) -> dict[str, str]:
+    """quantize_model (error-minimising scales unless ``search=False``) with a tqdm bar ticking once per module."""
     from tqdm.auto import tqdm
 
     from ..quant import quantize_model
@@ -85,7 +85,7 @@ def quantize_with_progress(model: nn.Module, mode: str, progress: bool = True) -
             bar.update(1)
             return False  # never skip: the bar only watches
 
-        record = quantize_model(model, mode, embeddings=True, skip=tick)
+        record = quantize_model(model, mode, embeddings=True, skip=tick, search=search)
         bar.update(bar.total - bar.n)
     return record
 
@@ -148,10 +148,23 @@ def save_tokenizer(loaded: loading.Loaded, out: Path) -> list[str]:
 
 def convert(source, quantization: str, output, *, overwrite: bool = False, dtype: str | None = None,
             shard_bytes: int = files.SHARD_BYTES, context_window_size: int | None = None,
-            prefill_chunk_size: int = 512, progress: bool = True) -> Path:
+            prefill_chunk_size: int = 512, progress: bool = True, scales: str = "search",
+            calibrate: str | Path | bool | None = None, calibration_windows: int | None = None) -> Path:
     """Convert ``source`` to a package folder ``output`` quantized with MLC mode ``quantization``.
-    Returns the folder. ``dtype``: the dtype of tensors kept in float (default: the mode's)."""
+    Returns the folder. ``dtype``: the dtype of tensors kept in float (default: the mode's).
+
+    ``scales``: ``"search"`` (default) picks each group's scale by minimising its error, ``"rtn"`` is MLC's
+    plain ``max|w| / offset``; same format either way. ``calibrate``: GPTQ rounding
+    (:mod:`pocketvlm.quant.calibrate`) on a text file, or ``True`` for the default text that ships with
+    Python; ``calibration_windows`` windows of 512 tokens from its start (default 64)."""
     mode = _mode(quantization)  # unknown names fail here, before anything is loaded or written
+    if scales not in ("search", "rtn"):
+        raise PackageError(f"scales must be 'search' or 'rtn', got {scales!r}")
+    text = None
+    if calibrate:
+        from . import calibration
+
+        text = calibration.prepare(mode, calibrate, calibration_windows)
     store_dtype = loading.parse_dtype(dtype or mode.dtype)
     out = Path(output).expanduser()
     if is_package(source):
@@ -160,12 +173,16 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
         check_output(out, overwrite)  # fail before the (slow) load
     from ..real_models import resolve_source
 
+    if text is not None:
+        calibration.check_memory(source, mode, text)
     loaded = loading.load(resolve_source(source), dtype=torch.float32)
     model = loaded.model
     sizes = float_sizes(model)
     total, vision = count_parameters(model)
-    if mode.quantized:
-        record = quantize_with_progress(model, mode.name, progress)
+    if text is not None:
+        record, calibrated = calibration.run(loaded, mode, text, search=scales == "search", progress=progress)
+    elif mode.quantized:
+        record = quantize_with_progress(model, mode.name, progress, search=scales == "search")
     else:
         model.to(mode.torch_dtype)
         record = {}
@@ -187,6 +204,8 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
         "stored_dtype": str(store_dtype).replace("torch.", ""), "modules": record,
         "unquantized": sorted(n for n in linear_like if n not in record), "tied": tied,
         "quantizer": "pocketvlm.quant.quantize_model(embeddings=True)",
+        "scales": scales if mode.quantized else None,
+        "calibration": calibrated if text is not None else None,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
     written.append("config.json")

@@ -83,15 +83,16 @@ def module_mode(name: str, module: nn.Module, mode: str | formats.QuantMode, *, 
     return _mode_for(name, module, formats.parse_mode(mode), skip, overrides)
 
 
-def quantize_module(module: nn.Module, mode: str) -> nn.Module:
+def quantize_module(module: nn.Module, mode: str, *, search: bool = False) -> nn.Module:
     """One ``nn.Linear`` / ``nn.Embedding`` in ``mode``: its quantized replacement (a :class:`QuantLinear`,
-    or a :class:`QuantEmbedding` over one), or for ``q0*`` modes the module itself, cast in place."""
+    or a :class:`QuantEmbedding` over one), or for ``q0*`` modes the module itself, cast in place.
+    ``search``: each group's scale minimises its error (:mod:`pocketvlm.quant.scales`) instead of RTN's."""
     mm = formats.parse_mode(mode)
     if not mm.quantized:
         return module.to(mm.torch_dtype)
     if isinstance(module, nn.Embedding):
-        return QuantEmbedding(_quantize_linear(_embedding_table(module), mm), dtype=module.weight.dtype)
-    return _quantize_linear(module, mm)
+        return QuantEmbedding(_quantize_linear(_embedding_table(module), mm, search), dtype=module.weight.dtype)
+    return _quantize_linear(module, mm, search)
 
 
 #: Weights with more than this many elements are quantized a slice of rows at a time, into the final module:
@@ -100,19 +101,19 @@ def quantize_module(module: nn.Module, mode: str) -> nn.Module:
 _SLICE_WEIGHTS = 1 << 22
 
 
-def _quantize_linear(linear: nn.Linear, mode: formats.QuantMode) -> QuantLinear:
+def _quantize_linear(linear: nn.Linear, mode: formats.QuantMode, search: bool = False) -> QuantLinear:
     """``quant_linear_from_float``, slice by slice of rows for big weights (rows are quantized independently
     and every stored tensor is row-major in the output dim, so the module is the same bit for bit)."""
     w = linear.weight.detach()
     out_f, in_f = w.shape
     rows = max(1, _SLICE_WEIGHTS // max(1, in_f))
     if out_f <= rows:
-        return quant_linear_from_float(linear, mode)
+        return quant_linear_from_float(linear, mode, search=search)
     m = _empty_quant_linear(in_f, out_f, linear.bias is not None, mode.name, w.device, w.dtype)
     for r in range(0, out_f, rows):
         part = nn.Linear(in_f, min(rows, out_f - r), bias=False, device="meta")
         part.weight = nn.Parameter(w[r:r + rows], requires_grad=False)
-        for name, buf in quant_linear_from_float(part, mode).named_buffers():
+        for name, buf in quant_linear_from_float(part, mode, search=search).named_buffers():
             getattr(m, name)[r:r + rows] = buf
     if linear.bias is not None:
         m.bias.data.copy_(linear.bias.detach())
@@ -128,10 +129,11 @@ def tied_head(linear: nn.Module, embedding: nn.Module) -> nn.Module | None:
 
 
 def quantize_model(model: nn.Module, mode: str, *, skip: Skip = None,
-                   overrides: Mapping[str, str | None] | None = None, embeddings: bool = False) -> dict[str, str]:
+                   overrides: Mapping[str, str | None] | None = None, embeddings: bool = False,
+                   search: bool = False) -> dict[str, str]:
     """Swap the model's ``nn.Linear`` (and, with ``embeddings=True``, ``nn.Embedding``) layers for
     quantized ones in place. Returns ``{module name: mode}`` for every module changed; ``q0*`` modes
-    only cast weights to their dtype."""
+    only cast weights to their dtype. ``search``: error-minimising scales (see :func:`quantize_module`)."""
     mode = formats.parse_mode(mode)
     record: dict[str, str] = {}
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
@@ -149,7 +151,7 @@ def quantize_model(model: nn.Module, mode: str, *, skip: Skip = None,
         m = module_mode(name, mod, mode, skip=skip, overrides=overrides, embeddings=embeddings)
         if m is None:
             continue
-        new = quantize_module(mod, m)
+        new = quantize_module(mod, m, search=search)
         if new is not mod:
             _set(model, name, new)
             if isinstance(mod, nn.Embedding):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QuantizationError
+from .scales import magnitude_weights, search_scales
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -114,9 +115,14 @@ def _check_weight(w: torch.Tensor) -> None:
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def quantize(w: torch.Tensor, mode: str | QuantMode) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, mode: str | QuantMode, *, search: bool = False,
+             importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w [out, in]``: returns unpacked ``codes`` uint8 ``[out, in_padded]`` and
-    ``scales [out, in_padded // group]`` in the mode's scale dtype."""
+    ``scales [out, in_padded // group]`` in the mode's scale dtype.
+
+    ``search=True`` chooses each group's scale by minimising its reconstruction error
+    (:func:`pocketvlm.quant.scales.search_scales`; never worse than the RTN scale of the formula above),
+    weighted per input column by ``importance [in]`` when given; the format is the same."""
     mode = parse_mode(mode)
     if not mode.quantized:
         raise QuantizationError(f"mode {mode.name} does not quantize; cast the weight to {mode.dtype}")
@@ -129,13 +135,20 @@ def quantize(w: torch.Tensor, mode: str | QuantMode) -> tuple[torch.Tensor, torc
         codes = torch.empty(out_f, kp, dtype=torch.uint8, device=w.device)
         scales = torch.empty(out_f, kp // g, dtype=mode.torch_scale_dtype, device=w.device)
         for r in range(0, out_f, rows):
-            codes[r:r + rows], scales[r:r + rows] = quantize(w[r:r + rows], mode)
+            codes[r:r + rows], scales[r:r + rows] = quantize(w[r:r + rows], mode, search=search,
+                                                             importance=importance)
         return codes, scales
     w = w.float()
     if kp != in_f:
         w = torch.nn.functional.pad(w, (0, kp - in_f))
     wg = w.view(out_f, kp // g, g)
-    scales = (wg.abs().amax(-1) / mode.offset).to(mode.torch_scale_dtype)  # [out, G]
+    if search:
+        h = magnitude_weights(wg)
+        if importance is not None:
+            h = h * torch.nn.functional.pad(importance.float().reshape(-1), (0, kp - in_f)).view(kp // g, g)
+        scales = search_scales(wg, mode.offset, mode.max_code, mode.torch_scale_dtype, h)
+    else:
+        scales = (wg.abs().amax(-1) / mode.offset).to(mode.torch_scale_dtype)  # [out, G]
     s = scales.float().unsqueeze(-1)
     q = torch.where(s > 0, torch.round(wg / torch.where(s > 0, s, 1.0)), 0.0)
     codes = (q + mode.offset).clamp_(0, mode.max_code).to(torch.uint8).view(out_f, kp)

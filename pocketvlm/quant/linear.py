@@ -511,13 +511,24 @@ class Int3Linear(QuantLinear):
 _KINDS = {4: Int4Linear, 8: Int8Linear, 3: Int3Linear}
 
 
-def quant_linear_from_float(linear: nn.Linear, mode: str | formats.QuantMode) -> QuantLinear:
-    """Quantize an ``nn.Linear``'s weight with an MLC mode into the matching :class:`QuantLinear`."""
+def quant_linear_from_float(linear: nn.Linear, mode: str | formats.QuantMode, *, search: bool = False,
+                            importance: torch.Tensor | None = None) -> QuantLinear:
+    """Quantize an ``nn.Linear``'s weight with an MLC mode into the matching :class:`QuantLinear`
+    (``search``/``importance``: the scale choice of :func:`pocketvlm.quant.formats.quantize`)."""
     mode = formats.parse_mode(mode)
     if not mode.quantized:
         raise QuantizationError(f"mode {mode.name} does not quantize; cast the layer to {mode.dtype} instead")
     w = linear.weight.detach()
-    codes, scales = formats.quantize(w, mode)
+    codes, scales = formats.quantize(w, mode, search=search, importance=importance)
+    return quant_linear_from_codes(linear, mode, codes, scales)
+
+
+def quant_linear_from_codes(linear: nn.Linear, mode: str | formats.QuantMode, codes: torch.Tensor,
+                            scales: torch.Tensor) -> QuantLinear:
+    """The :class:`QuantLinear` for ``linear`` (its shape and bias) holding the given unpacked ``codes``
+    ``[out, in_padded]`` and ``scales`` of an MLC mode, as :func:`pocketvlm.quant.formats.quantize` returns them."""
+    mode = formats.parse_mode(mode)
+    w = linear.weight
     cls = _KINDS[mode.bits]
     m = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode.name,
             group_size=mode.group_size, scale_dtype=mode.torch_scale_dtype, device=w.device, dtype=w.dtype)

@@ -1,0 +1,113 @@
+"""``convert --calibrate``: the calibration text, the memory check before loading, and the calibrated
+quantization itself (:func:`pocketvlm.quant.calibrate.calibrate_model`)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PackageError
+from ..quant.calibrate import CONTEXT, WINDOWS, check_mode, default_text
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    text: str
+    name: str  # the file, or "default" (Python's pydoc_data topics)
+    windows: int
+    context: int = CONTEXT
+
+    def record(self) -> dict:
+        """What config.json keeps about the calibration (enough to redo it)."""
+        return {"method": "gptq (act-order, static groups, error-minimising scales)", "text": self.name,
+                "text_sha256": hashlib.sha256(self.text.encode()).hexdigest(), "windows": self.windows,
+                "context": self.context}
+
+
+def prepare(mode, calibrate, windows: int | None = None) -> CalibrationText:
+    """Check the mode and read the calibration text, before anything slow happens. ``calibrate`` is
+    ``True``/``"default"`` for the default text or a text file's path."""
+    check_mode(mode)
+    windows = WINDOWS if windows is None else int(windows)
+    if windows < 1:
+        raise PackageError(f"--calibration-windows must be at least 1, got {windows}")
+    if calibrate is True or calibrate == "default":
+        return CalibrationText(default_text(), "default", windows)
+    path = Path(calibrate).expanduser()
+    if not path.is_file():
+        raise PackageError(f"calibration text {path} does not exist (or is not a file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PackageError(f"calibration text {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise PackageError(f"calibration text {path} is empty")
+    if len(text.encode()) < CONTEXT:  # a byte-level tokenizer gives at most one token per byte
+        raise PackageError(f"calibration text {path} has {len(text.encode())} bytes, fewer than one window of "
+                           f"{CONTEXT} tokens; give a longer text (a few thousand words)")
+    return CalibrationText(text, str(path), windows)
+
+
+def available_memory() -> int:
+    """Bytes the OS says a new allocation can have now (``MemAvailable``), else physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def calibration_bytes(source, mode, text: CalibrationText) -> int:
+    """Peak bytes of a calibrated conversion: the float32 model, the quantized copies made as it goes, one
+    forward window (its activations and float32 logits), the recorded layer inputs, and GPTQ's working set
+    (a float32 copy of the largest weight and its Hessian)."""
+    from ..quant import parse_mode
+    from .memory import estimate_memory, source_config
+
+    config, tok = source_config(source)
+    config.pop("quantization", None)
+    fp = estimate_memory(config, "q0f32", text.context, text.context, tokenizer_bytes=tok)
+    q = estimate_memory(config, parse_mode(mode).name, text.context, text.context)
+    from .memory import _text_cfg, meta_model
+
+    _, _, cfg = meta_model(config, None, text.context)
+    t = _text_cfg(cfg)
+    hidden, vocab = t.hidden_size, t.vocab_size
+    inter = getattr(t, "intermediate_size", 4 * hidden) or 4 * hidden
+    largest = max(vocab * hidden, inter * hidden)
+    logits = 3 * text.context * vocab * 4
+    states = 2 * text.windows * text.context * hidden * 4
+    gptq = 2 * largest * 4 + max(hidden, inter) ** 2 * 4 * 3
+    return fp["total"] + q["weights"] + logits + states + gptq
+
+
+def check_memory(source, mode, text: CalibrationText) -> None:
+    need, have = calibration_bytes(source, mode, text), available_memory()
+    if need > have:
+        gib = 2 ** 30
+        raise PackageError(
+            f"calibrating {source} needs about {need / gib:.1f} GiB (the float32 model, its quantized copy, one "
+            f"window of activations and GPTQ's working set); this machine has {have / gib:.1f} GiB available. "
+            "Convert without --calibrate (error-minimising scales only) or on a machine with more memory")
+
+
+def run(loaded, mode, text: CalibrationText, *, search: bool = True,
+        progress: bool = True) -> tuple[dict[str, str], dict]:
+    """Tokenize the text, cut its windows and calibrate ``loaded.model`` in place. Returns the quantization
+    record and what config.json keeps about the calibration."""
+    from .. import loading
+    from ..quant.calibrate import calibrate_model, calibration_windows
+
+    tok = loading.load_tokenizer(loaded)
+    bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
+    windows = calibration_windows(tok.encode(text.text), text.context, text.windows, bos)
+    if windows.shape[0] < text.windows:
+        import warnings
+
+        warnings.warn(f"the calibration text gives {windows.shape[0]} windows of {text.context} tokens, "
+                      f"fewer than the {text.windows} asked for; calibrating on those", stacklevel=2)
+    record = calibrate_model(loaded.model, mode, windows, search=search, progress=progress)
+    return record, {**text.record(), "windows": int(windows.shape[0])}

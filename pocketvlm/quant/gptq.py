@@ -1,0 +1,126 @@
+"""GPTQ rounding for one layer: quantize ``W [out, in]`` column by column, pushing each column's rounding
+error onto the columns not yet quantized through the inverse Hessian of the layer's inputs
+(Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+For a linear layer ``y = x W^T`` with calibration inputs ``X [tokens, in]``, the output error of a
+perturbed weight is ``||(W - W_hat) X^T||^2 = tr((W - W_hat) H (W - W_hat)^T) / 2`` with ``H = 2 X^T X``.
+Quantizing column ``j`` with error ``e_j`` (per output row) and updating the remaining columns by
+``-e_j / [H^-1]_jj * [H^-1]_{j, j+1:}`` is the optimal compensation (OBS); GPTQ does it in a fixed column
+order, with the inverse Hessian's upper Cholesky factor standing in for the sequence of inverses, and
+applies the updates lazily in blocks of columns.
+
+The output is the same format as round-to-nearest (MLC's symmetric group quantization: uint8 codes and
+one scale per ``group_size`` input columns), so files, kernels and speed do not change. A group's scale is
+chosen when GPTQ reaches the group's first column, from the group's weights *as updated so far*: by RTN's
+``max|w| / offset``, or (``search=True``) by :func:`pocketvlm.quant.scales.search_scales` weighted by the
+diagonal of ``H`` (the mean square of each input column) times ``w^2``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import QuantizationError
+from . import formats
+from .scales import magnitude_weights, search_scales
+
+#: Damping added to H's diagonal, as a fraction of its mean (GPTQ's ``percdamp``).
+DAMP = 0.01
+
+
+def _prepare(w: torch.Tensor, H: torch.Tensor, kp: int, damp: float,
+             padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ set-up in float32: padded ``W``, and the upper Cholesky factor of ``(H + damp)^-1``."""
+    if padded:
+        W, Hp = w.float().clone(), H.float().clone()
+    else:
+        out_f, in_f = w.shape
+        W = torch.zeros(out_f, kp, dtype=torch.float32, device=w.device)
+        W[:, :in_f] = w.float()
+        Hp = torch.zeros(kp, kp, dtype=torch.float32, device=w.device)
+        Hp[:in_f, :in_f] = H.float()
+    dead = Hp.diagonal() <= 0  # padding, and inputs that were zero on all calibration tokens: plain rounding
+    Hp[dead, dead] = 1.0
+    Hp.diagonal().add_(damp * Hp.diagonal().mean())
+    for extra in (0.0, 0.1, 1.0):  # more damping if H is too ill-conditioned for float32 Cholesky
+        if extra:
+            Hp.diagonal().add_(extra * Hp.diagonal().mean())
+        L, info = torch.linalg.cholesky_ex(Hp)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return W, U
+    raise QuantizationError("GPTQ: the calibration Hessian is not positive definite even after damping; "
+                            "calibrate on more (or more varied) text")
+
+
+def _group_scales(W: torch.Tensor, mode: formats.QuantMode, search: bool, hdiag: torch.Tensor) -> torch.Tensor:
+    """Scales ``[out, groups]`` of the group-shaped weights ``W [out, kp]``, by RTN or the weighted search."""
+    wg = W.view(W.shape[0], -1, mode.group_size)
+    if search:
+        h = hdiag.view(-1, mode.group_size) * magnitude_weights(wg)
+        return search_scales(wg, mode.offset, mode.max_code, mode.torch_scale_dtype, h)
+    return (wg.abs().amax(-1) / mode.offset).to(mode.torch_scale_dtype)
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, mode: str | formats.QuantMode, *, search: bool = True,
+                  act_order: bool = True, damp: float = DAMP, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ-quantize ``w [out, in]`` with the input Hessian ``H [in, in]`` (``sum x x^T`` over calibration
+    tokens; its scale does not matter). Returns ``(codes uint8 [out, in_padded], scales [out, groups])``
+    exactly as :func:`pocketvlm.quant.formats.quantize` does, for :func:`~pocketvlm.quant.linear.quant_linear_from_codes`.
+
+    ``act_order``: quantize the columns with the largest input energy first (GPTQ's "act-order"), so
+    their errors are the ones compensated by the most other columns. Group scales are then fixed up front
+    from the original weights ("static groups", the file keeps consecutive groups); without it each
+    group's scale is taken when its first column is reached, from the weights updated so far."""
+    mode = formats.parse_mode(mode)
+    if not mode.quantized:
+        raise QuantizationError(f"GPTQ needs a quantized mode; {mode.name} keeps weights in {mode.dtype}")
+    if w.dim() != 2 or H.shape != (w.shape[1], w.shape[1]):
+        raise QuantizationError(f"GPTQ: weight {tuple(w.shape)} and Hessian {tuple(H.shape)} do not match")
+    g = mode.group_size
+    out_f, in_f = w.shape
+    kp = formats.padded_in_features(in_f, g)
+    hdiag = torch.zeros(kp, device=w.device)
+    hdiag[:in_f] = H.diagonal().float().clamp(min=0)
+    perm = None
+    if act_order:
+        perm = torch.argsort(hdiag, descending=True, stable=True)
+        W0 = torch.zeros(out_f, kp, device=w.device)
+        W0[:, :in_f] = w.float()
+        fixed = _group_scales(W0, mode, search, hdiag)  # [out, groups], in file order
+        col_scale = fixed.float().repeat_interleave(g, 1)[:, perm]  # [out, kp], in GPTQ's order
+        Hp = torch.zeros(kp, kp, device=w.device)
+        Hp[:in_f, :in_f] = H.float()
+        W, U = _prepare(W0[:, perm], Hp[perm][:, perm], kp, damp, padded=True)
+    else:
+        W, U = _prepare(w, H, kp, damp)
+        block = max(g, block // g * g)  # whole groups per block: a group's scale is set from its own columns
+    codes = torch.empty(out_f, kp, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_f, kp // g, dtype=mode.torch_scale_dtype, device=w.device)
+    lo, hi = -mode.offset, mode.max_code - mode.offset
+    for b0 in range(0, kp, block):
+        b1 = min(b0 + block, kp)
+        W1, U1 = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
+        E1 = torch.zeros_like(W1)
+        s = None
+        for j in range(b1 - b0):
+            col = b0 + j
+            if perm is not None:
+                s = col_scale[:, col]
+            elif col % g == 0:  # the group starting here: its scale from its current (updated) weights
+                s16 = _group_scales(W1[:, j:j + g], mode, search, hdiag[col:col + g])
+                scales[:, col // g] = s16.squeeze(1)
+                s = s16.squeeze(1).float()
+            x = W1[:, j]
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            q = torch.where(s > 0, torch.round(x / safe).clamp_(lo, hi), torch.zeros_like(x))
+            codes[:, col] = (q + mode.offset).to(torch.uint8)
+            err = (x - q * s) / U1[j, j]
+            W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+            E1[:, j] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+        scales = fixed
+    return codes, scales

@@ -1,0 +1,276 @@
+"""Error-minimising scales, GPTQ rounding and calibrated quantization of a whole model."""
+import pytest
+import torch
+from torch import nn
+
+from pocketvlm.errors import QuantizationError
+from pocketvlm.quant import formats, quantize_model
+from pocketvlm.quant.calibrate import calibrate_model, calibration_windows, check_mode, default_text
+from pocketvlm.quant.gptq import gptq_quantize
+from pocketvlm.quant.scales import magnitude_weights, search_scales
+
+MODES = ["q4f16_1", "q4f32_1", "q3f16_1", "q8f16_1"]
+
+
+def _groups(kind: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 8, 40, generator=g)
+    if kind == "outliers":  # a few huge weights per row, as in LLM projections
+        idx = torch.randint(0, 40, (64, 8, 2), generator=g)
+        w.scatter_(-1, idx, 25 * torch.randn(64, 8, 2, generator=g))
+    elif kind == "heavy":
+        w = torch.distributions.StudentT(2.0).sample((64, 8, 40))
+    elif kind == "tiny":
+        w = w * 1e-4
+    w[0, 0] = 0  # an all-zero group
+    return w
+
+
+def _err(wg, s, mode, h):
+    s = s.float().unsqueeze(-1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.where(s > 0, torch.round(wg / safe).clamp(-mode.offset, mode.max_code - mode.offset), 0.0)
+    return (h * (wg - q * s) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("name", MODES)
+@pytest.mark.parametrize("kind", ["gauss", "outliers", "heavy", "tiny"])
+@pytest.mark.parametrize("weighting", ["uniform", "magnitude", "columns"])
+def test_search_never_worse_than_rtn_per_group(name, kind, weighting):
+    mode = formats.parse_mode(name)
+    for seed in range(3):
+        wg = _groups(kind, seed)[..., :mode.group_size]
+        h = {"uniform": torch.ones_like(wg), "magnitude": magnitude_weights(wg),
+             "columns": torch.rand(mode.group_size, generator=torch.Generator().manual_seed(seed)) + 0.01}[weighting]
+        rtn = (wg.abs().amax(-1) / mode.offset).to(mode.torch_scale_dtype)
+        s = search_scales(wg, mode.offset, mode.max_code, mode.torch_scale_dtype, h)
+        assert s.dtype == mode.torch_scale_dtype and s.shape == rtn.shape
+        e_rtn, e = _err(wg, rtn, mode, h), _err(wg, s, mode, h)
+        assert (e <= e_rtn).all()
+        if kind != "tiny" or mode.scale_dtype == "float32":
+            assert e.sum() < e_rtn.sum()  # and it does find better scales
+
+
+def test_quantize_with_search_keeps_the_format():
+    w = torch.randn(48, 100) * torch.linspace(0.1, 3, 100)
+    for name in MODES:
+        c0, s0 = formats.quantize(w, name)
+        c1, s1 = formats.quantize(w, name, search=True)
+        assert c1.shape == c0.shape and s1.shape == s0.shape and c1.dtype == c0.dtype and s1.dtype == s0.dtype
+        mode = formats.parse_mode(name)
+        assert int(c1.max()) <= mode.max_code
+        # codes are RTN codes for the chosen scales, so dequantize reads them as always
+        s = s1.float().repeat_interleave(mode.group_size, 1)
+        wp = torch.nn.functional.pad(w, (0, c1.shape[1] - 100))
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        expect = torch.where(s > 0, torch.round(wp / safe).clamp(-mode.offset, mode.max_code - mode.offset), 0)
+        assert torch.equal(c1.long() - mode.offset, expect.long())
+
+
+# ----- GPTQ -----------------------------------------------------------------------------------------
+
+def _reference_gptq(w, H, mode, damp=0.01):
+    """Textbook OBS/GPTQ: quantize column j, spread its error over the later columns with the current
+    inverse Hessian, then remove j from that inverse (float64, no Cholesky, no blocks). RTN group scales,
+    taken when a group's first column is reached, from the weights updated so far."""
+    W = w.double().clone()
+    H = H.double().clone()
+    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    Hinv = torch.linalg.inv(H)
+    g = mode.group_size
+    codes = torch.empty(w.shape, dtype=torch.long)
+    scales = torch.empty(w.shape[0], w.shape[1] // g, dtype=mode.torch_scale_dtype)
+    for j in range(w.shape[1]):
+        if j % g == 0:
+            scales[:, j // g] = (W[:, j:j + g].abs().amax(-1) / mode.offset).to(mode.torch_scale_dtype)
+            s = scales[:, j // g].double()
+        q = torch.round(W[:, j] / s).clamp(-mode.offset, mode.max_code - mode.offset)
+        codes[:, j] = q.long() + mode.offset
+        err = (W[:, j] - q * s) / Hinv[j, j]
+        W[:, j + 1:] -= err.unsqueeze(1) * Hinv[j, j + 1:].unsqueeze(0)
+        Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
+    return codes, scales
+
+
+def _layer(seed, out_f=24, in_f=64, tokens=400):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_f, in_f, generator=g) / in_f ** 0.5 + torch.eye(in_f)  # correlated inputs
+    X = torch.randn(tokens, in_f, generator=g) @ mix * torch.linspace(0.2, 2.0, in_f)
+    return torch.randn(out_f, in_f, generator=g), X
+
+
+@pytest.mark.parametrize("name", ["q4f16_1", "q8f16_1"])
+def test_gptq_matches_the_textbook_algorithm(name):
+    mode = formats.parse_mode(name)
+    w, X = _layer(0)
+    H = X.t() @ X
+    codes, scales = gptq_quantize(w, H, mode, search=False, act_order=False, block=32)
+    ref_codes, ref_scales = _reference_gptq(w, H, mode)
+    assert torch.equal(scales, ref_scales)
+    assert (codes.long() == ref_codes).float().mean() > 0.995  # float32 vs float64 ties, nothing more
+    assert (codes.long() - ref_codes).abs().max() <= 1
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_gptq_lowers_the_output_error(name):
+    mode = formats.parse_mode(name)
+    w, X = _layer(1, in_f=80)  # 80: not a multiple of 32, so padding is exercised
+    H = X.t() @ X
+    def out_err(codes, scales):
+        return ((X @ (w - formats.dequantize(codes, scales, mode, 80)).t()) ** 2).sum()
+    rtn = out_err(*formats.quantize(w, mode))
+    assert out_err(*gptq_quantize(w, H, mode, search=False)) < 0.9 * rtn
+    assert out_err(*gptq_quantize(w, H, mode, search=True)) < 0.9 * rtn
+
+
+def test_gptq_handles_dead_inputs_and_bad_shapes():
+    w, X = _layer(2)
+    X[:, 5] = 0  # an input that is always zero in the calibration data
+    codes, scales = gptq_quantize(w, X.t() @ X, "q4f16_1")
+    assert codes.shape == (24, 64) and torch.isfinite(scales.float()).all()
+    with pytest.raises(QuantizationError, match="do not match"):
+        gptq_quantize(w, torch.eye(63), "q4f16_1")
+    with pytest.raises(QuantizationError, match="quantized mode"):
+        gptq_quantize(w, torch.eye(64), "q0f16")
+
+
+# ----- whole model ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_fixtures import make_tiny_qwen2
+
+    import pocketvlm
+
+    d = make_tiny_qwen2(tmp_path_factory.mktemp("calib") / "qwen", hidden=64, layers=2, std=0.1)
+    return pocketvlm.load(str(d), quantization="q0f32")
+
+
+def _kl(ref, model, ids):
+    with torch.no_grad():
+        p = torch.log_softmax(ref(ids), -1)
+        q = torch.log_softmax(model(ids), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_calibrated_model_is_the_same_format_and_closer(tiny_lm):
+    import copy
+
+    ids = torch.tensor([tiny_lm.tokenizer.encode(default_text()[:20000])])
+    calib, held = ids[:, :2048], ids[:, 2048:2048 + 256]
+    windows = calibration_windows(calib[0], context=128, windows=16)
+    rtn, cal = copy.deepcopy(tiny_lm.model), copy.deepcopy(tiny_lm.model)
+    rec_rtn = quantize_model(rtn, "q4f16_1", embeddings=True)
+    rec_cal = calibrate_model(cal, "q4f16_1", windows, progress=False)
+    assert rec_cal == rec_rtn  # same modules, same modes, tied head included
+    assert {k: (v.shape, v.dtype) for k, v in cal.state_dict().items()} == \
+           {k: (v.shape, v.dtype) for k, v in rtn.state_dict().items()}
+    assert cal.lm_head._embedding is cal.model.embed_tokens  # still one table
+    assert _kl(tiny_lm.model, cal, held) < 0.8 * _kl(tiny_lm.model, rtn, held)
+
+
+def test_calibration_bad_input():
+    with pytest.raises(QuantizationError, match="fewer than one window of 512"):
+        calibration_windows(list(range(300)), 512)
+    with pytest.raises(QuantizationError, match="fewer than one window"):
+        calibration_windows([], 512)
+    for mode in ("q0f16", "q0f32", "q0bf16"):
+        with pytest.raises(QuantizationError, match="nothing to calibrate"):
+            check_mode(mode)
+    assert check_mode("q4f16_1").bits == 4
+    from pydoc_data.topics import topics
+
+    text = default_text()
+    assert len(text) > 100_000
+    assert all(topics[k][:300] not in text for k in ("execmodel", "naming", "types", "specialnames", "typesseq"))
+
+
+# ----- convert --calibrate ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_fixtures import make_tiny_qwen2
+
+    return make_tiny_qwen2(tmp_path_factory.mktemp("calib_hf") / "qwen", hidden=64, layers=2, std=0.1)
+
+
+def test_convert_calibrated_package(tiny_hf, tmp_path):
+    import json
+
+    from pocketvlm.package import convert, load_package
+
+    text = tmp_path / "calib.txt"
+    text.write_text(default_text()[:30000])
+    out = convert(tiny_hf, "q4f16_1", tmp_path / "cal", progress=False, calibrate=str(text), calibration_windows=4)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["calibration"]["windows"] == 4 and q["calibration"]["text"] == str(text)
+    assert q["scales"] == "search" and len(q["calibration"]["text_sha256"]) == 64
+    again = convert(tiny_hf, "q4f16_1", tmp_path / "cal2", progress=False, calibrate=str(text), calibration_windows=4)
+    a, b = load_package(out, verify=True).model, load_package(again).model
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)  # deterministic
+    plain = load_package(convert(tiny_hf, "q4f16_1", tmp_path / "plain", progress=False)).model
+    assert a.state_dict().keys() == plain.state_dict().keys()  # the same format as an uncalibrated package
+    assert any(not torch.equal(a.state_dict()[k], plain.state_dict()[k]) for k in a.state_dict())
+
+
+@pytest.mark.parametrize("case", ["empty", "short", "missing", "binary", "q0", "windows"])
+def test_convert_calibration_bad_input_fails_before_loading(tiny_hf, tmp_path, monkeypatch, case):
+    from pocketvlm import loading
+    from pocketvlm.errors import PackageError
+    from pocketvlm.package import convert
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model before checking"))
+    f = tmp_path / "t.txt"
+    mode, kw = "q4f16_1", {}
+    if case == "empty":
+        f.write_text("  \n\n")
+        match = "is empty"
+    elif case == "short":
+        f.write_text("a short calibration text. " * 10)
+        match = "fewer than one window"
+    elif case == "missing":
+        f = tmp_path / "nope.txt"
+        match = "does not exist"
+    elif case == "binary":
+        f.write_bytes(b"\xff\xfe\x00" * 400)
+        match = "not UTF-8"
+    elif case == "q0":
+        f.write_text("x " * 1000)
+        mode, match = "q0f16", "nothing to calibrate"
+    else:
+        f.write_text("x " * 1000)
+        kw, match = {"calibration_windows": 0}, "at least 1"
+    with pytest.raises((PackageError, QuantizationError), match=match):
+        convert(tiny_hf, mode, tmp_path / "out", progress=False, calibrate=str(f), **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_calibration_too_big_for_memory(tiny_hf, tmp_path, monkeypatch):
+    from pocketvlm import loading
+    from pocketvlm.errors import PackageError
+    from pocketvlm.package import calibration, convert
+
+    need = calibration.calibration_bytes(tiny_hf, "q4f16_1", calibration.prepare("q4f16_1", True))
+    assert need > 0
+    monkeypatch.setattr(calibration, "available_memory", lambda: need - 1)
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model before checking"))
+    with pytest.raises(PackageError, match=r"needs about .* GiB .* available"):
+        convert(tiny_hf, "q4f16_1", tmp_path / "out", progress=False, calibrate=True)
+
+
+def test_calibration_tokens_shorter_than_a_window(tiny_hf, tmp_path):
+    from pocketvlm.package import convert
+
+    f = tmp_path / "t.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 12)  # 540 bytes pass the byte check, ~120 tokens
+    with pytest.raises(QuantizationError, match="fewer than one window of 512"):
+        convert(tiny_hf, "q4f16_1", tmp_path / "out", progress=False, calibrate=str(f))
