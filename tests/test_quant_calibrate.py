@@ -1,7 +1,6 @@
 """Error-minimising scales, GPTQ rounding and calibrated quantization of a whole model."""
 import pytest
 import torch
-from torch import nn
 
 from pocketvlm.errors import QuantizationError
 from pocketvlm.quant import formats, quantize_model
@@ -274,3 +273,23 @@ def test_calibration_tokens_shorter_than_a_window(tiny_hf, tmp_path):
     f.write_text("The quick brown fox jumps over the lazy dog. " * 12)  # 540 bytes pass the byte check, ~120 tokens
     with pytest.raises(QuantizationError, match="fewer than one window of 512"):
         convert(tiny_hf, "q4f16_1", tmp_path / "out", progress=False, calibrate=str(f))
+
+
+def test_convert_calibrated_vlm(tmp_path):
+    """A LLaVA calibrates its language model on text; tower and projector stay float as always."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_fixtures import make_tiny_llava
+
+    from pocketvlm.package import convert, load_package
+
+    src = make_tiny_llava(tmp_path / "llava")
+    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=True, calibration_windows=1)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["calibration"]["windows"] == 1
+    assert not any("vision_tower" in n or "projector" in n for n in q["modules"])
+    assert any("language_model" in n for n in q["modules"])
+    load_package(out, verify=True)

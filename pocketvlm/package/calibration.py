@@ -65,14 +65,12 @@ def calibration_bytes(source, mode, text: CalibrationText) -> int:
     forward window (its activations and float32 logits), the recorded layer inputs, and GPTQ's working set
     (a float32 copy of the largest weight and its Hessian)."""
     from ..quant import parse_mode
-    from .memory import estimate_memory, source_config
+    from .memory import _text_cfg, estimate_memory, meta_model, source_config
 
     config, tok = source_config(source)
     config.pop("quantization", None)
     fp = estimate_memory(config, "q0f32", text.context, text.context, tokenizer_bytes=tok)
     q = estimate_memory(config, parse_mode(mode).name, text.context, text.context)
-    from .memory import _text_cfg, meta_model
-
     _, _, cfg = meta_model(config, None, text.context)
     t = _text_cfg(cfg)
     hidden, vocab = t.hidden_size, t.vocab_size

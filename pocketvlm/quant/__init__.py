@@ -5,9 +5,16 @@ Public API
 Modes (``formats``), MLC LLM's names and math (symmetric group quantization, no zero point)::
 
     MODES, QuantMode, parse_mode(name)          # q0f32 q0f16 q0bf16 q4f16_1 q4f32_1 q3f16_1 q8f16_1
-    quantize(w, mode) -> (codes uint8 [out, in_pad], scales [out, groups])
+    quantize(w, mode, *, search=False, importance=None) -> (codes uint8 [out, in_pad], scales [out, groups])
     dequantize(codes, scales, mode, in_features=None, dtype=float32)
     pack_4bit / unpack_4bit, pack_3bit / unpack_3bit (10 codes per int32), pack / unpack
+
+Choosing scales and rounding (same format, better weights)::
+
+    scales.search_scales(groups, offset, max_code, scale_dtype, h)   # per-group error-minimising scale
+    gptq.gptq_quantize(w, H, mode) -> (codes, scales)                 # GPTQ with the input Hessian H
+    calibrate.calibrate_model(model, mode, windows) -> {name: mode}  # quantize_model with GPTQ rounding
+    calibrate.calibration_windows(token_ids, context=512, windows=64), calibrate.default_text()
 
 GGUF blocks (``gguf_blocks``), from ``GGUFReader`` tensors (``.data``, ``.tensor_type``, ``.shape``)::
 
@@ -24,7 +31,7 @@ Modules (``linear``), drop-ins with the ``nn.Linear`` / ``nn.Embedding`` call co
 
 Whole models (``apply``)::
 
-    quantize_model(model, mode, *, skip=None, overrides=None, embeddings=False) -> {name: mode}
+    quantize_model(model, mode, *, skip=None, overrides=None, embeddings=False, search=False) -> {name: mode}
     module_mode(name, module, mode, ...)        # quantize_model's policy for one module: a mode or None
     quantize_module(module, mode) -> module     # one Linear/Embedding quantized (q0*: cast in place)
     tied_head(linear, embedding)                # a tied LM head over a quantized embedding, or None
