@@ -47,3 +47,17 @@ def qwen_real():
     from pocketvlm.real_models import qwen_gguf_path
 
     return pocketvlm.load(qwen_gguf_path(), context_window_size=1024, quantization="q0f32")
+
+
+@pytest.fixture(scope="session")
+def prose_text():
+    """The benchmark's held-out prose (benchmarks/llamacpp.py), loaded from its file: putting benchmarks/ on
+    sys.path would shadow installed packages (transformers imports a ``kernels`` package if it finds one)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp.py"
+    spec = importlib.util.spec_from_file_location("pocketvlm_benchmarks_llamacpp", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.prose_text().removesuffix("\n")

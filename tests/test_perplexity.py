@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -123,16 +121,9 @@ def test_bad_windows_raise(tiny, n, context, stride):
 
 # --- real weights ------------------------------------------------------------------------------------
 
-def _prose_ids(tokenizer) -> list[int]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import llamacpp
-
-    return tokenizer.encode(llamacpp.prose_text().removesuffix("\n"))
-
-
 @pytest.fixture(scope="module")
-def qwen_prose(qwen_real):
-    return _prose_ids(qwen_real.tokenizer)
+def qwen_prose(qwen_real, prose_text):
+    return qwen_real.tokenizer.encode(prose_text)
 
 
 @pytest.fixture(scope="module")
