@@ -54,10 +54,12 @@ def prose_text():
     """The benchmark's held-out prose (benchmarks/llamacpp.py), loaded from its file: putting benchmarks/ on
     sys.path would shadow installed packages (transformers imports a ``kernels`` package if it finds one)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp.py"
     spec = importlib.util.spec_from_file_location("pocketvlm_benchmarks_llamacpp", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod.prose_text().removesuffix("\n")
