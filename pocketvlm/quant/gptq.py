@@ -10,8 +10,9 @@ order, with the inverse Hessian's upper Cholesky factor standing in for the sequ
 applies the updates lazily in blocks of columns.
 
 The output is the same format as round-to-nearest (MLC's symmetric group quantization: uint8 codes and
-one scale per ``group_size`` input columns), so files, kernels and speed do not change. A group's scale is
-chosen when GPTQ reaches the group's first column, from the group's weights *as updated so far*: by RTN's
+one scale per ``group_size`` input columns), so files, kernels and speed do not change. With ``act_order``
+(the default) the group scales are fixed up front from the original weights; without it a group's scale is
+chosen when GPTQ reaches the group's first column, from its weights *as updated so far*. Either way by RTN's
 ``max|w| / offset``, or (``search=True``) by :func:`pocketvlm.quant.scales.search_scales` weighted by the
 diagonal of ``H`` (the mean square of each input column) times ``w^2``.
 """
@@ -27,17 +28,10 @@ from .scales import magnitude_weights, search_scales
 DAMP = 0.01
 
 
-def _prepare(w: torch.Tensor, H: torch.Tensor, kp: int, damp: float,
-             padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ set-up in float32: padded ``W``, and the upper Cholesky factor of ``(H + damp)^-1``."""
-    if padded:
-        W, Hp = w.float().clone(), H.float().clone()
-    else:
-        out_f, in_f = w.shape
-        W = torch.zeros(out_f, kp, dtype=torch.float32, device=w.device)
-        W[:, :in_f] = w.float()
-        Hp = torch.zeros(kp, kp, dtype=torch.float32, device=w.device)
-        Hp[:in_f, :in_f] = H.float()
+def _prepare(W: torch.Tensor, Hp: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ set-up in float32 for padded ``W [out, kp]`` and ``Hp [kp, kp]``: ``W`` (a copy), and the upper
+    Cholesky factor of ``(Hp + damp)^-1``."""
+    W, Hp = W.float().clone(), Hp.float().clone()
     dead = Hp.diagonal() <= 0  # padding, and inputs that were zero on all calibration tokens: plain rounding
     Hp[dead, dead] = 1.0
     Hp.diagonal().add_(damp * Hp.diagonal().mean())
@@ -83,18 +77,18 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, mode: str | formats.QuantMod
     kp = formats.padded_in_features(in_f, g)
     hdiag = torch.zeros(kp, device=w.device)
     hdiag[:in_f] = H.diagonal().float().clamp(min=0)
+    W0 = torch.zeros(out_f, kp, device=w.device)
+    W0[:, :in_f] = w.float()
+    Hp = torch.zeros(kp, kp, device=w.device)
+    Hp[:in_f, :in_f] = H.float()
     perm = None
     if act_order:
         perm = torch.argsort(hdiag, descending=True, stable=True)
-        W0 = torch.zeros(out_f, kp, device=w.device)
-        W0[:, :in_f] = w.float()
         fixed = _group_scales(W0, mode, search, hdiag)  # [out, groups], in file order
         col_scale = fixed.float().repeat_interleave(g, 1)[:, perm]  # [out, kp], in GPTQ's order
-        Hp = torch.zeros(kp, kp, device=w.device)
-        Hp[:in_f, :in_f] = H.float()
-        W, U = _prepare(W0[:, perm], Hp[perm][:, perm], kp, damp, padded=True)
+        W, U = _prepare(W0[:, perm], Hp[perm][:, perm], damp)
     else:
-        W, U = _prepare(w, H, kp, damp)
+        W, U = _prepare(W0, Hp, damp)
         block = max(g, block // g * g)  # whole groups per block: a group's scale is set from its own columns
     codes = torch.empty(out_f, kp, dtype=torch.uint8, device=w.device)
     scales = torch.empty(out_f, kp // g, dtype=mode.torch_scale_dtype, device=w.device)
