@@ -22,6 +22,21 @@ INFO="$HOME_DIR/BUILD-INFO.txt"
 # llama-cli needs the whole server (and its web UI) since 2025; llama-completion is the classic
 # prompt->text tool and is all the benchmarks need.
 TARGETS=(llama-bench llama-perplexity llama-completion llama-quantize llama-mtmd-cli)
+# LLAMACPP_TARGETS="llama-mtmd-cli llama-completion" builds only those (the GGUF interop tests need no more).
+if [[ -n "${LLAMACPP_TARGETS:-}" ]]; then read -r -a TARGETS <<<"$LLAMACPP_TARGETS"; fi
+# One fix applied to the source, recorded in BUILD-INFO.txt: llama.cpp's LLaVA graph (tools/mtmd/models/
+# llava.cpp) puts the class token after the patches while its inputs assume it first, so every CLIP/DINOv2
+# LLaVA gets shifted position embeddings, loses patch 0 and feeds the class token to the LLM (llama.cpp
+# issue #25814; the one-line fix is PR #25844, unmerged in 0.3.36). Without it no CLIP-tower LLaVA answers
+# as the model does (measured: README, "llama.cpp interop").
+PATCHES="llava-cls-first"
+apply_patches() {
+    local f="$SRC/tools/mtmd/models/llava.cpp"
+    if grep -q 'ggml_concat(ctx0, inp, model.class_embedding, 1)' "$f"; then
+        sed -i 's/ggml_concat(ctx0, inp, model.class_embedding, 1)/ggml_concat(ctx0, model.class_embedding, inp, 1)/' "$f"
+    fi
+    grep -q 'ggml_concat(ctx0, model.class_embedding, inp, 1)' "$f" || { echo "llava-cls-first: patch target not found in $f"; exit 1; }
+}
 
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
@@ -74,7 +89,8 @@ src_commit="$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)"
 if [[ "${LLAMACPP_FORCE:-0}" != 1 ]] && all_built && [[ -f "$INFO" ]] \
         && grep -qxF "cmake_flags: $FLAGS_LINE" "$INFO" \
         && grep -qxF "llama_cpp_commit: $src_commit" "$INFO" \
-        && grep -qxF "llama_cpp_python: $VERSION" "$INFO"; then
+        && grep -qxF "llama_cpp_python: $VERSION" "$INFO" \
+        && grep -qxF "patches: $PATCHES" "$INFO"; then
     echo "llama.cpp tools already built ($(grep '^llama_cpp_commit:' "$INFO"))"
     echo "binaries: $BIN"
     exit 0
@@ -107,6 +123,7 @@ if [[ ! -f "$SRC/.version" ]] || [[ "$(cat "$SRC/.version")" != "$VERSION" ]]; t
     echo "$VERSION" >"$SRC/.version"
 fi
 
+apply_patches
 commit="$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)"
 # The vendored clone is shallow, so a commit count would be meaningless: record the date instead.
 commit_date="$(git -C "$SRC" log -1 --format=%cI 2>/dev/null || echo unknown)"
@@ -123,17 +140,18 @@ secs=$(( $(date +%s) - start ))
 
 # Check that the binaries run here and carry no AMX (tile) instructions, and no AVX-512 (zmm)
 # code when this CPU lacks it: either would be a SIGILL waiting to happen.
-"$BIN/llama-bench" --help >/dev/null 2>&1 || { echo "llama-bench does not run on this CPU"; exit 1; }
+CHECK="$BIN/${TARGETS[0]}"
+"$CHECK" --help >/dev/null 2>&1 || { echo "${TARGETS[0]} does not run on this CPU"; exit 1; }
 isa_check="objdump not found: instruction check skipped"
 if command -v objdump >/dev/null; then
-    dis="$(objdump -d --no-show-raw-insn "$BIN/llama-bench")"
+    dis="$(objdump -d --no-show-raw-insn "$CHECK")"
     amx=$(grep -cwE '(ldtilecfg|tileloadd|tileloaddt1|tdpb[su][su]d|tdpbf16ps|tdpfp16ps)' <<<"$dis" || true)
     zmm=$(grep -c '%zmm' <<<"$dis" || true)
-    if (( amx > 0 )); then echo "llama-bench contains $amx AMX instructions"; exit 1; fi
+    if (( amx > 0 )); then echo "${TARGETS[0]} contains $amx AMX instructions"; exit 1; fi
     if [[ "$(has avx512f)" == OFF ]] && (( zmm > 0 )); then
-        echo "llama-bench uses AVX-512 ($zmm zmm instructions) but this CPU has none"; exit 1
+        echo "${TARGETS[0]} uses AVX-512 ($zmm zmm instructions) but this CPU has none"; exit 1
     fi
-    isa_check="llama-bench: $amx AMX instructions, $zmm instructions on zmm registers"
+    isa_check="${TARGETS[0]}: $amx AMX instructions, $zmm instructions on zmm registers"
 fi
 
 {
@@ -144,6 +162,7 @@ fi
     echo "compiler: $(${CXX:-c++} --version | head -1)"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "cmake_flags: $FLAGS_LINE"
+    echo "patches: $PATCHES"
     echo "targets: ${TARGETS[*]}"
     echo "isa_check: $isa_check"
     echo "binaries: $BIN"

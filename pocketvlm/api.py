@@ -362,7 +362,8 @@ def default_quantization(source) -> str | None:
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
          context_window_size: int | None = None, prefill_chunk_size: int = 512, template: str | None = None,
          quantization: str | None = None, compile: bool = False, vision_precision: str = "auto",
-         fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None, **kw) -> PocketModel:
+         fused: bool | None = None, kv_cache_dtype: str | torch.dtype | None = None, mmproj=None,
+         **kw) -> PocketModel:
     """Load a model from a Hugging Face folder or repo id, a ``.gguf`` file, a pocketvlm package folder,
     or a built-in real model name (default: ``pocketvlm-scenes``, the embedded VLM).
 
@@ -378,7 +379,10 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     uses it when the model qualifies (CPU, q4/q8 layers on pocketvlm's kernel), ``True`` requires it (an
     error says why a model does not qualify), ``False`` decodes with the eager PyTorch modules.
 
-    ``kv_cache_dtype``: see :func:`pocketvlm.loading.kv_cache_dtype_for` (default: float16 for quantized float32 models)."""
+    ``kv_cache_dtype``: see :func:`pocketvlm.loading.kv_cache_dtype_for` (default: float16 for quantized float32 models).
+
+    ``mmproj``: with a ``.gguf`` language model, llama.cpp's second file of a VLM (vision tower + projector),
+    as ``llama-mtmd-cli -m MODEL --mmproj MMPROJ`` takes them (:mod:`pocketvlm.loading.mmproj`)."""
     from .real_models import DEFAULT_MODEL, resolve_source
 
     max_seq = context_window_size
@@ -386,7 +390,7 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     if quantization is None:
         quantization = default_quantization(source)
     loaded = loading.load(resolve_source(source), device=device, dtype=dtype, max_seq_len=max_seq,
-                          quantization=quantization, **kw)
+                          quantization=quantization, mmproj=mmproj, **kw)
     from .quant.vision_fast import apply_vision_precision
 
     vision = apply_vision_precision(loaded.model, vision_precision)  # "none" for text-only models

@@ -8,6 +8,7 @@ first, then read tensor by tensor, each layer quantized as soon as it is complet
 - :mod:`.sources`: what a source string names (a local Hugging Face folder, a ``.gguf`` file, a hub repo id);
 - :mod:`.hf`: ``config.json``, the image processor's settings, ``*.safetensors`` through safetensors' mmap;
 - :mod:`.gguf` and :mod:`.gguf_file`: llama.cpp files (metadata, tensors, streaming quantization);
+- :mod:`.mmproj`: a llama.cpp VLM's second file (vision tower + projector) joined to its language model;
 - :mod:`.package` and :mod:`.package_files`: pocketvlm package folders (``manifest.json``);
 - :mod:`.processors`: the tokenizer and image preprocessing of a loaded model;
 - :mod:`.core`: :class:`Loaded` and the strict build every source ends in.
@@ -16,6 +17,8 @@ Built-in real model names are resolved a layer above (:func:`pocketvlm.real_mode
 building one (``pocketvlm-scenes``) loads its parts through this package.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -34,10 +37,21 @@ __all__ = ["DTYPES", "Loaded", "build", "build_skeleton", "check_weights", "down
 
 
 def load(source, *, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-         quantization: str | None = None, verify: bool = False) -> Loaded:
+         quantization: str | None = None, verify: bool = False, mmproj=None) -> Loaded:
     """Load any supported source; a pocketvlm package folder (``manifest.json``) is checked against its
-    manifest (file sizes; sha256 too with ``verify``) and loaded with its recorded quantization."""
+    manifest (file sizes; sha256 too with ``verify``) and loaded with its recorded quantization.
+    ``mmproj``: a llama.cpp mmproj file that makes a GGUF language model a VLM (:mod:`.mmproj`)."""
     dtype = parse_dtype(dtype)
+    if mmproj is not None:
+        kind, path = resolve(source)
+        if kind != "gguf":
+            from ..errors import ConfigError
+
+            raise ConfigError(f"mmproj goes with a .gguf language model; {source} is a {kind} source")
+        from .mmproj import load_gguf_vlm
+
+        return load_gguf_vlm(path, Path(mmproj), device=device, dtype=dtype, max_seq_len=max_seq_len,
+                             quantization=quantization)
     if is_package(source):
         loaded = load_package(source, device=device, dtype=dtype, max_seq_len=max_seq_len, verify=verify)
         recorded = (loaded.quantization or {}).get("mode")

@@ -49,6 +49,8 @@ class Loaded:
     config_dict: dict = field(default_factory=dict)
     gguf_metadata: dict | None = None
     quantization: dict | None = None  # {"mode": name, "modules": {module name: mode}} when quantized
+    image_processor: dict | None = None  # preprocessing settings a source carries itself (an mmproj file)
+    mmproj: str | None = None  # the mmproj file a GGUF VLM was joined from
 
 
 def meta_model(fam, cfg, max_seq_len: int | None = None) -> nn.Module:

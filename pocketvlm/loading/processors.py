@@ -17,10 +17,12 @@ def load_tokenizer(loaded: Loaded):
 
 
 def load_image_processor(loaded: Loaded):
-    """A VLM's image preprocessing: the folder's settings, else the family's default (GGUF), else None."""
+    """A VLM's image preprocessing: the source's settings (folder, mmproj file), else the family's default, else None."""
     from ..image import ImageProcessorConfig
 
-    d = image_processor_dict(Path(loaded.path)) if loaded.kind in ("hf", "package") else None
+    d = loaded.image_processor
+    if d is None and loaded.kind in ("hf", "package"):
+        d = image_processor_dict(Path(loaded.path))
     if d is not None:
         return ImageProcessorConfig.from_dict(d)
     default = getattr(loaded.model, "default_image_processor", None)
