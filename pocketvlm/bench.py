@@ -139,7 +139,8 @@ class BenchResult:
 def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3, threads: int | None = None,
               image: str | None = None, device: str = "cpu", dtype: str = "float32", quantization: str | None = None,
               compile: bool = False, fused: bool | None = None, measure_bw: bool = True,
-              progress: bool = True, kv_cache_dtype: str | None = None, vision_precision: str = "auto") -> BenchResult:
+              progress: bool = True, kv_cache_dtype: str | None = None, vision_precision: str = "auto",
+              mmproj: str | None = None) -> BenchResult:
     from .api import load
     from .engine.sampling import SamplingParams
 
@@ -149,7 +150,8 @@ def run_bench(source, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat
     t0 = time.perf_counter()
     pm = load(source, device=device, dtype=dtype, quantization=quantization,
               context_window_size=prompt_tokens + gen_tokens + 8, prefill_chunk_size=max(prompt_tokens, 1),
-              compile=compile, fused=fused, kv_cache_dtype=kv_cache_dtype, vision_precision=vision_precision)
+              compile=compile, fused=fused, kv_cache_dtype=kv_cache_dtype, vision_precision=vision_precision,
+              mmproj=mmproj)
     load_s = time.perf_counter() - t0
     vocab = pm.text_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -246,7 +248,7 @@ def cmd_bench(a) -> int:
     r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat, threads=a.threads,
                   image=a.image, device=a.device, dtype=a.dtype, quantization=a.quantization, compile=a.compile,
                   fused=False if a.no_fused else None, kv_cache_dtype=a.kv_cache_dtype, progress=not a.json,
-                  vision_precision=a.vision_precision)
+                  vision_precision=a.vision_precision, mmproj=a.mmproj)
     print(json.dumps(asdict(r), indent=2) if a.json else format_result(r))
     return 0
 
@@ -266,6 +268,7 @@ def register_cli(sub) -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--kv-cache-dtype", default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--vision-precision", default="auto", help="vision tower: auto, fp32, bf16 or int8")
+    p.add_argument("--mmproj", default=None, help="llama.cpp mmproj file (vision tower + projector) for a .gguf model")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--no-fused", action="store_true", help="decode with the eager PyTorch modules, not the fused step")
     p.add_argument("--json", action="store_true")

@@ -28,6 +28,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-window-size", type=int, default=None, help="KV cache length (default: min(model, 4096))")
     p.add_argument("--prefill-chunk-size", type=int, default=512)
     p.add_argument("--kv-cache-dtype", default="auto", help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--mmproj", default=None,
+                   help="llama.cpp mmproj file (vision tower + projector) that makes a .gguf language model a VLM")
     p.add_argument("--verify", action="store_true", help="check the sha256 of every file of a package folder")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (eager fallback)")
     p.add_argument("--no-fused", action="store_true",
@@ -68,7 +70,7 @@ def load_model(a):
                 template=a.template, verify=getattr(a, "verify", False), compile=getattr(a, "compile", False),
                 vision_precision=getattr(a, "vision_precision", "auto"),
                 fused=False if getattr(a, "no_fused", False) else None,
-                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"))
+                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"), mmproj=getattr(a, "mmproj", None))
 
 
 # --- chat ---------------------------------------------------------------------------------------------
@@ -240,7 +242,8 @@ def _plugins():
     for mod, fn in [("pocketvlm.package.cli", "register_cli"), ("pocketvlm.bench", "register_cli"),
                     ("pocketvlm.serve.app", "register_cli"),
                     ("pocketvlm.eval.cli", "register_cli"),
-                    ("pocketvlm.scenes.cli", "register_cli"), ("pocketvlm.train.cli", "register_cli")]:
+                    ("pocketvlm.scenes.cli", "register_cli"), ("pocketvlm.train.cli", "register_cli"),
+                    ("pocketvlm.export.cli", "register_cli")]:
         try:
             yield getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError):

@@ -3,7 +3,6 @@ and, for a LLaVA, ``mmproj-<name>.gguf`` (vision tower and projector), as ``llam
 takes them (:func:`export_gguf`, ``pocketvlm export gguf``)."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -12,17 +11,6 @@ from pathlib import Path
 from ..errors import ConfigError, PocketVLMError, UnsupportedArchitectureError
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
-
-
-def llama_quantize_binary() -> Path | None:
-    """llama.cpp's ``llama-quantize``: ``$POCKETVLM_LLAMA_CPP_BIN``, the benchmark build in the cache, or PATH."""
-    from ..real_models import cache_dir
-
-    for folder in (os.environ.get("POCKETVLM_LLAMA_CPP_BIN"), cache_dir() / "llama.cpp" / "build" / "bin"):
-        if folder and (Path(folder) / "llama-quantize").is_file():
-            return Path(folder) / "llama-quantize"
-    found = shutil.which("llama-quantize")
-    return Path(found) if found else None
 
 
 def export_gguf(source, output, *, type: str = "f16", name: str | None = None, progress: bool = True) -> dict:
@@ -101,7 +89,9 @@ def export_gguf(source, output, *, type: str = "f16", name: str | None = None, p
 
 
 def _llama_quantize(src: Path, qtype: str) -> Path:
-    exe = llama_quantize_binary()
+    from .llamacpp import binary
+
+    exe = binary("llama-quantize")
     if exe is None:
         raise PocketVLMError(
             f"--type {qtype.lower()} is written by llama.cpp's llama-quantize, which was not found: put it on PATH "

@@ -123,6 +123,15 @@ def projector_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def resize_mode(proc) -> str:
+    """How the model's own preprocessing fits an image to the square input: "stretch" (resize to the size),
+    "crop" (short side, then centre crop), "pad" (LLaVA-1.5's expand to square). llama.cpp pads, whatever the
+    file says; pocketvlm reads this key back so that its own files keep the model's preprocessing."""
+    if proc.processor_class == "LlavaImageProcessor" and proc.do_pad:
+        return "pad"
+    return "crop" if proc.do_center_crop else "stretch"
+
+
 def write_mmproj(path, model, image_processor, name: str, kind: str, progress=None) -> None:
     """Write ``model``'s (a pocketvlm ``llava`` model) tower and projector as an mmproj file at ``path``;
     ``progress.update(n)`` is called as tensors are prepared."""
@@ -157,6 +166,7 @@ def write_mmproj(path, model, image_processor, name: str, kind: str, progress=No
     w.add_string("pocketvlm.vision.model_type", vc.model_type)
     w.add_string("pocketvlm.vision.hidden_act", vc.hidden_act)
     w.add_string("pocketvlm.projector.hidden_act", cfg.projector_hidden_act)
+    w.add_string("pocketvlm.image.resize", resize_mode(image_processor))
     for tname, t in tower_tensors(model) + projector_tensors(model):
         if tname == "v.patch_embd.weight":  # llama.cpp's converters store the conv kernel as f16
             add_tensor(w, tname, t, kind, qtype=Q.F32 if kind == "f32" else Q.F16)

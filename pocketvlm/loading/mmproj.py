@@ -214,11 +214,21 @@ def load_gguf_vlm(text_path: Path, mmproj_path: Path, *, device="cpu", dtype=tor
     mean = [float(x) for x in meta.get("clip.vision.image_mean", (0.5, 0.5, 0.5))]
     std = [float(x) for x in meta.get("clip.vision.image_std", (0.5, 0.5, 0.5))]
     text.model, text.config, text.family = model, cfg, llava
-    text.image_processor = {"image_processor_type": "CLIPImageProcessor", "size": {"height": size, "width": size},
-                            "do_center_crop": False, "crop_size": None, "resample": 3,
-                            "image_mean": mean, "image_std": std}
+    text.image_processor = image_processor(meta.get("pocketvlm.image.resize", "pad"), size, mean, std)
     text.mmproj = str(mmproj_path)
     return text
+
+
+def image_processor(resize: str, size: int, mean, std) -> dict:
+    """Preprocessing settings for a square input of ``size``: "pad" (what llama.cpp does with any LLaVA mmproj:
+    expand to square with the mean colour, then resize), "stretch" or "crop" (recorded by pocketvlm's export)."""
+    d = {"image_mean": mean, "image_std": std, "resample": 3}
+    if resize == "stretch":
+        return {**d, "image_processor_type": "CLIPImageProcessor", "size": {"height": size, "width": size},
+                "do_center_crop": False, "crop_size": None}
+    kind = "LlavaImageProcessor" if resize == "pad" else "CLIPImageProcessor"
+    return {**d, "image_processor_type": kind, "size": {"shortest_edge": size}, "do_center_crop": True,
+            "crop_size": {"height": size, "width": size}, "do_pad": resize == "pad"}
 
 
 def reader_shape(reader, name: str) -> tuple[int, ...]:

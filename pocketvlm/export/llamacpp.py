@@ -1,0 +1,57 @@
+"""Run llama.cpp's own tools on GGUF files (the exported ones, or any): where the binaries are, and one greedy
+image answer from ``llama-mtmd-cli`` (used by the interop tests and ``benchmarks/gguf_interop.py``)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import PocketVLMError
+
+
+def binary(name: str) -> Path | None:
+    """llama.cpp tool ``name``: in ``$POCKETVLM_LLAMA_CPP_BIN``, the build ``benchmarks/build_llamacpp.sh`` makes in
+    the cache, or on PATH; None when absent."""
+    from ..real_models import cache_dir
+
+    for folder in (os.environ.get("POCKETVLM_LLAMA_CPP_BIN"), cache_dir() / "llama.cpp" / "build" / "bin"):
+        if folder and (Path(folder) / name).is_file():
+            return Path(folder) / name
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def mtmd_answer(model: Path, mmproj: Path, image: Path, prompt: str, *, n_predict: int = 16, threads: int = 2,
+                exe: Path | None = None) -> tuple[str, dict]:
+    """``llama-mtmd-cli``'s greedy answer to ``prompt`` about ``image`` (the model's own chat template, rendered
+    with jinja; the image goes where ``<__media__>`` is, else first), and its timings in ms."""
+    exe = exe or binary("llama-mtmd-cli")
+    if exe is None:
+        raise PocketVLMError("llama-mtmd-cli not found: build it with `bash benchmarks/build_llamacpp.sh` or set "
+                             "POCKETVLM_LLAMA_CPP_BIN")
+    cmd = [str(exe), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p", prompt,
+           "--temp", "0", "-n", str(n_predict), "--jinja", "-t", str(threads), "--no-warmup"]
+    return _run(cmd)
+
+
+def _run(cmd: list[str]) -> tuple[str, dict]:
+    t = time.perf_counter()
+    # stdin must not be a terminal or a pipe left open: llama-mtmd-cli then waits or exits without answering.
+    # It prints through an asynchronous logger never flushed at exit (llama.cpp #22142), which can lose the
+    # answer's tail: benchmarks/build_llamacpp.sh adds the flush.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        rc = subprocess.run(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL).returncode
+        out.seek(0)
+        err.seek(0)
+        answer, log = out.read(), err.read()
+    wall = (time.perf_counter() - t) * 1000
+    if rc != 0:
+        raise PocketVLMError(f"llama-mtmd-cli failed ({rc}): {log.strip()[-800:]}")
+    timings = {"wall_ms": wall}
+    for line in log.splitlines():
+        if "batch encoding done in" in line:
+            timings["encode_ms"] = float(line.split("done in")[1].split("ms")[0])
+    return answer.strip(), timings

@@ -1,0 +1,209 @@
+"""llama.cpp interop for VLMs: GGUF export (language model + mmproj), loading a GGUF pair, and the same greedy
+answers from llama.cpp's own ``llama-mtmd-cli`` (built from the llama-cpp-python sdist by
+benchmarks/build_llamacpp.sh, cached outside the repository)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pocketvlm
+from pocketvlm.errors import ConfigError, CorruptWeightsError, UnsupportedArchitectureError
+from pocketvlm.export import export_gguf
+from pocketvlm.export.llamacpp import binary, mtmd_answer
+from serve_fixtures import make_tiny_llava, make_tiny_qwen2
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is in this picture?"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    llava = make_tiny_llava(d / "llava")
+    out = export_gguf(llava, d / "f16", type="f16", name="tiny", progress=False)
+    return {"dir": d, "llava": llava, **out}
+
+
+@pytest.fixture(scope="module")
+def mtmd_cli():
+    """llama-mtmd-cli, built once if missing. Skipped (with the reason) only where it cannot be built, and never
+    where POCKETVLM_REQUIRE_LLAMACPP=1 (this project's CI)."""
+    exe = binary("llama-mtmd-cli")
+    if exe is None and not os.environ.get("POCKETVLM_NO_LLAMACPP_BUILD"):
+        r = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llamacpp.sh")], capture_output=True, text=True,
+                           env={**os.environ, "LLAMACPP_TARGETS": "llama-mtmd-cli llama-quantize"})
+        exe = binary("llama-mtmd-cli")
+        why = f"llama.cpp build failed: {(r.stdout + r.stderr).strip()[-400:]}"
+    else:
+        why = "llama-mtmd-cli not found and POCKETVLM_NO_LLAMACPP_BUILD is set"
+    if exe is None:
+        if os.environ.get("POCKETVLM_REQUIRE_LLAMACPP") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return exe
+
+
+def _image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    img = np.stack([(xx * 255 // max(size[0] - 1, 1)), (yy * 255 // max(size[1] - 1, 1)),
+                    rng.integers(0, 256, (size[1], size[0]))], -1).astype(np.uint8)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def _ask(model, image: Path, question: str = QUESTION, max_tokens: int = 12) -> str:
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]}]
+    return model.chat(msgs, max_tokens=max_tokens, temperature=0)
+
+
+# --- export ---------------------------------------------------------------------------------------------
+
+def test_export_writes_llama_cpp_names_and_keys(tiny):
+    from pocketvlm.loading.gguf_file import read_gguf
+
+    text, mm = read_gguf(tiny["model"]), read_gguf(tiny["mmproj"])
+    assert text.metadata["general.architecture"] == "qwen2"
+    assert text.metadata["tokenizer.ggml.model"] == "gpt2" and text.metadata["tokenizer.ggml.pre"] == "gpt-2"
+    assert "<image>" in list(text.metadata["tokenizer.ggml.tokens"])
+    assert text.metadata["tokenizer.chat_template"]
+    names = {t.name for t in text.tensors}
+    assert {"token_embd.weight", "output.weight", "blk.1.attn_q.bias", "blk.1.ffn_down.weight"} <= names
+    assert mm.metadata["general.architecture"] == "clip" and mm.metadata["clip.projector_type"] == "mlp"
+    # LLaVA's -2 of a 2-layer CLIP: hidden state 1, so one layer stored; no post_layernorm
+    assert list(mm.metadata["clip.vision.feature_layer"]) == [1] and mm.metadata["clip.vision.block_count"] == 1
+    mnames = {t.name for t in mm.tensors}
+    assert {"v.class_embd", "v.pre_ln.weight", "v.blk.0.attn_out.weight", "mm.0.weight", "mm.2.bias"} <= mnames
+    assert not any(n.startswith("v.blk.1.") or n.startswith("v.post_ln") for n in mnames)
+    types = {t.name: t.tensor_type.name for t in text.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_text_roundtrip_logits(tmp_path):
+    """A text model exported and loaded back gives the original logits (f16: float16 tolerance; q8_0 looser)."""
+    src = make_tiny_qwen2(tmp_path / "qwen")
+    ref = pocketvlm.load(src)
+    ids = ref.tokenizer.encode("Hello! How are you today? The sky is blue.")
+    want = ref.logits(torch.tensor([ids]))
+    for kind, tol in (("f16", 2e-2), ("q8_0", 0.15)):
+        out = export_gguf(src, tmp_path / kind, type=kind, progress=False)
+        got = pocketvlm.load(out["model"], quantization="q0f32").logits(torch.tensor([ids]))
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        assert err < tol, (kind, err)
+    assert out["mmproj"] is None
+
+
+def test_llava_roundtrip_logits_and_answers(tiny):
+    """export -> load(model.gguf, mmproj=...) equals the original LLaVA (f16 tolerance), image included."""
+    ref = pocketvlm.load(tiny["llava"], quantization="q0f32", vision_precision="fp32")
+    got = pocketvlm.load(tiny["model"], mmproj=tiny["mmproj"], quantization="q0f32", vision_precision="fp32")
+    assert got.is_vlm and got.info()["architecture"] == "llava"
+    img = _image(tiny["dir"] / "rt.png", (32, 32), 0)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": QUESTION}]}]
+    pr, pg = ref.chat_prompt(msgs), got.chat_prompt(msgs)
+    assert pr.ids == pg.ids
+    la, lb = _prompt_logits(ref, pr), _prompt_logits(got, pg)
+    assert (la - lb).abs().max().item() / la.abs().max().item() < 2e-2
+    assert _ask(ref, img) == _ask(got, img)
+
+
+def _prompt_logits(pm, prompt):
+    """Logits of every position of an image prompt (the image features spliced in as the engine does)."""
+    with torch.no_grad():
+        return pm.model(inputs_embeds=prompt.embed_fn(0, len(prompt.ids)))[0]
+
+
+# --- llama.cpp itself ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,seed", [((32, 32), 1), ((32, 32), 2), ((32, 32), 3), ((48, 48), 5), ((96, 96), 6)])
+def test_llama_cpp_answers_as_pocketvlm(tiny, mtmd_cli, size, seed):
+    """llama-mtmd-cli on the exported pair gives pocketvlm's greedy answer, token for token (square images of
+    several sizes: both engines resize them; a non-square one is padded by llama.cpp but centre-cropped by
+    this model's CLIP preprocessing, so there the pixels differ by design)."""
+    model = _tiny_ref(tiny)
+    img = _image(tiny["dir"] / f"cmp{seed}.png", size, seed)
+    ours = _ask(model, img)
+    theirs, _ = mtmd_answer(tiny["model"], tiny["mmproj"], img, QUESTION, n_predict=12, exe=mtmd_cli)
+    assert theirs.strip() == ours.strip()
+    assert len(ours.strip()) > 5  # a real answer, not an early stop on both sides
+
+
+_REF = {}
+
+
+def _tiny_ref(tiny):
+    if "m" not in _REF:
+        _REF["m"] = pocketvlm.load(tiny["llava"], quantization="q0f32", vision_precision="fp32")
+    return _REF["m"]
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+def test_mmproj_width_must_match_the_language_model(tiny, tmp_path):
+    other = export_gguf(make_tiny_qwen2(tmp_path / "q48", hidden=48), tmp_path / "o", type="f16", progress=False)
+    with pytest.raises(ConfigError, match="hidden size 48"):
+        pocketvlm.load(other["model"], mmproj=tiny["mmproj"])
+
+
+def test_files_swapped_or_wrong_kind(tiny):
+    with pytest.raises(ConfigError, match="not an mmproj file"):
+        pocketvlm.load(tiny["model"], mmproj=tiny["model"])
+    with pytest.raises(ConfigError, match="is an mmproj file"):
+        pocketvlm.load(tiny["mmproj"], mmproj=tiny["mmproj"])
+    with pytest.raises(ConfigError, match="goes with a .gguf"):
+        pocketvlm.load(tiny["llava"], mmproj=tiny["mmproj"])
+
+
+def test_truncated_mmproj(tiny, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    data = Path(tiny["mmproj"]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptWeightsError):
+        pocketvlm.load(tiny["model"], mmproj=cut)
+
+
+@pytest.mark.parametrize("kind,what", [("ldpv2", "MobileVLM V2 LDPv2"), ("my_resampler", "")])
+def test_unknown_projector_type_is_named(tiny, tmp_path, kind, what):
+    import gguf
+
+    path = tmp_path / f"{kind}.gguf"
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", kind)
+    w.add_tensor("mm.0.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{kind}'.*{what}.*supported: mlp"):
+        pocketvlm.load(tiny["model"], mmproj=path)
+
+
+def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
+    from pocketvlm.export.gguf_text import arch_of
+    from pocketvlm.models import gemma3
+
+    cfg = gemma3.Config.from_dict({"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+                                   "head_dim": 16})
+    with pytest.raises(UnsupportedArchitectureError, match="'gemma3_text' has no GGUF writer"):
+        arch_of(cfg)
+    with pytest.raises(Exception, match="unknown GGUF export type"):
+        export_gguf("whatever", tmp_path, type="q2_k")
+
+
+def test_export_cli(tiny, tmp_path, capsys):
+    from pocketvlm.cli import main
+
+    assert main(["export", "gguf", str(tiny["llava"]), "-o", str(tmp_path), "--type", "q8_0", "--name", "t"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "t.gguf").exists() and (tmp_path / "mmproj-t.gguf").exists()
+    assert "llama-mtmd-cli -m" in out
+    m = pocketvlm.load(tmp_path / "t.gguf", mmproj=tmp_path / "mmproj-t.gguf")
+    assert m.is_vlm and m.info()["quantization"] == "gguf"
