@@ -207,3 +207,62 @@ def test_export_cli(tiny, tmp_path, capsys):
     assert "llama-mtmd-cli -m" in out
     m = pocketvlm.load(tmp_path / "t.gguf", mmproj=tmp_path / "mmproj-t.gguf")
     assert m.is_vlm and m.info()["quantization"] == "gguf"
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory):
+    """A tiny LLaVA with a DINOv2 tower (random layer scale), two feature layers, and an input size (42) that
+    differs from the tower's own (28): export folds the layer scale and resamples the position embeddings."""
+    import json
+
+    import transformers
+    from serve_fixtures import write_tokenizer
+    from tokenizers import Tokenizer
+
+    d = tmp_path_factory.mktemp("dino")
+    write_tokenizer(d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens(["<image>"])
+    tok.save(str(d / "tokenizer.json"))
+    image_id = tok.token_to_id("<image>")
+    torch.manual_seed(1)
+    vision = dict(model_type="dinov2", image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=3,
+                  num_attention_heads=4, mlp_ratio=2)
+    text = dict(model_type="qwen2", vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                   vision_feature_layer=[-2, -1], vision_feature_select_strategy="default")
+    cfg.text_config.initializer_range = 0.3
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lambda1" in name:
+                p.copy_(torch.rand_like(p) * 1.5 + 0.25)
+        hf.lm_head.weight[image_id] = 0
+    hf.save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": 42, "width": 42},
+        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
+    out = export_gguf(d, d / "gguf", type="f16", name="dino", progress=False)
+    return {"dir": d, "folder": d, **out}
+
+
+def test_dinov2_export_roundtrip_and_llama_cpp(dino, mtmd_cli):
+    from pocketvlm.loading.gguf_file import read_gguf
+
+    mm = read_gguf(dino["mmproj"])
+    assert mm.metadata["clip.vision.image_size"] == 42 and list(mm.metadata["clip.vision.feature_layer"]) == [2, 3]
+    assert not any(".ls1" in t.name or ".ls2" in t.name for t in mm.tensors)  # folded
+    ref = pocketvlm.load(dino["folder"], quantization="q0f32", vision_precision="fp32")
+    got = pocketvlm.load(dino["model"], mmproj=dino["mmproj"], quantization="q0f32", vision_precision="fp32")
+    for seed, size in ((1, (42, 42)), (2, (42, 42)), (3, (84, 84))):
+        img = _image(dino["dir"] / f"d{seed}.png", size, seed)
+        msgs = [{"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": QUESTION}]}]
+        la, lb = _prompt_logits(ref, ref.chat_prompt(msgs)), _prompt_logits(got, got.chat_prompt(msgs))
+        assert (la - lb).abs().max().item() / la.abs().max().item() < 2e-2
+        ours = _ask(ref, img)
+        assert _ask(got, img) == ours
+        theirs, _ = mtmd_answer(dino["model"], dino["mmproj"], img, QUESTION, n_predict=12, exe=mtmd_cli)
+        assert theirs.strip() == ours.strip() and len(ours.strip()) > 5

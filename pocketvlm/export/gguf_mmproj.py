@@ -64,8 +64,20 @@ def check_llava(model) -> None:
         raise UnsupportedArchitectureError("DINOv2 with a SwiGLU MLP has no llama.cpp LLaVA form")
 
 
-def tower_tensors(model) -> list[tuple[str, torch.Tensor]]:
-    """(llama.cpp name, float tensor) of the tower's embeddings and the layers the features need."""
+def input_size(model, proc) -> int:
+    """The side of the square image the tower sees: the preprocessing's output (a DINOv2 tower resamples its
+    position embeddings to it), which must be square."""
+    h, w = proc.size if proc.size else (proc.crop_size if proc.do_center_crop else (None, None))
+    if h is None or h != w:
+        raise UnsupportedArchitectureError(
+            f"the model's preprocessing does not give a fixed square image ({proc.size or proc.crop_size}): "
+            "llama.cpp's LLaVA takes one square size")
+    return int(h)
+
+
+def tower_tensors(model, size: int) -> list[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, float tensor) of the tower's embeddings and the layers the features need, for square
+    inputs of side ``size``."""
     cfg = model.config
     vc = cfg.vision_config
     tower = model.model.vision_tower
@@ -77,7 +89,7 @@ def tower_tensors(model) -> list[tuple[str, torch.Tensor]]:
         out.append(("v.class_embd", sd[e + "cls_token"].reshape(-1)))
         out.append(("v.patch_embd.weight", sd[e + "patch_embeddings.projection.weight"]))
         out.append(("v.patch_embd.bias", sd[e + "patch_embeddings.projection.bias"]))
-        side = vc.image_size // vc.patch_size
+        side = size // vc.patch_size
         pos = tower.embeddings.position_embeddings.detach().float()[0]
         if pos.shape[0] != side * side + 1:
             from ..models.clip import interpolate_positions
@@ -150,7 +162,8 @@ def write_mmproj(path, model, image_processor, name: str, kind: str, progress=No
     w.add_bool("clip.has_llava_projector", True)
     w.add_string("clip.projector_type", "mlp")
     w.add_bool("clip.use_gelu", _USE_GELU[vc.hidden_act])
-    w.add_uint32("clip.vision.image_size", int(vc.image_size))
+    size = input_size(model, image_processor)
+    w.add_uint32("clip.vision.image_size", size)
     w.add_uint32("clip.vision.patch_size", int(vc.patch_size))
     w.add_uint32("clip.vision.embedding_length", int(vc.hidden_size))
     w.add_uint32("clip.vision.feed_forward_length", int(vc.intermediate_size))
@@ -167,7 +180,7 @@ def write_mmproj(path, model, image_processor, name: str, kind: str, progress=No
     w.add_string("pocketvlm.vision.hidden_act", vc.hidden_act)
     w.add_string("pocketvlm.projector.hidden_act", cfg.projector_hidden_act)
     w.add_string("pocketvlm.image.resize", resize_mode(image_processor))
-    for tname, t in tower_tensors(model) + projector_tensors(model):
+    for tname, t in tower_tensors(model, size) + projector_tensors(model):
         if tname == "v.patch_embd.weight":  # llama.cpp's converters store the conv kernel as f16
             add_tensor(w, tname, t, kind, qtype=Q.F32 if kind == "f32" else Q.F16)
         elif tname in ("v.position_embd.weight", "v.class_embd"):

@@ -42,11 +42,12 @@ def _run(cmd: list[str]) -> tuple[str, dict]:
     # stdin must not be a terminal or a pipe left open: llama-mtmd-cli then waits or exits without answering.
     # It prints through an asynchronous logger never flushed at exit (llama.cpp #22142), which can lose the
     # answer's tail: benchmarks/build_llamacpp.sh adds the flush.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         rc = subprocess.run(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL).returncode
         out.seek(0)
         err.seek(0)
-        answer, log = out.read(), err.read()
+        # token pieces are raw bytes (a character may span tokens): decoded as a whole, as a tokenizer does
+        answer, log = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
     wall = (time.perf_counter() - t) * 1000
     if rc != 0:
         raise PocketVLMError(f"llama-mtmd-cli failed ({rc}): {log.strip()[-800:]}")
