@@ -302,3 +302,105 @@ def test_export_refuses_a_selection_llama_cpp_cannot_run(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="SigLIP tower with vision_feature_select_strategy"):
         export_gguf(d, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+# --- the other direction: files made by llama.cpp's own converters ----------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, mtmd_cli, qwen_gguf):
+    """A tiny LLaVA-1.5 (CLIP + Qwen2, with the real Qwen2.5 vocabulary so that llama.cpp's converter recognises
+    its pre-tokenizer), converted by llama.cpp's convert_hf_to_gguf.py (language model) and its legacy LLaVA
+    converter tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py (CLIP tower + projector)."""
+    import json
+    import sys
+
+    import transformers
+    from pocketvlm.tokenizer import Tokenizer
+    from serve_fixtures import CHATML
+
+    src = mtmd_cli.parents[2] / "src"
+    d = tmp_path_factory.mktemp("converted")
+    hf_dir, text_dir, clip_dir = d / "llava", d / "text", d / "clip"
+    qtok = Tokenizer.from_gguf(qwen_gguf)
+    backend = qtok.backend
+    backend.add_special_tokens(["<image>"])
+    image_id = backend.token_to_id("<image>")
+    files = {"tokenizer_config.json": json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+        "chat_template": CHATML, "tokenizer_class": "PreTrainedTokenizerFast"})}
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    text = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=image_id + 1, max_position_embeddings=256,
+                                    tie_word_embeddings=False, eos_token_id=qtok.eos_token_id, initializer_range=0.3)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                   tie_word_embeddings=False)
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight[image_id] = 0
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    for folder in (hf_dir, text_dir):
+        folder.mkdir()
+        backend.save(str(folder / "tokenizer.json"))
+        for name, content in files.items():
+            (folder / name).write_text(content)
+    hf.save_pretrained(hf_dir)
+    (hf_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "do_center_crop": True,
+        "crop_size": {"height": 32, "width": 32}, "image_mean": mean, "image_std": std, "resample": 3}))
+    lm = transformers.Qwen2ForCausalLM(text).eval()
+    lm.model.load_state_dict(hf.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(hf.lm_head.state_dict())
+    lm.save_pretrained(text_dir)
+    hf.model.vision_tower.save_pretrained(clip_dir)
+    # transformers 5 saves a CLIPVisionModel without the "vision_model." level that the converter's transformers 4
+    # looks for (it would silently start from random weights): the checkpoint in transformers 4's layout
+    from safetensors.torch import load_file, save_file
+
+    st = clip_dir / "model.safetensors"
+    save_file({(k if k.startswith("vision_model.") else "vision_model." + k): v for k, v in load_file(st).items()},
+              str(st), metadata={"format": "pt"})
+    proj = {f"model.mm_projector.{i}.{a}": getattr(getattr(hf.model.multi_modal_projector, lin), a).detach().clone()
+            for i, lin in ((0, "linear_1"), (2, "linear_2")) for a in ("weight", "bias")}
+    torch.save(proj, d / "llava.projector")
+    out = d / "gguf"
+    out.mkdir()
+    # the legacy converter was written for transformers 4 (it reads CLIPVisionModel.vision_model): it runs with
+    # transformers 4 installed beside it, in llama.cpp's cache folder, ahead of this environment's transformers 5
+    legacy = mtmd_cli.parents[2] / "legacy-py"
+    if not (legacy / "transformers").is_dir():
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(legacy),
+                            "transformers>=4.45,<5"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    for cmd, path in (([str(src / "convert_hf_to_gguf.py"), str(text_dir), "--outfile", str(out / "text.gguf"),
+                        "--outtype", "f16"], [src / "gguf-py"]),
+                      ([str(src / "tools" / "mtmd" / "legacy-models" / "convert_image_encoder_to_gguf.py"),
+                        "-m", str(clip_dir), "--clip-model-is-vision", "--llava-projector", str(d / "llava.projector"),
+                        "--output-dir", str(out), "--image-mean", *map(str, mean), "--image-std", *map(str, std)],
+                       [legacy, src / "gguf-py"])):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, path))}
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return {"dir": d, "folder": hf_dir, "model": out / "text.gguf", "mmproj": out / "mmproj-model-f16.gguf"}
+
+
+def test_llama_cpp_converted_pair_answers_as_the_hf_folder(converted, mtmd_cli):
+    from pocketvlm.loading.gguf_file import read_gguf
+
+    mm = read_gguf(converted["mmproj"]).metadata
+    assert mm["clip.has_llava_projector"] and "clip.vision.feature_layer" not in mm  # the legacy layout
+    assert mm["clip.vision.block_count"] == 1  # LLaVA's -2: the converter dropped the last layer
+    ref = pocketvlm.load(converted["folder"], quantization="q0f32", vision_precision="fp32")
+    got = pocketvlm.load(converted["model"], mmproj=converted["mmproj"], quantization="q0f32",
+                         vision_precision="fp32")
+    assert got.info()["quantization"] == "q0f32"
+    for seed in (1, 2, 3):
+        img = _image(converted["dir"] / f"c{seed}.png", (32, 32), seed)
+        msgs = [{"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": QUESTION}]}]
+        pr, pg = ref.chat_prompt(msgs), got.chat_prompt(msgs)
+        assert pr.ids == pg.ids
+        la, lb = _prompt_logits(ref, pr), _prompt_logits(got, pg)
+        assert (la - lb).abs().max().item() / la.abs().max().item() < 2e-2
+        assert la[-1].argmax() == lb[-1].argmax()
