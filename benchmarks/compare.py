@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quantization", default="q4f16_1")
     ap.add_argument("--skip", action="append", default=[],
-                    help="llm-pocketvlm, pocketvlm-gguf, transformers, llamacpp, vision")
+                    help="llm-pocketvlm, pocketvlm-gguf, transformers, llamacpp, vision, image-question")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pocketvlm.bench import run_bench
@@ -190,6 +190,12 @@ def main(argv=None) -> int:
             notes.append("llama.cpp build: " + llamacpp.build_info().get("cmake_flags", "(no BUILD-INFO.txt)"))
         except (FileNotFoundError, RuntimeError) as e:
             notes.append(f"llama.cpp skipped: {e}")
+    image_q = None
+    if "image-question" not in a.skip:  # pocketvlm-scenes vs llama-mtmd-cli on its GGUF export
+        import image_question
+
+        image_q = image_question.run(a.threads, a.repeat)
+        gc.collect()
     vis = {}
     if "vision" not in a.skip:
         for name, folder in vision_models(cache_dir() / "bench-models").items():
@@ -245,13 +251,16 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {base:.0f} ± {r['transformers fp32'][1]:.0f} | " + " | ".join(cells) + " |")
         lines.append("fp32 max abs diff vs transformers: "
                      + ", ".join(f"{n} {r['fp32 max abs diff']:.1e}" for n, r in vis.items()))
+    if image_q:
+        lines += [""] + image_question.table(image_q)
     lines += [""] + notes
     text = "\n".join(lines)
     print(text)
     out = HERE / "results" / f"compare-{datetime.datetime.now():%Y-%m-%d-%H%M}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text + "\n")
-    (out.with_suffix(".json")).write_text(json.dumps({"llm": rows, "vision": vis}, indent=1, default=str))
+    (out.with_suffix(".json")).write_text(json.dumps({"llm": rows, "vision": vis, "image_question": image_q}, indent=1,
+                                                         default=str))
     return 0
 
 

@@ -27,13 +27,15 @@ def binary(name: str) -> Path | None:
 def mtmd_answer(model: Path, mmproj: Path, image: Path, prompt: str, *, n_predict: int = 16, threads: int = 2,
                 exe: Path | None = None) -> tuple[str, dict]:
     """``llama-mtmd-cli``'s greedy answer to ``prompt`` about ``image`` (the model's own chat template, rendered
-    with jinja; the image goes where ``<__media__>`` is, else first), and its timings in ms."""
+    with jinja; the image goes where ``<__media__>`` is, else first), and its own timings in ms: ``encode_ms``
+    (the vision tower and projector), ``prompt_ms`` (llama_perf's prompt eval: text and image embeddings
+    through the LLM), ``load_ms``, and ``wall_ms`` of the whole process."""
     exe = exe or binary("llama-mtmd-cli")
     if exe is None:
         raise PocketVLMError("llama-mtmd-cli not found: build it with `bash benchmarks/build_llamacpp.sh` or set "
                              "POCKETVLM_LLAMA_CPP_BIN")
     cmd = [str(exe), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p", prompt,
-           "--temp", "0", "-n", str(n_predict), "--jinja", "-t", str(threads), "--no-warmup"]
+           "--temp", "0", "-n", str(n_predict), "--jinja", "-t", str(threads), "--no-warmup", "-v"]
     return _run(cmd)
 
 
@@ -54,5 +56,8 @@ def _run(cmd: list[str]) -> tuple[str, dict]:
     timings = {"wall_ms": wall}
     for line in log.splitlines():
         if "batch encoding done in" in line:
-            timings["encode_ms"] = float(line.split("done in")[1].split("ms")[0])
+            timings["encode_ms"] = timings.get("encode_ms", 0.0) + float(line.split("done in")[1].split("ms")[0])
+        for key, label in (("prompt_ms", "prompt eval time ="), ("load_ms", "load time =")):
+            if label in line:
+                timings[key] = float(line.split(label)[1].split("ms")[0])
     return answer.strip(), timings

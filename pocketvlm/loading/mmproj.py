@@ -151,7 +151,7 @@ def _unswap_ffn(w: dict, dino: bool) -> dict:
 def load_gguf_vlm(text_path: Path, mmproj_path: Path, *, device="cpu", dtype=torch.float32,
                   max_seq_len: int | None = None, quantization: str | None = None) -> Loaded:
     """A llava model from a language-model GGUF and an mmproj GGUF (see the module docstring)."""
-    from ..models import llava, registry
+    from ..models import llava
     from ..models.projectors import build_projector
     from ..tokenizer import Tokenizer
     from .gguf import _read_tensor, gguf_tensor_to_torch, load_gguf
