@@ -176,7 +176,7 @@ def test_truncated_mmproj(tiny, tmp_path):
         pocketvlm.load(tiny["model"], mmproj=cut)
 
 
-@pytest.mark.parametrize("kind,what", [("ldpv2", "MobileVLM V2 LDPv2"), ("my_resampler", "")])
+@pytest.mark.parametrize("kind,what", [("resampler", "MiniCPM-V resampler"), ("my_projector", "")])
 def test_unknown_projector_type_is_named(tiny, tmp_path, kind, what):
     import gguf
 
@@ -189,7 +189,7 @@ def test_unknown_projector_type_is_named(tiny, tmp_path, kind, what):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedArchitectureError, match=f"'{kind}'.*{what}.*supported: mlp"):
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{kind}'.*{what}.*supported: mlp, ldp, ldpv2"):
         pocketvlm.load(tiny["model"], mmproj=path)
 
 
@@ -404,3 +404,69 @@ def test_llama_cpp_converted_pair_answers_as_the_hf_folder(converted, mtmd_cli):
         la, lb = _prompt_logits(ref, pr), _prompt_logits(got, pg)
         assert (la - lb).abs().max().item() / la.abs().max().item() < 2e-2
         assert la[-1].argmax() == lb[-1].argmax()
+
+
+# --- MobileVLM: LDP and LDPv2 projectors over CLIP and a Llama decoder -----------------------------------
+
+@pytest.fixture(scope="module", params=["ldpnet", "ldpnetv2"])
+def mobile(request, tmp_path_factory):
+    """A tiny MobileVLM folder (original checkpoint layout) whose CLIP gives llama.cpp's fixed 24x24 patch grid
+    (96 px, patch 4), with a Llama decoder and the tiny tokenizer; exported at f16."""
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+    from serve_fixtures import CHATML, write_tokenizer
+
+    from pocketvlm.models.projectors import build_projector
+
+    root = tmp_path_factory.mktemp(f"mobile_{request.param}")
+    d = root / "mobilevlm"
+    d.mkdir()
+    vocab = write_tokenizer(d)
+    conf = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": CHATML}))
+    torch.manual_seed(2)
+    vcfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=96,
+                patch_size=4)
+    tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vcfg)).eval()
+    tower.save_pretrained(root / "clip")
+    text = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab, max_position_embeddings=512, eos_token_id=2, bos_token_id=None, initializer_range=0.3,
+        tie_word_embeddings=False)).eval()
+    proj = build_projector(request.param, 32, 64).eval()
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    weights = dict(text.state_dict())
+    weights |= {"model.vision_tower.vision_tower." + (k if k.startswith("vision_model.") else "vision_model." + k): v
+                for k, v in tower.state_dict().items()}
+    weights |= {"model.mm_projector." + k: v for k, v in proj.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
+    cfg = {**text.config.to_dict(), "model_type": "mobilevlm", "architectures": ["MobileLlamaForCausalLM"],
+           "mm_vision_tower": str(root / "clip"), "mm_projector_type": request.param, "mm_hidden_size": 32,
+           "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = export_gguf(d, root / "gguf", type="f16", name="mobile", progress=False)
+    return {"kind": request.param, "dir": root, "folder": d, **out}
+
+
+def test_mobilevlm_export_load_and_llama_cpp(mobile, mtmd_cli):
+    from pocketvlm.loading.gguf_file import read_gguf
+
+    mm = read_gguf(mobile["mmproj"]).metadata
+    assert mm["clip.projector_type"] == {"ldpnet": "ldp", "ldpnetv2": "ldpv2"}[mobile["kind"]]
+    ref = pocketvlm.load(mobile["folder"], quantization="q0f32", vision_precision="fp32")
+    got = pocketvlm.load(mobile["model"], mmproj=mobile["mmproj"], quantization="q0f32", vision_precision="fp32")
+    assert got.info()["architecture"] == "mobilevlm"
+    for seed in (1, 2):
+        img = _image(mobile["dir"] / f"m{seed}.png", (96, 96), seed)
+        msgs = [{"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": QUESTION}]}]
+        pr, pg = ref.chat_prompt(msgs), got.chat_prompt(msgs)
+        assert pr.ids == pg.ids
+        la, lb = _prompt_logits(ref, pr), _prompt_logits(got, pg)
+        assert (la - lb).abs().max().item() / la.abs().max().item() < 2e-2
+        ours = _ask(got, img)
+        theirs, _ = mtmd_answer(mobile["model"], mobile["mmproj"], img, QUESTION, n_predict=12, exe=mtmd_cli)
+        assert theirs.strip() == _printed(ours) and len(ours.strip()) > 5

@@ -33,10 +33,10 @@ def export_gguf(source, output, *, type: str = "f16", name: str | None = None, p
     loaded = load(resolve_source(source))  # float weights, as stored (a GGUF source is dequantized)
     model, cfg = loaded.model, loaded.config
     vlm = isinstance(model, VisionLanguageModel)
-    if vlm and cfg.model_type != "llava":
+    if vlm and cfg.model_type not in ("llava", "mobilevlm"):
         raise UnsupportedArchitectureError(
             f"{cfg.model_type!r} has no GGUF export yet: pocketvlm writes llava (CLIP, SigLIP or DINOv2 tower "
-            "with an MLP projector) and the llama/qwen2 language models")
+            "with an MLP projector), mobilevlm (LDP / LDPv2) and the llama/qwen2 language models")
     text_model, text_cfg = (model._text, cfg.text_config) if vlm else (model, cfg)
     if vlm:
         model._sync_text()

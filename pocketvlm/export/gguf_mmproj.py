@@ -43,9 +43,29 @@ def positive_layers(layers, n_layers: int) -> list[int]:
     return [int(i) if i >= 0 else n_layers + 1 + int(i) for i in layers]
 
 
+def projector_kind(model) -> str:
+    """llama.cpp's ``clip.projector_type``: "mlp" (llava), "ldp" / "ldpv2" (mobilevlm)."""
+    if model.config.model_type == "mobilevlm":
+        from ..models.projectors import ALIASES
+
+        return ALIASES.get(model.config.mm_projector_type, model.config.mm_projector_type)
+    return "mlp"
+
+
+def vision_tower(model):
+    return model.model.vision_tower.vision_tower if model.config.model_type == "mobilevlm" else model.model.vision_tower
+
+
 def check_llava(model) -> None:
     cfg = model.config
     vc = cfg.vision_config
+    kind = projector_kind(model)
+    if kind not in ("mlp", "ldp", "ldpv2"):
+        raise UnsupportedArchitectureError(f"projector {kind!r} has no llama.cpp form (mlp, ldp, ldpv2 have)")
+    if kind != "mlp" and vc.image_size // vc.patch_size != 24:
+        raise UnsupportedArchitectureError(
+            f"llama.cpp's {kind.upper()} graph assumes a 24x24 patch grid (CLIP ViT-L/14 at 336 px); this tower "
+            f"gives {vc.image_size // vc.patch_size}x{vc.image_size // vc.patch_size}")
     has_cls = vc.model_type != "siglip_vision_model"
     if has_cls and cfg.vision_feature_select_strategy != "default":
         raise UnsupportedArchitectureError(
@@ -57,7 +77,7 @@ def check_llava(model) -> None:
             "LLaVA graph keeps every patch of a tower without a class token, so this model has no llama.cpp form")
     if vc.hidden_act not in _USE_GELU:
         raise UnsupportedArchitectureError(f"vision activation {vc.hidden_act!r} has no llama.cpp form")
-    if cfg.projector_hidden_act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
+    if getattr(cfg, "projector_hidden_act", "gelu") not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
         raise UnsupportedArchitectureError(
             f"projector activation {cfg.projector_hidden_act!r}: llama.cpp's MLP projector runs GELU only")
     if getattr(vc, "use_swiglu_ffn", False):
@@ -80,7 +100,7 @@ def tower_tensors(model, size: int) -> list[tuple[str, torch.Tensor]]:
     inputs of side ``size``."""
     cfg = model.config
     vc = cfg.vision_config
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     sd = {k: v.detach().float() for k, v in tower.state_dict().items()}
     needed = max(positive_layers(cfg.feature_layers, vc.num_hidden_layers))
     out: list[tuple[str, torch.Tensor]] = []
@@ -126,6 +146,13 @@ def tower_tensors(model, size: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def projector_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    kind = projector_kind(model)
+    if kind != "mlp":  # MobileVLM's LDP / LDPv2 under the legacy converter's names, 1x1 convs as matrices
+        out = []
+        for k, v in model.model.mm_projector.state_dict().items():
+            name = "mm." + (k if kind == "ldp" else k.replace("mlp.mlp.", "model.mlp.").replace("peg.peg.", "model.peg."))
+            out.append((name, v.detach().float().squeeze()))
+        return out
     proj = model.model.multi_modal_projector
     out = []
     for idx, lin in ((0, proj.linear_1), (2, proj.linear_2)):
@@ -160,7 +187,7 @@ def write_mmproj(path, model, image_processor, name: str, kind: str, progress=No
     w.add_bool("clip.has_vision_encoder", True)
     w.add_bool("clip.has_text_encoder", False)
     w.add_bool("clip.has_llava_projector", True)
-    w.add_string("clip.projector_type", "mlp")
+    w.add_string("clip.projector_type", projector_kind(model))
     w.add_bool("clip.use_gelu", _USE_GELU[vc.hidden_act])
     size = input_size(model, image_processor)
     w.add_uint32("clip.vision.image_size", size)
@@ -178,13 +205,15 @@ def write_mmproj(path, model, image_processor, name: str, kind: str, progress=No
     # what llama.cpp approximates, so that pocketvlm reads its own file back exactly
     w.add_string("pocketvlm.vision.model_type", vc.model_type)
     w.add_string("pocketvlm.vision.hidden_act", vc.hidden_act)
-    w.add_string("pocketvlm.projector.hidden_act", cfg.projector_hidden_act)
+    w.add_string("pocketvlm.projector.hidden_act", getattr(cfg, "projector_hidden_act", "gelu"))
     w.add_string("pocketvlm.image.resize", resize_mode(image_processor))
     for tname, t in tower_tensors(model, size) + projector_tensors(model):
         if tname == "v.patch_embd.weight":  # llama.cpp's converters store the conv kernel as f16
             add_tensor(w, tname, t, kind, qtype=Q.F32 if kind == "f32" else Q.F16)
         elif tname in ("v.position_embd.weight", "v.class_embd"):
             add_tensor(w, tname, t, kind, qtype=Q.F32)
+        elif tname.startswith("mm.") and projector_kind(model) != "mlp":  # LDP: float, as llama.cpp's converter
+            add_tensor(w, tname, t, kind, qtype=Q.F32 if t.dim() < 2 or kind == "f32" else Q.F16)
         else:
             add_tensor(w, tname, t, "f16" if kind == "q4_0" else kind)  # q4 towers lose too much: q4 files keep f16
         if progress is not None:

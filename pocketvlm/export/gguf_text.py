@@ -78,6 +78,8 @@ def text_tensors(text_model, cfg) -> list[tuple[str, torch.Tensor]]:
     for hf, t in state.items():
         if hf.endswith(("rotary_emb.inv_freq",)) or not t.is_floating_point():
             continue
+        if hf.startswith(("model.vision_tower.", "model.mm_projector.")):
+            continue  # MobileVLM hangs its tower and projector under the decoder's "model": the mmproj file's
         layer = None
         key = hf
         parts = hf.split(".")

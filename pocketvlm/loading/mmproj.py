@@ -1,10 +1,11 @@
 """llama.cpp vision-language models as two GGUF files: the language model and an ``mmproj`` file (``mtmd``: vision
-tower + projector). :func:`load_gguf_vlm` joins them into pocketvlm's ``llava`` model: the language model is
+tower + projector). :func:`load_gguf_vlm` joins them into pocketvlm's ``llava`` (MLP projector) or ``mobilevlm``
+(LDP / LDPv2 projector) model: the language model is
 loaded by :func:`pocketvlm.loading.load_gguf` (its quantized blocks kept, or any mode), the tower and projector
 are dequantized from the mmproj file (f32, f16, q8_0, ... ) and then follow the usual vision precision.
 
-Supported mmproj contents: ``clip.projector_type = "mlp"`` (LLaVA-1.5 style; files from llama.cpp's legacy
-converter, which only say ``clip.has_llava_projector``, too) over a CLIP (class token and ``pre_ln``), SigLIP
+Supported mmproj contents: ``clip.projector_type`` ``"mlp"`` (LLaVA-1.5 style; files from llama.cpp's legacy
+converter, which only say ``clip.has_llava_projector``, too), ``"ldp"`` and ``"ldpv2"`` (MobileVLM) over a CLIP (class token and ``pre_ln``), SigLIP
 (no class token) or DINOv2-style tower (``v.blk.N.ls1/ls2`` layer scale). The feature layers are the file's
 ``clip.vision.feature_layer`` (Hugging Face hidden-state indices), else the output of the last stored layer (the
 legacy converter stores the layers up to LLaVA's ``vision_feature_layer`` only). The image size, patch size,
@@ -19,9 +20,9 @@ import torch
 from ..errors import ConfigError, CorruptWeightsError, UnsupportedArchitectureError
 from .core import Loaded
 
-SUPPORTED_PROJECTORS = ("mlp",)
+SUPPORTED_PROJECTORS = ("mlp", "ldp", "ldpv2")
 # projector types llama.cpp knows that pocketvlm does not read yet, with what they are
-KNOWN_PROJECTORS = {"ldp": "MobileVLM LDP", "ldpv2": "MobileVLM V2 LDPv2", "mlp_norm": "MLP with norms",
+KNOWN_PROJECTORS = {"mlp_norm": "MLP with norms",
                     "resampler": "MiniCPM-V resampler", "glm_edge": "GLM-Edge", "gemma3": "Gemma 3",
                     "idefics3": "Idefics3/SmolVLM", "pixtral": "Pixtral", "qwen2vl_merger": "Qwen2-VL",
                     "qwen2.5vl_merger": "Qwen2.5-VL", "internvl": "InternVL", "llama4": "Llama 4"}
@@ -62,7 +63,7 @@ def projector_type(meta: dict) -> str:
         what = f" ({KNOWN_PROJECTORS[kind]})" if kind in KNOWN_PROJECTORS else ""
         raise UnsupportedArchitectureError(
             f"mmproj projector type {kind!r}{what} is not supported by pocketvlm; supported: "
-            f"{', '.join(SUPPORTED_PROJECTORS)} (LLaVA-1.5 style MLP)")
+            f"{', '.join(SUPPORTED_PROJECTORS)} (LLaVA-1.5 style MLP; MobileVLM's LDP and LDPv2)")
     return kind
 
 
@@ -148,12 +149,16 @@ def _unswap_ffn(w: dict, dino: bool) -> dict:
     return w
 
 
+# the first and last projection of each projector type: (input width, output width) come from their shapes
+_PROJ_ENDS = {"mlp": ("mm.0.weight", "mm.2.weight"), "ldp": ("mm.model.mlp.1.weight", "mm.model.mlp.3.weight"),
+              "ldpv2": ("mm.model.mlp.0.weight", "mm.model.mlp.2.weight")}
+
+
 def load_gguf_vlm(text_path: Path, mmproj_path: Path, *, device="cpu", dtype=torch.float32,
                   max_seq_len: int | None = None, quantization: str | None = None) -> Loaded:
-    """A llava model from a language-model GGUF and an mmproj GGUF (see the module docstring)."""
+    """A llava (MLP projector) or mobilevlm (LDP / LDPv2) model from a language-model GGUF and an mmproj GGUF
+    (see the module docstring)."""
     from ..models import llava
-    from ..models.projectors import build_projector
-    from ..tokenizer import Tokenizer
     from .gguf import _read_tensor, gguf_tensor_to_torch, load_gguf
     from .gguf_file import read_gguf_metadata
 
@@ -163,13 +168,12 @@ def load_gguf_vlm(text_path: Path, mmproj_path: Path, *, device="cpu", dtype=tor
                           "the language model's .gguf as the model and this file as mmproj")
     reader = read_mmproj(Path(mmproj_path))
     meta = reader.metadata
-    projector_type(meta)
+    proj_kind = projector_type(meta)
     names = {t.name for t in reader.tensors}
     kind = tower_type(meta, names)
-    vdict = vision_config(meta, kind)
-    vcfg = llava.vision_family(kind).Config.from_dict(vdict)
-    proj_in = reader_shape(reader, "mm.0.weight")
-    proj_out = reader_shape(reader, "mm.2.weight")
+    vcfg = llava.vision_family(kind).Config.from_dict(vision_config(meta, kind))
+    proj_in = reader_shape(reader, _PROJ_ENDS[proj_kind][0])
+    proj_out = reader_shape(reader, _PROJ_ENDS[proj_kind][1])
     layers = meta.get("clip.vision.feature_layer")
     layers = tuple(int(x) for x in layers) if layers is not None and len(layers) else (vcfg.num_hidden_layers,)
     if proj_in[1] != vcfg.hidden_size * len(layers):
@@ -179,23 +183,24 @@ def load_gguf_vlm(text_path: Path, mmproj_path: Path, *, device="cpu", dtype=tor
     if proj_out[0] != text.config.hidden_size:
         raise ConfigError(f"{mmproj_path} projects images to width {proj_out[0]} but the language model "
                           f"{Path(text_path).name} has hidden size {text.config.hidden_size}: they are not a pair")
-    tok = Tokenizer.from_gguf(text.gguf_metadata)
-    image_id = tok.token_to_id("<image>")
-    cfg = llava.Config(
-        model_type="llava", text_config=text.config, vision_config=vcfg,
-        image_token_index=image_id if image_id is not None else -200,
-        projector_hidden_act=meta.get("pocketvlm.projector.hidden_act", "gelu"),
-        vision_feature_layer=layers if len(layers) > 1 else layers[0],
-        vision_feature_select_strategy="default" if "v.class_embd" in names else "full",
-        tie_word_embeddings=text.config.tie_word_embeddings)
     load = lambda t: _read_tensor(gguf_tensor_to_torch, t, mmproj_path)  # noqa: E731
-    with torch.device("meta"):
-        model = llava.Model(cfg, max_seq_len=max_seq_len)
-    object.__setattr__(model, "_text", text.model)
-    model.model.language_model = text.model.model
-    model.lm_head = text.model.lm_head
     tower = llava.vision_family(kind).Model(vcfg)
-    tw = tower_weights(reader, kind, load)
+    _load_strict(tower, _complete_tower(tower, tower_weights(reader, kind, load), vcfg, kind), mmproj_path)
+    strategy = "default" if "v.class_embd" in names else "full"
+    join = _join_llava if proj_kind == "mlp" else _join_mobilevlm
+    model, cfg, family = join(text, tower, reader, load, meta, layers, strategy, proj_kind, max_seq_len)
+    for m in _vision_modules(model):
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    mean = [float(x) for x in meta.get("clip.vision.image_mean", (0.5, 0.5, 0.5))]
+    std = [float(x) for x in meta.get("clip.vision.image_std", (0.5, 0.5, 0.5))]
+    text.model, text.config, text.family = model, cfg, family
+    text.image_processor = image_processor(meta.get("pocketvlm.image.resize", "pad"), vcfg.image_size, mean, std)
+    text.mmproj = str(mmproj_path)
+    return text
+
+
+def _complete_tower(tower, tw: dict, vcfg, kind: str) -> dict:
     if kind == "dinov2":  # layer scale folded into the projections by pocketvlm's export, or absent
         for i in range(vcfg.num_hidden_layers):
             for s in (1, 2):
@@ -203,20 +208,74 @@ def load_gguf_vlm(text_path: Path, mmproj_path: Path, *, device="cpu", dtype=tor
     for k, v in tower.state_dict().items():  # parts LLaVA's features never pass through: neutral values
         if k not in tw and k.startswith(_UNUSED):
             tw[k] = torch.ones_like(v) if k.endswith("norm.weight") else torch.zeros_like(v)
-    _load_strict(tower, tw, mmproj_path)
-    proj = build_projector("mlp2x_gelu", proj_in[1], proj_out[0], hidden_act=cfg.projector_hidden_act, bias=True)
-    _load_strict(proj, {f"linear_{1 if t.name.startswith('mm.0') else 2}.{t.name.rsplit('.', 1)[1]}": load(t)
-                        for t in reader.tensors if t.name.startswith(("mm.0.", "mm.2."))}, mmproj_path)
-    model.model.vision_tower = tower.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.model.multi_modal_projector = proj.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.eval().requires_grad_(False)
-    size = vcfg.image_size
-    mean = [float(x) for x in meta.get("clip.vision.image_mean", (0.5, 0.5, 0.5))]
-    std = [float(x) for x in meta.get("clip.vision.image_std", (0.5, 0.5, 0.5))]
-    text.model, text.config, text.family = model, cfg, llava
-    text.image_processor = image_processor(meta.get("pocketvlm.image.resize", "pad"), size, mean, std)
-    text.mmproj = str(mmproj_path)
-    return text
+    return tw
+
+
+def _join_llava(text, tower, reader, load, meta, layers, strategy, proj_kind, max_seq_len):
+    from ..models import llava
+    from ..models.projectors import build_projector
+    from ..tokenizer import Tokenizer
+
+    image_id = Tokenizer.from_gguf(text.gguf_metadata).token_to_id("<image>")
+    cfg = llava.Config(
+        model_type="llava", text_config=text.config, vision_config=tower.config,
+        image_token_index=image_id if image_id is not None else -200,
+        projector_hidden_act=meta.get("pocketvlm.projector.hidden_act", "gelu"),
+        vision_feature_layer=layers if len(layers) > 1 else layers[0],
+        vision_feature_select_strategy=strategy, tie_word_embeddings=text.config.tie_word_embeddings)
+    with torch.device("meta"):
+        model = llava.Model(cfg, max_seq_len=max_seq_len)
+    object.__setattr__(model, "_text", text.model)
+    model.model.language_model = text.model.model
+    model.lm_head = text.model.lm_head
+    w = {f"linear_{1 if t.name.startswith('mm.0') else 2}.{t.name.rsplit('.', 1)[1]}": load(t)
+         for t in reader.tensors if t.name.startswith(("mm.0.", "mm.2."))}
+    proj = build_projector("mlp2x_gelu", w["linear_1.weight"].shape[1], w["linear_2.weight"].shape[0],
+                           hidden_act=cfg.projector_hidden_act, bias=True)
+    _load_strict(proj, w, reader.path)
+    model.model.vision_tower = tower
+    model.model.multi_modal_projector = proj
+    return model, cfg, llava
+
+
+def _join_mobilevlm(text, tower, reader, load, meta, layers, strategy, proj_kind, max_seq_len):
+    from ..models import mobilevlm
+    from ..models.projectors import build_projector
+
+    if len(layers) != 1:
+        raise UnsupportedArchitectureError(f"{reader.path}: MobileVLM takes one feature layer, the file names {layers}")
+    cfg = mobilevlm.Config(model_type="mobilevlm", text_config=text.config, vision_config=tower.config,
+                           mm_projector_type=proj_kind, mm_vision_select_layer=layers[0],
+                           mm_vision_select_feature="patch" if strategy == "default" else "cls_patch",
+                           tie_word_embeddings=text.config.tie_word_embeddings)
+    proj = build_projector(proj_kind, tower.config.hidden_size, text.config.hidden_size)
+    want = proj.state_dict()
+    w = {}
+    for t in reader.tensors:
+        if t.name.startswith("mm."):
+            k = t.name[3:]
+            if proj_kind == "ldpv2":
+                k = k.replace("model.mlp.", "mlp.mlp.").replace("model.peg.", "peg.peg.")
+            if k not in want:
+                raise UnsupportedArchitectureError(f"mmproj tensor {t.name!r} has no counterpart in pocketvlm's "
+                                                   f"{proj_kind} projector")
+            w[k] = load(t).reshape(want[k].shape)  # llama.cpp's converter squeezes the 1x1 convolutions
+    _load_strict(proj, w, reader.path)
+    with torch.device("meta"):
+        model = mobilevlm.Model(cfg, max_seq_len=max_seq_len)
+    object.__setattr__(model, "_text", text.model)
+    model.model = text.model.model
+    model.model.vision_tower = torch.nn.Module()
+    model.model.vision_tower.vision_tower = tower
+    model.model.mm_projector = proj
+    model.lm_head = text.model.lm_head
+    return model, cfg, mobilevlm
+
+
+def _vision_modules(model):
+    if hasattr(model.model, "mm_projector"):
+        return [model.model.vision_tower, model.model.mm_projector]
+    return [model.model.vision_tower, model.model.multi_modal_projector]
 
 
 def image_processor(resize: str, size: int, mean, std) -> dict:
