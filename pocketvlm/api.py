@@ -165,8 +165,9 @@ class PocketModel:
         return n
 
     def info(self) -> dict:
+        extra = {"mmproj": self.loaded.mmproj} if self.loaded.mmproj else {}
         return {
-            "source": self.loaded.source, "format": self.loaded.kind, "architecture": self.architecture,
+            "source": self.loaded.source, **extra, "format": self.loaded.kind, "architecture": self.architecture,
             "parameters": self.num_parameters(), "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device), "context_window_size": self.context_window_size,
             "max_position_embeddings": getattr(self.text_config, "max_position_embeddings", None),

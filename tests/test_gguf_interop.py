@@ -103,7 +103,7 @@ def test_llava_roundtrip_logits_and_answers(tiny):
     """export -> load(model.gguf, mmproj=...) equals the original LLaVA (f16 tolerance), image included."""
     ref = pocketvlm.load(tiny["llava"], quantization="q0f32", vision_precision="fp32")
     got = pocketvlm.load(tiny["model"], mmproj=tiny["mmproj"], quantization="q0f32", vision_precision="fp32")
-    assert got.is_vlm and got.info()["architecture"] == "llava"
+    assert got.is_vlm and got.info()["architecture"] == "llava" and got.info()["mmproj"] == str(tiny["mmproj"])
     img = _image(tiny["dir"] / "rt.png", (32, 32), 0)
     msgs = [{"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": QUESTION}]}]
     pr, pg = ref.chat_prompt(msgs), got.chat_prompt(msgs)
