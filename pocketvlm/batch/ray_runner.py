@@ -57,7 +57,7 @@ def run_ray(answerer_cls, answerer_kwargs: dict, rows: list[dict], out: Path, st
     items = [{k: r.get(k) for k in INPUT_FIELDS} for r in rows]
     target = shards_dir(out) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 1000)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // batch_size), 1000)))
     ds = ds.map_batches(answerer_cls, fn_constructor_kwargs=answerer_kwargs, batch_size=batch_size,
                         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
