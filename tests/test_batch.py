@@ -170,11 +170,13 @@ def test_a_bad_image_is_an_error_row_and_the_job_goes_on(tmp_path, model):
 
 def test_urls_are_refused_unless_allowed_and_then_only_public_hosts(tmp_path, model):
     m = tmp_path / "m.jsonl"
-    m.write_text('{"id": "u", "image": "http://example.com/cat.jpg"}\n{"id": "l", "image": "http://127.0.0.1:9/x.png"}\n')
+    m.write_text('{"id": "u", "image": "http://example.com/cat.jpg"}\n'
+                 '{"id": "l", "image": "http://127.0.0.1:9/x.png"}\n')
     job(model, m, tmp_path / "off.jsonl")
     rows = {r["id"]: r["error"] for r in lines(tmp_path / "off.jsonl")}
     assert all("remote image URLs are off" in e and "--allow-remote-images" in e for e in rows.values())
-    job(model, m.with_name("m.jsonl"), tmp_path / "on.jsonl", allow_remote_images=True)
+    m.write_text('{"id": "l", "image": "http://127.0.0.1:9/x.png"}\n')  # no DNS, no connection: refused first
+    job(model, m, tmp_path / "on.jsonl", allow_remote_images=True)
     assert "non-public address 127.0.0.1" in answers(tmp_path / "on.jsonl")["l"]
 
 
@@ -255,6 +257,7 @@ def test_ray_not_installed_names_the_extra(tmp_path, model, monkeypatch, capsys)
         job(model, imgs, tmp_path / "o.jsonl", ray=True)
     assert main(["batch", "caption", str(imgs), "-o", str(tmp_path / "c.jsonl"), "--ray"]) == 2
     assert "pip install 'pocketvlm[ray]'" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.jsonl*"))  # refused before anything was written
 
 
 def test_cli_caption_end_to_end(tmp_path, tiny, capsys):

@@ -8,13 +8,12 @@ import threading
 import time
 
 import pytest
+import ray
+import ray.data  # the test extra installs ray[data]: a missing or broken Ray fails here rather than skipping
 
 from pocketvlm.batch import Answerer, run
 
 from test_batch import PROMPT, answers, lines, write_images
-
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,14 @@ Resume rules: a rerun with the same OUT reads the identity first and refuses to 
 (another model, prompt or answer length would mix two jobs' answers in one file); then the ids already in
 OUT are skipped. Every row is written as one line and flushed, so an interrupted job leaves complete lines;
 a torn last line (the process killed in the middle of a write) is cut off before appending. A row whose
-``prompt`` differs from the input's row with the same id also means a different job.
+``prompt`` differs from the input's row with the same id also means a different job. Rows that an interrupted
+Ray run left in ``OUT.jsonl.shards/`` join OUT when the next run starts, whichever runner it uses.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -84,3 +86,22 @@ def clean(row: dict) -> dict:
 
 def dumps(row: dict) -> str:
     return json.dumps(clean(row), ensure_ascii=False) + "\n"
+
+
+def shards_dir(out: Path) -> Path:
+    """Where Ray Data writes a job's output files (``OUT.jsonl.shards/<run>/``) before they join OUT."""
+    return out.with_name(out.name + ".shards")
+
+
+def merge_shards(out: Path) -> list[dict]:
+    """Append the rows in ``OUT.jsonl.shards/`` (this run's and any interrupted run's) that ``out`` does not
+    hold yet, then remove the shards. Returns the rows appended."""
+    d = shards_dir(out)
+    if not d.is_dir():
+        return []
+    have = read_done([out])
+    new = [clean(r) for i, r in read_done(sorted(d.rglob("*.json*")), repair=True).items() if i not in have]
+    with open(out, "a", encoding="utf-8") as f:
+        f.writelines(dumps(row) for row in new)
+    shutil.rmtree(d, ignore_errors=True)
+    return new

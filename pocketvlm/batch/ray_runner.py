@@ -8,21 +8,20 @@
   ``map_batches`` is deprecated since Ray 2.60), so no row is lost; a row is written once, when its batch's
   block is complete.
 * Ray Data writes the output: ``write_json`` puts one JSONL file per block into ``OUT.jsonl.shards/<run>/``.
-  When the run ends the driver appends those rows to ``OUT.jsonl`` and removes the run's folder; shards of an
-  interrupted run stay and count as done on the next run (resume reads OUT and every shard).
+  When the run ends the driver appends those rows to ``OUT.jsonl`` and removes the shards; the shards of an
+  interrupted run stay and join OUT when the next run starts (:func:`pocketvlm.batch.output.merge_shards`).
 
 Ray is imported here only, when a job asks for it (``pip install 'pocketvlm[ray]'``).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
 
 from ..errors import DependencyError
-from .output import clean, dumps, read_done
+from .output import merge_shards, shards_dir
 
 INPUT_FIELDS = ("id", "image", "prompt", "error", "data")
 
@@ -38,22 +37,17 @@ def import_ray():
     return ray
 
 
-def shards_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".shards")
-
-
-def shard_paths(out: Path) -> list[Path]:
-    d = shards_dir(Path(out))
-    return sorted(d.rglob("*.json*")) if d.is_dir() else []
-
-
 def run_ray(answerer_cls, answerer_kwargs: dict, rows: list[dict], out: Path, stats, *, address: str | None = None,
-            actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 8):
+            actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 8,
+            progress: bool = True):
     """Answer ``rows`` on Ray Data (a local Ray when ``address`` is None and Ray is not running yet)."""
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+        # A local Ray's workers import pocketvlm from where this process does; a cluster's have it installed.
+        path = os.environ.get("PYTHONPATH") if address is None else None
+        env = {"env_vars": {"PYTHONPATH": path}} if path else None
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     items = [{k: r.get(k) for k in INPUT_FIELDS} for r in rows]
     target = shards_dir(out) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
@@ -67,16 +61,3 @@ def run_ray(answerer_cls, answerer_kwargs: dict, rows: list[dict], out: Path, st
         stats.errors += "error" in row
         stats.answered += "error" not in row
     return stats
-
-
-def merge_shards(out: Path) -> list[dict]:
-    """Append the rows in ``OUT.jsonl.shards/`` (this run's and any interrupted run's) that ``out`` does not
-    hold yet, then remove the shards. Returns the rows appended."""
-    have = read_done([out])
-    new = [r for i, r in read_done(shard_paths(out)).items() if i not in have]
-    with open(out, "a", encoding="utf-8") as f:
-        for row in new:
-            f.write(dumps(row))
-        f.flush()
-    shutil.rmtree(shards_dir(out), ignore_errors=True)
-    return [clean(r) for r in new]

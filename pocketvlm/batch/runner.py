@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import ImageError, PocketVLMError
 from .inputs import read_rows, unique_ids
-from .output import check_job, dumps, read_done, skip_done
+from .output import check_job, dumps, merge_shards, read_done, skip_done
 from .pipeline import batched, prefetch
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -203,16 +203,16 @@ def run(input: str | Path, out: str | Path, *, task: str = "caption", prompt: st
     if model is not None:
         load.setdefault("source", str(model.loaded.source))
     out = Path(out).expanduser()
-    rows = list(unique_ids(read_rows(input, prompt)))  # a missing or unreadable input fails before any model work
-    check_job(out, job_identity(task, prompt, load, max_tokens))
     use_ray = ray or ray_address is not None
     if use_ray:
-        from .ray_runner import import_ray, shard_paths
+        from .ray_runner import import_ray
 
         import_ray()  # a missing extra is said before anything else happens
-        done = read_done([out, *shard_paths(out)], repair=True)
-    else:
-        done = read_done([out], repair=True)
+    rows = list(unique_ids(read_rows(input, prompt)))  # a missing or unreadable input fails before any model work
+    check_job(out, job_identity(task, prompt, load, max_tokens))
+    read_done([out], repair=True)  # a torn last line is cut off before anything is appended
+    merge_shards(out)  # rows an interrupted Ray run wrote
+    done = read_done([out])
     todo = list(skip_done(rows, done))
     stats = Stats(total=len(rows), skipped=len(rows) - len(todo))
     if stats.skipped and progress:
@@ -224,6 +224,7 @@ def run(input: str | Path, out: str | Path, *, task: str = "caption", prompt: st
         from .ray_runner import run_ray
 
         return run_ray(answerer_cls, dict(load=load, **kw), todo, out, stats, address=ray_address, actors=actors,
-                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
+                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
+                       progress=progress)
     answerer = answerer_cls(model, load=load, **kw)
     return run_local(answerer, todo, out, stats, batch_size=batch_size, progress=progress)
