@@ -63,7 +63,7 @@ def test_ray_resumes_a_local_run_and_an_interrupted_ray_run(tmp_path, tiny, loca
     shard.write_text('{"id":"r2","image":"x","prompt":"What is it?","answer":"kept","error":null}\n{"id":"r3","ima')
     m.write_text("\n".join(rows) + "\n")
     stats = job(tiny, m, out, ray=True, actors=2)
-    assert (stats.skipped, stats.answered) == (3, 4)  # r2 from the shard and r3..r5 appended now
+    assert (stats.skipped, stats.answered) == (3, 3)  # r2 joined OUT from the shard; r3..r5 answered now
     assert sorted(r["id"] for r in lines(out)) == [f"r{i}" for i in range(6)]
     assert answers(out)["r2"] == "kept" and not (tmp_path / "o.jsonl.shards").exists()
     with pytest.raises(Exception, match="another job"):

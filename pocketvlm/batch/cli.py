@@ -31,6 +31,9 @@ def register_cli(sub) -> None:
         t.add_argument("--actors", type=int, default=1, help="Ray: model copies (actors) (default 1)")
         t.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray: CPUs per actor (default 1)")
         t.add_argument("--gpus-per-actor", type=float, default=0.0, help="Ray: GPUs per actor (default 0)")
+        t.add_argument("--threads", type=int, default=None,
+                       help="torch threads per model copy (default: torch's own locally, --cpus-per-actor on Ray); "
+                            "runs with equal threads per copy give identical greedy answers")
         t.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_model_options(t)
         t.set_defaults(fn=cmd_batch)
@@ -45,6 +48,6 @@ def cmd_batch(a) -> int:
     stats = run(a.input, a.output, task=a.task, prompt=a.prompt, load=load_kwargs(a), max_tokens=a.max_tokens,
                 batch_size=a.batch_size, allow_remote_images=a.allow_remote_images, progress=not a.no_progress,
                 ray=a.ray, ray_address=a.ray_address, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
-                gpus_per_actor=a.gpus_per_actor)
+                gpus_per_actor=a.gpus_per_actor, threads=a.threads)
     print(f"{a.output}: {stats.line()}", file=sys.stderr)
     return 0
