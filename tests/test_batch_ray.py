@@ -18,7 +18,6 @@ from test_batch import PROMPT, answers, lines, write_images
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
