@@ -65,7 +65,13 @@ def load_model(a):
     if hasattr(a, "temperature"):  # validate sampling flags before the (slow) load
         SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                        repetition_penalty=a.repetition_penalty)
-    return load(a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
+    return load(**load_kwargs(a))
+
+
+def load_kwargs(a) -> dict:
+    """:func:`pocketvlm.load`'s keyword arguments from the model options (plain values: a batch job records
+    them as its identity and sends them to each Ray actor)."""
+    return dict(source=a.model, device=a.device, dtype=a.dtype, quantization=a.quantization,
                 context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
                 template=a.template, verify=getattr(a, "verify", False), compile=getattr(a, "compile", False),
                 vision_precision=getattr(a, "vision_precision", "auto"),
@@ -241,7 +247,7 @@ def _plugins():
 
     for mod, fn in [("pocketvlm.package.cli", "register_cli"), ("pocketvlm.bench", "register_cli"),
                     ("pocketvlm.serve.app", "register_cli"),
-                    ("pocketvlm.eval.cli", "register_cli"),
+                    ("pocketvlm.eval.cli", "register_cli"), ("pocketvlm.batch.cli", "register_cli"),
                     ("pocketvlm.scenes.cli", "register_cli"), ("pocketvlm.train.cli", "register_cli"),
                     ("pocketvlm.export.cli", "register_cli")]:
         try:

@@ -67,3 +67,7 @@ class ServerBusyError(PocketVLMError, RuntimeError):
 
 class DataError(PocketVLMError, ValueError):
     """A malformed evaluation data file: bad JSON, a missing field, an unknown kind, a missing image."""
+
+
+class DependencyError(PocketVLMError, ImportError):
+    """An optional dependency that a feature needs is not installed (the message names the extra)."""

@@ -31,22 +31,32 @@ class Prompt:
 
 def encode_image(pm, img) -> tuple[str, torch.Tensor]:
     """(content hash, features [n_tokens, hidden]) for one RGB image, from the cache when seen before."""
-    h = image_hash(img)
-    feats = pm._image_cache.get(h)
-    if feats is not None:
-        pm._image_cache.move_to_end(h)
-        return h, feats
-    if pm.image_processor is None:
-        raise ImageError("this model has no image processor configuration (preprocessor_config.json)")
-    pre = preprocess(img, pm.image_processor, dtype=pm.dtype, device=pm.device)
-    with torch.inference_mode():
-        out = pm.model.encode_images(pre.pixel_values, image_sizes=[pre.image_size])
-    feats = out[0] if isinstance(out, (list, tuple)) else out.reshape(-1, out.shape[-1])
-    pm.images_encoded += 1
-    pm._image_cache[h] = feats
+    return encode_images(pm, [img])[0]
+
+
+def encode_images(pm, imgs: list) -> list[tuple[str, torch.Tensor]]:
+    """:func:`encode_image` for several RGB images, the ones not in the cache through the vision tower in one
+    batch (each image's features depend on that image only: every tower op works per image, per token)."""
+    hashes = [image_hash(img) for img in imgs]
+    todo = {}
+    for h, img in zip(hashes, imgs):
+        if h in pm._image_cache:
+            pm._image_cache.move_to_end(h)
+        else:
+            todo.setdefault(h, img)
+    if todo:
+        if pm.image_processor is None:
+            raise ImageError("this model has no image processor configuration (preprocessor_config.json)")
+        pres = [preprocess(img, pm.image_processor, dtype=pm.dtype, device=pm.device) for img in todo.values()]
+        with torch.inference_mode():
+            out = pm.model.encode_images([p.pixel_values for p in pres], image_sizes=[p.image_size for p in pres])
+        pm.images_encoded += len(pres)
+        for i, h in enumerate(todo):  # out: [n, n_tokens, hidden] or a list of [n_tokens_i, hidden]
+            pm._image_cache[h] = out[i] if isinstance(out, (list, tuple)) else out[i].reshape(-1, out.shape[-1])
+    found = [(h, pm._image_cache[h]) for h in hashes]
     while len(pm._image_cache) > pm._image_cache_size:
         pm._image_cache.popitem(last=False)
-    return h, feats
+    return found
 
 
 def build_image_prompt(pm, ids: list[int], images: list):

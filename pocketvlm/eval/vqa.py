@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
+from ..batch.pipeline import prefetch
 from ..errors import DataError, ImageError
 from .matching import ANSWER_KINDS, OPTION_LETTERS, canonical_answer, match
 
@@ -312,12 +313,16 @@ def evaluate(answer_fn: AnswerFn, questions: list[Question] | str | Path, *, bli
     records: list[Record | None] = [None] * len(chosen)
     n_done = n_correct = 0
     t0 = time.perf_counter()
+    groups = by_image(chosen)
+
+    def image_of(group):
+        image = _open(group[0])
+        return blank_like(image) if blind else image
+
     with tqdm(total=len(chosen), desc="eval (blind)" if blind else "eval", disable=not progress,
               unit="q") as bar:
-        for path, group in by_image(chosen):
-            image = _open(path)
-            if blind:
-                image = blank_like(image)
+        # The batch runner's bounded pipeline: the next images are decoded while the model answers.
+        for (path, group), image in zip(groups, prefetch(groups, image_of, depth=4)):
             for i in group:
                 q = chosen[i]
                 prediction = answer_fn(image, q.question)
