@@ -301,14 +301,10 @@ def reader_shape(reader, name: str) -> tuple[int, ...]:
 
 
 def _load_strict(module, weights: dict, where) -> None:
-    want = module.state_dict()
-    missing = sorted(set(want) - set(weights))
-    extra = sorted(set(weights) - set(want))
-    if missing or extra:
-        raise CorruptWeightsError(f"{where}: mmproj tensors do not match the tower (missing {missing[:3]}, "
-                                  f"unexpected {extra[:3]})")
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(want[k].shape):
-            raise CorruptWeightsError(f"{where}: tensor for {k} has shape {tuple(v.shape)}, expected "
-                                      f"{tuple(want[k].shape)}")
+    from .core import check_weights
+
+    try:
+        check_weights(module, None, {k: tuple(v.shape) for k, v in weights.items()})
+    except CorruptWeightsError as e:
+        raise CorruptWeightsError(f"{where}: mmproj tensors do not match pocketvlm's module: {e}") from None
     module.load_state_dict(weights, strict=True)
