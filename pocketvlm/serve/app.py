@@ -197,13 +197,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             finally:
                 job.cancel()
             return schemas.completion(schemas.new_id(), model, "".join(parts), value.finish_reason,
-                                      value.prompt_tokens, value.completion_tokens).model_dump()
+                                      value.prompt_tokens, value.completion_tokens, extra=job.extra).model_dump()
 
         async def events(value=value):
             cid, created, usage = schemas.new_id(), int(time.time()), req.include_usage
             try:
                 yield _sse(schemas.chunk(cid, model, created, {"role": "assistant", "content": ""},
-                                         include_usage=usage))
+                                         include_usage=usage, extra=job.extra))
                 while True:
                     if value.text:
                         yield _sse(schemas.chunk(cid, model, created, {"content": value.text}, include_usage=usage))
