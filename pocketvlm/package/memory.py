@@ -282,3 +282,33 @@ def estimate_source(model, mode: str, context_window_size=None, prefill_chunk_si
     config.pop("quantization", None)
     est = estimate_memory(config, mode, context_window_size, prefill_chunk_size, dtype=dtype, tokenizer_bytes=tok)
     return {"model": str(model), "quantization": mode, "bytes": est}
+
+
+def estimate_assistant(path, context_window_size=None, prefill_chunk_size: int = 512, dtype="float32") -> dict:
+    """{"model", "quantization", "bytes", "parts"} for an assistant definition (a ``.json`` file): each model
+    estimated as it loads (its ``vision_load`` / ``chat_load`` quantization and context window, else
+    :func:`pocketvlm.load`'s defaults), then combined by the memory policy: ``resident`` holds both in one
+    process (their sum, the runtime counted once), ``sequential`` one at a time (the larger of the two)."""
+    from ..api import default_quantization
+    from ..assistant import AssistantConfig
+
+    cfg = AssistantConfig.from_file(path)
+    parts = {}
+    for which in ("vision", "chat"):
+        src, opts = getattr(cfg, which), getattr(cfg, f"{which}_load")
+        mode = opts.get("quantization") or default_quantization(src)
+        ctx = opts.get("context_window_size", context_window_size)
+        config, tok = source_config(src)
+        config.pop("quantization", None)
+        parts[which] = {"model": src, "quantization": mode,
+                        "bytes": estimate_memory(config, mode, ctx, opts.get("prefill_chunk_size", prefill_chunk_size),
+                                                 dtype=opts.get("dtype", dtype), tokenizer_bytes=tok)}
+    v, c = parts["vision"]["bytes"], parts["chat"]["bytes"]
+    if cfg.memory == "resident":
+        total = {k: v[k] + c[k] for k in v}
+        total["runtime"] -= RUNTIME_BYTES  # one process: one Python + torch runtime
+        total["total"] = v["total"] + c["total"] - RUNTIME_BYTES
+    else:
+        total = max(v, c, key=lambda b: b["total"])
+    return {"model": f"{path} ({cfg.memory})", "quantization": "/".join(str(p["quantization"]) for p in parts.values()),
+            "bytes": total, "parts": parts, "memory": cfg.memory}
