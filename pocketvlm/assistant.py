@@ -56,6 +56,13 @@ SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repeti
 _PLACEHOLDER = "\x00pocketvlm-image\x00"
 
 
+def describe_line(record: dict) -> str:
+    """One image's line of the context block: its label, the question it was looked at for, what the VLM said
+    (without the question a one-word answer such as "B" means nothing to the chat model)."""
+    asked = f" (looked at for the question {record['question']!r})" if record["question"] else ""
+    return f"Image {record['image']}{asked}: {record['description']}"
+
+
 class AssistantWarning(UserWarning):
     """Something the assistant changed to make a request fit (a description cut short)."""
 
@@ -394,7 +401,7 @@ class Assistant:
             if not records:
                 prompt = chat.chat_prompt(msgs)
             else:
-                block = "\n".join(f"Image {r['image']}: {r['description']}" for r in records)
+                block = "\n".join(describe_line(r) for r in records)
                 prompt = chat.chat_prompt(self._with_context(msgs, block))
                 ctx = chat.context_window_size
                 room = min(int(max_tokens or self.config.chat_options.get("max_tokens") or 256), ctx // 4)
