@@ -453,6 +453,13 @@ class Assistant:
             return self.chat_stream(messages, look_again=look_again, **kw)
         return self.complete_chat(messages, look_again=look_again, **kw).text
 
+    def generate(self, prompt, **kw):
+        """Raw completion (no chat template, no images): the chat model's."""
+        return self.chat_model().generate(prompt, **kw)
+
+    def stream(self, prompt, **kw):
+        return self.chat_model().stream(prompt, **kw)
+
     def complete_chat(self, messages, *, look_again: bool = False, **kw):
         prompt = self._prompt_for(messages, look_again, kw)
         chat = self.chat_model()

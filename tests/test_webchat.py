@@ -76,6 +76,17 @@ def count_text_updates(page):
     }""")
 
 
+def ask_about_image(page, photo):
+    """Attach ``photo``, ask about it as the first question of the chat, and wait for the whole answer."""
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#pending img")
+    page.fill("#input", "What is in this picture?")
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('.msg.assistant.streaming') && "
+                           "document.querySelectorAll('.msg.assistant').length === 1")
+    assert page.is_hidden("#error"), page.inner_text("#error")
+
+
 def test_models_listed(page, server):
     page.wait_for_function("document.querySelectorAll('#model option').length >= 1")
     values = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
@@ -143,13 +154,7 @@ def test_image_question_on_vlm_streams_answer_with_thumbnail(page, server, photo
     page.click("#new-chat")
     page.select_option("#model", "tiny-vlm")
     count_text_updates(page)
-    page.set_input_files("#file", str(photo))
-    page.wait_for_selector("#pending img")
-    page.fill("#input", "What is in this picture?")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('.msg.assistant.streaming') && "
-                           "document.querySelectorAll('.msg.assistant').length === 1")
-    assert page.is_hidden("#error"), page.inner_text("#error")
+    ask_about_image(page, photo)
     assert page.inner_text(".msg.assistant .text").strip()
     assert page.evaluate("window.__updates") > 3
     src = page.get_attribute(".msg.user img", "src")
@@ -173,13 +178,7 @@ def test_assistant_answer_shows_what_the_vision_model_saw(page, photo):
     label = page.eval_on_selector("#model option[value=tiny-assistant]", "e => e.textContent")
     assert "looks" in label and "answers" in label
     page.select_option("#model", "tiny-assistant")
-    page.set_input_files("#file", str(photo))
-    page.wait_for_selector("#pending img")
-    page.fill("#input", "What is in this picture?")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('.msg.assistant.streaming') && "
-                           "document.querySelectorAll('.msg.assistant').length === 1")
-    assert page.is_hidden("#error"), page.inner_text("#error")
+    ask_about_image(page, photo)
     box = page.inner_text(".msg.assistant details.description")  # folded: only the summary shows
     assert "What the vision model saw" in box
     page.click(".msg.assistant details.description summary")
