@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--per-type", type=int, default=20)
     ap.add_argument("--prompts", default="default,question", help=f"describe prompts to run: {', '.join(PROMPTS)}")
-    ap.add_argument("--latency-images", type=int, default=4)
+    ap.add_argument("--latency-images", type=int, default=4, help="0: no latency runs")
     ap.add_argument("--sequential-images", type=int, default=2)
     ap.add_argument("-o", "--out", default="benchmarks/results/assistant")
     a = ap.parse_args(argv)
@@ -118,12 +118,13 @@ def main(argv=None) -> int:
             seen.append(q.image)
     lat_img = seen[-a.latency_images:]  # an open question: the answer is long enough to time its decode
     result["latency"]["resident"] = [dict(timed_answer(assistants[names[0]], img, OPEN_QUESTION), image=str(img))
-                                     for img in lat_img]
+                                     for img in (lat_img if a.latency_images else [])]
     save()
-    seq = Assistant(a.vision, a.chat, describe_prompt=PROMPTS[names[0]], memory="sequential")
-    result["latency"]["sequential"] = [dict(timed_answer(seq, img, OPEN_QUESTION), image=str(img))
-                                       for img in lat_img[:a.sequential_images]]
-    del seq
+    if a.latency_images and a.sequential_images:
+        seq = Assistant(a.vision, a.chat, describe_prompt=PROMPTS[names[0]], memory="sequential")
+        result["latency"]["sequential"] = [dict(timed_answer(seq, img, OPEN_QUESTION), image=str(img))
+                                           for img in lat_img[:a.sequential_images]]
+        del seq
     save()
     print(latency_table(result["latency"]), flush=True)
 

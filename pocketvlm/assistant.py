@@ -57,10 +57,11 @@ _PLACEHOLDER = "\x00pocketvlm-image\x00"
 
 
 def describe_line(record: dict) -> str:
-    """One image's line of the context block: its label, the question it was looked at for, what the VLM said
-    (without the question a one-word answer such as "B" means nothing to the chat model)."""
-    asked = f" (looked at for the question {record['question']!r})" if record["question"] else ""
-    return f"Image {record['image']}{asked}: {record['description']}"
+    """One image's line of the context block: its label, the question it was looked at for, what the VLM said.
+    Without the question a one-word answer such as "B" means nothing to the chat model; and with the answer
+    right after a bare "Image 1 (...):" label, Qwen2.5-0.5B answered count questions with the label's "1"."""
+    asked = f"asked {record['question']!r}, " if record["question"] else ""
+    return f"Image {record['image']}: {asked}the vision model answered: {record['description']}"
 
 
 class AssistantWarning(UserWarning):

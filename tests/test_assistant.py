@@ -91,7 +91,8 @@ def test_several_images_one_description_each_labelled_in_order(asst):
     assert asst.looks - before == 2
     assert [d["image"] for d in p.extra["descriptions"]] == [1, 2]
     text = prompt_text(asst, p)
-    assert text.index("Image 1 (looked at for the question") < text.index("Image 2 (") < text.index("[Image 1]") < text.index("[Image 2]")
+    first = text.index("Image 1: asked 'Compare these.', the vision model answered:")
+    assert first < text.index("Image 2: asked") < text.index("[Image 1]") < text.index("[Image 2]")
     assert "You cannot see images yourself" in text  # the context block is system-side, before the user turn
 
 
