@@ -9,10 +9,10 @@ from .version import __version__  # noqa: F401
 
 
 def load(*args, **kwargs):
-    """See :func:`pocketvlm.api.load`."""
-    from .api import load as _load
+    """See :func:`pocketvlm.api.load`; an assistant definition (``.json``) gives a :class:`pocketvlm.Assistant`."""
+    from .assistant import load_any
 
-    return _load(*args, **kwargs)
+    return load_any(*args, **kwargs)
 
 
 def __getattr__(name):  # lazy: importing pocketvlm stays cheap (no torch import until needed)
@@ -20,6 +20,10 @@ def __getattr__(name):  # lazy: importing pocketvlm stays cheap (no torch import
         from .serve.engine import Engine
 
         return Engine
+    if name == "Assistant":
+        from .assistant import Assistant
+
+        return Assistant
     if name == "PocketModel":
         from .api import PocketModel
 
@@ -27,4 +31,4 @@ def __getattr__(name):  # lazy: importing pocketvlm stays cheap (no torch import
     raise AttributeError(name)
 
 
-__all__ = ["load", "PocketVLMError", "Engine", "PocketModel", "__version__"]
+__all__ = ["load", "PocketVLMError", "Engine", "PocketModel", "Assistant", "__version__"]

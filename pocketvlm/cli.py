@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import ImageError, PocketVLMError
+from .errors import AssistantError, ImageError, PocketVLMError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm"}
 
@@ -59,13 +59,29 @@ def sampling_kwargs(a) -> dict:
 
 
 def load_model(a):
-    from .api import load
+    """The model the flags name: a source (``a.model``), an assistant definition (``.json``), or an assistant of
+    ``--vision VLM --chat LLM`` (commands that have those flags)."""
+    from .assistant import Assistant, load_any
     from .engine.sampling import SamplingParams
 
     if hasattr(a, "temperature"):  # validate sampling flags before the (slow) load
         SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                        repetition_penalty=a.repetition_penalty)
-    return load(**load_kwargs(a))
+    kw = load_kwargs(a)
+    source = kw.pop("source")
+    vision, chat = getattr(a, "vision", None), getattr(a, "chat", None)
+    if vision or chat:
+        if not (vision and chat):
+            raise AssistantError("an assistant needs both --vision VLM and --chat LLM")
+        if a.model:
+            raise AssistantError(f"give either a model ({a.model}) or --vision/--chat, not both")
+        if kw.pop("mmproj"):
+            raise AssistantError("--mmproj goes with a .gguf model, not with --vision/--chat")
+        template = kw.pop("template")  # a --template names the chat model's template
+        return Assistant(vision, chat, memory=a.memory or "resident", load_kwargs=kw,
+                         chat_load={"template": template} if template else None,
+                         **({"describe_prompt": a.describe_prompt} if a.describe_prompt else {}))
+    return load_any(source, **kw)
 
 
 def load_kwargs(a) -> dict:
@@ -111,9 +127,14 @@ def cmd_chat(a) -> int:
     pm = load_model(a)
     out = sys.stdout
     interactive = sys.stdin.isatty()
+    is_assistant = pm.architecture == "assistant"
+    if getattr(a, "show_description", False) and not is_assistant:
+        raise AssistantError("--show-description needs an assistant (--vision VLM --chat LLM or an assistant .json)")
+    look_again = False
     if interactive:
-        print(f"pocketvlm chat: {pm.info()['architecture']} from {pm.loaded.source}. "
-              "Commands: /image PATH, /reset, /exit.", file=sys.stderr)
+        info = pm.info()
+        print(f"pocketvlm chat: {info['architecture']} from {info['source']}. "
+              f"Commands: /image PATH, {'/look, ' if is_assistant else ''}/reset, /exit.", file=sys.stderr)
     messages: list[dict] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
@@ -133,6 +154,10 @@ def cmd_chat(a) -> int:
             pending_images = []
             pm.reset()
             print("(conversation reset)", file=out, flush=True)
+            continue
+        if line == "/look" and is_assistant:
+            look_again = True
+            print("(the vision model will look again with your next question)", file=out, flush=True)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip().strip("'\"")
@@ -160,8 +185,13 @@ def cmd_chat(a) -> int:
         messages.append({"role": "user", "content": content})
         pending_images = []
         answer = []
+        extra = {"look_again": look_again} if is_assistant else {}
+        look_again = False
         try:
-            for piece in pm.chat_stream(messages, **sampling_kwargs(a)):
+            pieces = pm.chat_stream(messages, **extra, **sampling_kwargs(a))
+            for i, piece in enumerate(pieces):
+                if i == 0 and is_assistant:
+                    show_assistant_notes(pm, a, out)
                 answer.append(piece)
                 out.write(piece)
                 out.flush()
@@ -173,6 +203,17 @@ def cmd_chat(a) -> int:
         out.flush()
         messages.append({"role": "assistant", "content": "".join(answer)})
     return 0
+
+
+def show_assistant_notes(pm, a, out) -> None:
+    """An assistant's warnings (always) and, with --show-description, what its vision model said."""
+    info = pm.last_info() or {}
+    for w in info.get("warnings", []):
+        print(f"(warning: {w})", file=out, flush=True)
+    if getattr(a, "show_description", False):
+        for d in info.get("descriptions", []):
+            how = "cached" if d["cached"] else f"{d['describe_ms']:.0f} ms"
+            print(f"[image {d['image']}, described ({how}): {d['description']}]", file=out, flush=True)
 
 
 def cmd_generate(a) -> int:
@@ -218,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat (images with /image PATH)")
     p.add_argument("model", nargs="?", default=None, help=model_help)
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--vision", default=None, metavar="VLM",
+                   help="an assistant: this vision-language model describes each image ... (with --chat)")
+    p.add_argument("--chat", default=None, metavar="LLM", help="... and this chat model answers (with --vision)")
+    p.add_argument("--memory", choices=("resident", "sequential"), default=None,
+                   help="assistant memory policy: both models loaded (resident, default) or one at a time")
+    p.add_argument("--describe-prompt", default=None,
+                   help="what the assistant asks its vision model ({question}: the user's message)")
+    p.add_argument("--show-description", action="store_true", help="print what the assistant's vision model said")
     add_model_options(p)
     add_sampling_options(p)
     p.set_defaults(fn=cmd_chat)

@@ -57,6 +57,10 @@ class RequestError(PocketVLMError, ValueError):
     """A malformed chat request: missing or mistyped fields, unsupported options (server and Engine API)."""
 
 
+class AssistantError(PocketVLMError, ValueError):
+    """An assistant (vision model + chat model) that cannot work as defined."""
+
+
 class ImageTooLargeError(ImageError):
     """An image over the configured byte or pixel limit (the server answers 413)."""
 

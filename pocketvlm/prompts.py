@@ -27,6 +27,7 @@ class Prompt:
     embed_fn: Any = None
     n_images: int = 0
     stop_ids: set | None = None  # None: the tokenizer's EOS ids
+    extra: dict | None = None  # what an assistant built the prompt from (its descriptions), for the response
 
 
 def encode_image(pm, img) -> tuple[str, torch.Tensor]:

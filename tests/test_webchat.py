@@ -32,6 +32,9 @@ def server(tmp_path_factory):
     torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
     models = {"tiny-text": pocketvlm.load(make_tiny_qwen2(tmp_path_factory.mktemp("text")))}
     models["tiny-vlm"] = pocketvlm.load(make_tiny_llava(tmp_path_factory.mktemp("vlm")))
+    models["tiny-assistant"] = pocketvlm.Assistant(vision=models["tiny-vlm"], chat=models["tiny-text"],
+                                                   context_template="Seen: {descriptions}",
+                                                   vision_options={"max_tokens": 12})
     engine = Engine(models, slots=2, allow_local_images=False)
     with ServerThread(create_app(engine)) as s:
         yield s, models
@@ -71,6 +74,17 @@ def count_text_updates(page):
         new MutationObserver((records) => { window.__updates += records.length; })
             .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
     }""")
+
+
+def ask_about_image(page, photo):
+    """Attach ``photo``, ask about it as the first question of the chat, and wait for the whole answer."""
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#pending img")
+    page.fill("#input", "What is in this picture?")
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('.msg.assistant.streaming') && "
+                           "document.querySelectorAll('.msg.assistant').length === 1")
+    assert page.is_hidden("#error"), page.inner_text("#error")
 
 
 def test_models_listed(page, server):
@@ -140,13 +154,7 @@ def test_image_question_on_vlm_streams_answer_with_thumbnail(page, server, photo
     page.click("#new-chat")
     page.select_option("#model", "tiny-vlm")
     count_text_updates(page)
-    page.set_input_files("#file", str(photo))
-    page.wait_for_selector("#pending img")
-    page.fill("#input", "What is in this picture?")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('.msg.assistant.streaming') && "
-                           "document.querySelectorAll('.msg.assistant').length === 1")
-    assert page.is_hidden("#error"), page.inner_text("#error")
+    ask_about_image(page, photo)
     assert page.inner_text(".msg.assistant .text").strip()
     assert page.evaluate("window.__updates") > 3
     src = page.get_attribute(".msg.user img", "src")
@@ -163,3 +171,21 @@ def test_image_question_on_vlm_streams_answer_with_thumbnail(page, server, photo
     page.screenshot(path=str(out), caret="hide", animations="disabled")
     print("answers:", page.eval_on_selector_all(".msg.assistant .text", "els => els.map(e => e.textContent)"))
     assert out.stat().st_size > 5000
+
+
+def test_assistant_answer_shows_what_the_vision_model_saw(page, photo):
+    page.click("#new-chat")
+    label = page.eval_on_selector("#model option[value=tiny-assistant]", "e => e.textContent")
+    assert "looks" in label and "answers" in label
+    page.select_option("#model", "tiny-assistant")
+    ask_about_image(page, photo)
+    box = page.inner_text(".msg.assistant details.description")  # folded: only the summary shows
+    assert "What the vision model saw" in box
+    page.click(".msg.assistant details.description summary")
+    assert "Image 1:" in page.inner_text(".msg.assistant details.description")
+    page.fill("#input", "And the colors?")  # a follow-up: the description is remembered, not made again
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('.msg.assistant.streaming') && "
+                           "document.querySelectorAll('.msg.assistant').length === 2")
+    page.click(".msg.assistant:last-child details.description summary")
+    assert "Image 1 (remembered):" in page.inner_text(".msg.assistant:last-child details.description")

@@ -75,7 +75,7 @@ def cmd_eval(a) -> int:
     answer_fn = pocketvlm_answerer(model, max_tokens=a.max_tokens)
     report = run_eval(answer_fn, questions, blind=not a.no_blind, progress=not a.no_progress,
                       limit=a.limit, per_type=a.per_type)
-    report.meta.update(model=str(model.loaded.source), data=str(data), max_tokens=a.max_tokens,
+    report.meta.update(model=str(model.info()["source"]), data=str(data), max_tokens=a.max_tokens,
                        limit=a.limit, per_type=a.per_type)
     print(report.table())
     if a.json:

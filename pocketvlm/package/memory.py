@@ -282,3 +282,52 @@ def estimate_source(model, mode: str, context_window_size=None, prefill_chunk_si
     config.pop("quantization", None)
     est = estimate_memory(config, mode, context_window_size, prefill_chunk_size, dtype=dtype, tokenizer_bytes=tok)
     return {"model": str(model), "quantization": mode, "bytes": est}
+
+
+def estimate_assistant(path, context_window_size=None, prefill_chunk_size: int = 512, dtype="float32") -> dict:
+    """{"model", "quantization", "bytes", "parts"} for an assistant definition (a ``.json`` file): each model
+    estimated as it loads (its ``vision_load`` / ``chat_load`` quantization and context window, else
+    :func:`pocketvlm.load`'s defaults), then combined by the memory policy: ``resident`` holds both in one
+    process (their sum, the runtime counted once), ``sequential`` one at a time (the larger of the two)."""
+    from ..api import default_quantization
+    from ..assistant import AssistantConfig
+
+    cfg = AssistantConfig.from_file(path)
+    parts = {}
+    for which in ("vision", "chat"):
+        src, opts = getattr(cfg, which), getattr(cfg, f"{which}_load")
+        mode = opts.get("quantization") or default_quantization(src)
+        ctx = opts.get("context_window_size", context_window_size)
+        config, tok = source_config(src)
+        config.pop("quantization", None)
+        est = estimate_memory(config, "q4f16_1" if mode == "gguf" else mode, ctx,
+                              opts.get("prefill_chunk_size", prefill_chunk_size), dtype=opts.get("dtype", dtype),
+                              tokenizer_bytes=tok)
+        if mode == "gguf":  # the file's own blocks: as q4f16_1 with the weights at the file's size
+            extra = _gguf_bytes(src) - est["weights"]
+            est["weights"] += extra
+            est["total"] += extra
+        parts[which] = {"model": src, "quantization": mode, "bytes": est}
+    v, c = parts["vision"]["bytes"], parts["chat"]["bytes"]
+    if cfg.memory == "resident":
+        total = {k: v[k] + c[k] for k in v}
+        total["runtime"] -= RUNTIME_BYTES  # one process: one Python + torch runtime
+        total.update({k: max(v[k], c[k]) for k in ("activations", "vision", "repack")})
+        # the models run one after the other: their working sets (prefill, vision, repack) never coincide
+        total["total"] = v["total"] + c["total"] - RUNTIME_BYTES - min(transient_bytes(v), transient_bytes(c))
+    else:
+        total = max(v, c, key=lambda b: b["total"])
+    return {"model": f"{path} ({cfg.memory})", "quantization": "/".join(str(p["quantization"]) for p in parts.values()),
+            "bytes": total, "parts": parts, "memory": cfg.memory}
+
+
+def transient_bytes(est: dict) -> int:
+    """The part of an estimate only there while the model runs (the largest of its working sets)."""
+    return max(est["activations"], est["vision"], est["repack"])
+
+
+def _gguf_bytes(source) -> int:
+    from .. import loading
+    from ..real_models import resolve_source
+
+    return Path(loading.resolve(resolve_source(source))[1]).stat().st_size

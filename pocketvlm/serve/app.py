@@ -122,7 +122,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     async def list_models(request: Request):
         if (e := auth_error(request)) is not None:
             return e
-        return schemas.model_list([(m, {"vision": pm.is_vlm, "context_window": pm.context_window_size})
+        return schemas.model_list([(m, {"vision": pm.is_vlm, "context_window": pm.context_window_size,
+                                        **assistant_facts(pm)})
                                    for m, pm in engine.pocket_models.items()], engine.created)
 
     @app.get("/v1/models/{model_id:path}")
@@ -197,13 +198,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             finally:
                 job.cancel()
             return schemas.completion(schemas.new_id(), model, "".join(parts), value.finish_reason,
-                                      value.prompt_tokens, value.completion_tokens).model_dump()
+                                      value.prompt_tokens, value.completion_tokens, extra=job.extra).model_dump()
 
         async def events(value=value):
             cid, created, usage = schemas.new_id(), int(time.time()), req.include_usage
             try:
                 yield _sse(schemas.chunk(cid, model, created, {"role": "assistant", "content": ""},
-                                         include_usage=usage))
+                                         include_usage=usage, extra=job.extra))
                 while True:
                     if value.text:
                         yield _sse(schemas.chunk(cid, model, created, {"content": value.text}, include_usage=usage))
@@ -231,6 +232,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return Guard(app, max_body_bytes, allowed_hosts, api_key=api_key, allowed_origins=allowed_origins)
+
+
+def assistant_facts(pm) -> dict:
+    """For an assistant model, which VLM looks and which chat model answers (the web chat names them)."""
+    if getattr(pm, "architecture", None) != "assistant":
+        return {}
+    c = pm.config
+    return {"assistant": {"vision": c.vision, "chat": c.chat, "memory": c.memory}}
 
 
 def _host_name(host: str) -> str:

@@ -45,6 +45,7 @@ class Job:
         self.messages = messages
         self.images = images
         self.deliver = deliver
+        self.extra = None  # set from the prompt before the first event: an assistant's descriptions
         self._cancelled = threading.Event()
         self.done = threading.Event()
 
@@ -65,6 +66,7 @@ class Scheduler:
             raise RequestError(f"slots must be an integer >= 1 (got {n_slots!r})")
         self.pm = pm
         self.name = name
+        n_slots = min(n_slots, getattr(pm, "max_slots", n_slots))  # a sequential assistant runs one at a time
         self.n_slots = n_slots
         self.max_waiting = max_waiting
         self._free = [pm.new_slot() for _ in range(n_slots)]
@@ -128,6 +130,7 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         try:
             prompt = build_prompt(self.pm, job.messages, job.images)
+            job.extra = prompt.extra
             with self._cv:
                 # the free slot whose cache shares the longest prefix with this prompt (multi-turn reuse)
                 slot = max(self._free, key=lambda s: _common_prefix(s.keys, prompt.keys))
@@ -225,16 +228,17 @@ class Engine:
                  allowed_image_dir: str | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, image_timeout: float = 10.0):
         from ..api import PocketModel
+        from ..assistant import Assistant
 
         if models is None:
             from ..real_models import DEFAULT_MODEL
 
             models = [DEFAULT_MODEL]
-        if isinstance(models, (str, Path, PocketModel)):
+        if isinstance(models, (str, Path, PocketModel, Assistant)):
             models = [models]
         if not isinstance(models, dict):
-            models = {(model_id_for(m.loaded.source) if isinstance(m, PocketModel) else model_id_for(m)): m
-                      for m in models}
+            models = {(model_id_for(m.loaded.source) if isinstance(m, PocketModel)
+                       else m.name if isinstance(m, Assistant) else model_id_for(m)): m for m in models}
         if not models:
             raise RequestError("Engine needs at least one model")
         self.image_policy = ImagePolicy(allow_remote=allow_remote_images, allow_local_files=allow_local_images,
@@ -242,10 +246,10 @@ class Engine:
                                         max_pixels=max_image_pixels, max_bytes=max_image_bytes,
                                         timeout=image_timeout)
         self.created = int(time.time())
-        self.pocket_models: dict[str, PocketModel] = {}
+        self.pocket_models: dict[str, PocketModel | Assistant] = {}
         self.schedulers: dict[str, Scheduler] = {}
         for mid, src in models.items():
-            pm = src if isinstance(src, PocketModel) else _load(src, load_kwargs or {})
+            pm = src if isinstance(src, (PocketModel, Assistant)) else _load(src, load_kwargs or {})
             self.pocket_models[mid] = pm
             self.schedulers[mid] = Scheduler(pm, slots, name=mid, max_waiting=max_waiting)
         self.chat = _Chat(self)
@@ -325,15 +329,15 @@ class Engine:
                 parts.append(value.text)
                 if value.finish_reason:
                     return schemas.completion(schemas.new_id(), prepared[0], "".join(parts), value.finish_reason,
-                                              value.prompt_tokens, value.completion_tokens)
+                                              value.prompt_tokens, value.completion_tokens, extra=job.extra)
         finally:
             job.cancel()  # no-op when finished; stops the generation if the caller was interrupted
 
 
 def _load(source, load_kwargs: dict):
-    from ..api import load
+    from ..assistant import load_any
 
-    return load(source, **load_kwargs)
+    return load_any(source, **load_kwargs)
 
 
 def _stream_chunks(job: Job, q: queue.Queue, item, model: str, include_usage: bool):
@@ -346,7 +350,7 @@ def _stream_chunks(job: Job, q: queue.Queue, item, model: str, include_usage: bo
                 raise value
             if first:
                 yield schemas.chunk(cid, model, created, {"role": "assistant", "content": ""},
-                                    include_usage=include_usage)
+                                    include_usage=include_usage, extra=job.extra)
                 first = False
             if value.text:
                 yield schemas.chunk(cid, model, created, {"content": value.text}, include_usage=include_usage)

@@ -260,25 +260,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int, created: int | None = None) -> ChatCompletion:
+               completion_tokens: int, created: int | None = None, extra: dict | None = None) -> ChatCompletion:
+    """``extra``: pocketvlm's own facts about the answer (an assistant's image descriptions), under "pocketvlm"."""
     return ChatCompletion({
         "id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
         "system_fingerprint": None,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                      "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
+        **({"pocketvlm": extra} if extra is not None else {}),
     })
 
 
 def chunk(cid: str, model: str, created: int, delta: dict | None, finish_reason: str | None = None,
-          usage_: dict | None = None, include_usage: bool = False) -> ChatCompletionChunk:
-    """One streamed chunk; ``delta=None`` makes the usage-only chunk (empty ``choices``)."""
+          usage_: dict | None = None, include_usage: bool = False, extra: dict | None = None) -> ChatCompletionChunk:
+    """One streamed chunk; ``delta=None`` makes the usage-only chunk (empty ``choices``). ``extra``: as in
+    :func:`completion` (sent on the first chunk, so a client can show an assistant's description first)."""
     d = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
          "system_fingerprint": None,
          "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
                                                "finish_reason": finish_reason}]}
     if include_usage:
         d["usage"] = usage_
+    if extra is not None:
+        d["pocketvlm"] = extra
     return ChatCompletionChunk(d)
 
 

@@ -51,7 +51,8 @@ async function loadModels() {
     for (const m of data.data) {
       const opt = document.createElement("option");
       opt.value = m.id;
-      opt.textContent = m.id + (m.vision ? " (vision)" : "");
+      opt.textContent = m.id + (m.assistant ? " (assistant: " + m.assistant.vision + " looks, " + m.assistant.chat +
+                                " answers)" : m.vision ? " (vision)" : "");
       modelSel.appendChild(opt);
     }
     if (keep) modelSel.value = keep;
@@ -106,6 +107,27 @@ function attachFiles(files) {
   }
 }
 
+// An assistant model (a VLM looks, a chat model answers) sends what its VLM said about each image: shown
+// folded above the answer, so the user can see why the answer says what it says.
+function showDescriptions(span, info) {
+  const box = document.createElement("details");
+  box.className = "description";
+  const head = document.createElement("summary");
+  head.textContent = "What the vision model saw";
+  box.appendChild(head);
+  for (const d of info.descriptions) {
+    const p = document.createElement("div");
+    p.textContent = "Image " + d.image + (d.cached ? " (remembered)" : "") + ": " + d.description;
+    box.appendChild(p);
+  }
+  for (const w of info.warnings || []) {
+    const p = document.createElement("div");
+    p.textContent = "Warning: " + w;
+    box.appendChild(p);
+  }
+  span.parentElement.insertBefore(box, span);
+}
+
 // Server-Sent Events over fetch: "data: {...}" lines separated by blank lines, ending with "data: [DONE]".
 async function streamAnswer(resp, span) {
   const reader = resp.body.getReader();
@@ -125,6 +147,9 @@ async function streamAnswer(resp, span) {
         if (data === "[DONE]") return text;
         const obj = JSON.parse(data);
         if (obj.error) throw new Error(obj.error.message);
+        if (obj.pocketvlm && obj.pocketvlm.descriptions && obj.pocketvlm.descriptions.length) {
+          showDescriptions(span, obj.pocketvlm);
+        }
         const delta = obj.choices && obj.choices[0] && obj.choices[0].delta;
         if (delta && delta.content) {
           text += delta.content;
