@@ -466,3 +466,18 @@ def test_mobilevlm_export_load_and_llama_cpp(mobile, mtmd_cli):
         ours = _ask(got, img)
         theirs, _ = mtmd_answer(mobile["model"], mobile["mmproj"], img, QUESTION, n_predict=12, exe=mtmd_cli)
         assert theirs.strip() == _printed(ours) and len(ours.strip()) > 5
+
+
+def test_export_q4_k_m_through_llama_quantize(tiny, mtmd_cli, tmp_path):
+    """--type q4_k_m: the f16 file requantized by llama.cpp's own llama-quantize (small rows fall back to the
+    types it picks for them), loadable as a VLM pair on its own blocks."""
+    from pocketvlm.loading.gguf_file import read_gguf
+
+    assert binary("llama-quantize") is not None
+    out = export_gguf(tiny["llava"], tmp_path, type="q4_k_m", name="k", progress=False)
+    g = read_gguf(out["model"])
+    assert g.metadata["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert {t.tensor_type.name for t in g.tensors} - {"F32", "F16"}  # quantized blocks
+    m = pocketvlm.load(out["model"], mmproj=out["mmproj"])
+    assert m.info()["quantization"] == "gguf" and len(_ask(m, _image(tmp_path / "k.png", (32, 32), 0)).strip()) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.gguf", "k.png", "mmproj-k.gguf"]  # no temporary left
