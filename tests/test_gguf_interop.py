@@ -481,3 +481,29 @@ def test_export_q4_k_m_through_llama_quantize(tiny, mtmd_cli, tmp_path):
     m = pocketvlm.load(out["model"], mmproj=out["mmproj"])
     assert m.info()["quantization"] == "gguf" and len(_ask(m, _image(tmp_path / "k.png", (32, 32), 0)).strip()) > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.gguf", "k.png", "mmproj-k.gguf"]  # no temporary left
+
+
+def test_convert_a_llava_gguf_pair_to_a_package(tiny, tmp_path):
+    _convert_pair(tiny, tmp_path)
+
+
+def test_convert_a_mobilevlm_gguf_pair_to_a_package(mobile, tmp_path):
+    _convert_pair(mobile, tmp_path)
+
+
+def _convert_pair(pair, tmp_path):
+    """`pocketvlm convert model.gguf --mmproj ...`: a package of the joined VLM (HF-style config, its
+    preprocessing), which loads and answers as the pair quantized on load (same RTN scales)."""
+    from pocketvlm.cli import main
+
+    out = tmp_path / "pkg"
+    # float tensors kept in float32 (the mode's default stores them in float16, which moves the f32 biases)
+    assert main(["convert", str(pair["model"]), "--mmproj", str(pair["mmproj"]), "-q", "q4f16_1", "--scales", "rtn",
+                 "--dtype", "float32", "-o", str(out)]) == 0
+    assert (out / "preprocessor_config.json").exists()
+    pkg = pocketvlm.load(out, vision_precision="fp32")
+    direct = pocketvlm.load(pair["model"], mmproj=pair["mmproj"], quantization="q4f16_1", vision_precision="fp32")
+    assert pkg.is_vlm and pkg.architecture == direct.architecture
+    side = pkg.image_processor.crop_size[0] if pkg.image_processor.crop_size else pkg.image_processor.size[0]
+    img = _image(tmp_path / "p.png", (side, side), 4)
+    assert _ask(pkg, img) == _ask(direct, img)

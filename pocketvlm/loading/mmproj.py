@@ -195,9 +195,23 @@ def load_gguf_vlm(text_path: Path, mmproj_path: Path, *, device="cpu", dtype=tor
     mean = [float(x) for x in meta.get("clip.vision.image_mean", (0.5, 0.5, 0.5))]
     std = [float(x) for x in meta.get("clip.vision.image_std", (0.5, 0.5, 0.5))]
     text.model, text.config, text.family = model, cfg, family
+    text.config_dict = _config_dict(text.config_dict, cfg, vision_config(meta, kind))
     text.image_processor = image_processor(meta.get("pocketvlm.image.resize", "pad"), vcfg.image_size, mean, std)
     text.mmproj = str(mmproj_path)
     return text
+
+
+def _config_dict(text_dict: dict, cfg, vision_dict: dict) -> dict:
+    """The joined model as a Hugging Face style config.json dict (what ``pocketvlm convert`` saves)."""
+    if cfg.model_type == "mobilevlm":
+        return {**text_dict, "model_type": "mobilevlm", "vision_config": vision_dict,
+                "mm_projector_type": cfg.mm_projector_type, "mm_vision_select_layer": cfg.mm_vision_select_layer,
+                "mm_vision_select_feature": cfg.mm_vision_select_feature, "image_aspect_ratio": "pad"}
+    return {"model_type": "llava", "text_config": text_dict, "vision_config": vision_dict,
+            "image_token_index": cfg.image_token_index, "projector_hidden_act": cfg.projector_hidden_act,
+            "vision_feature_layer": cfg.vision_feature_layer,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+            "tie_word_embeddings": cfg.tie_word_embeddings}
 
 
 def _complete_tower(tower, tw: dict, vcfg, kind: str) -> dict:

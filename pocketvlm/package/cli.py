@@ -27,6 +27,7 @@ def register_cli(sub) -> None:
                    help="GPTQ rounding calibrated on a text (default: Python's own language reference)")
     p.add_argument("--calibration-windows", type=int, default=None,
                    help="windows of 512 tokens taken from the calibration text (default 64)")
+    p.add_argument("--mmproj", default=None, help="llama.cpp mmproj file that makes a .gguf source a VLM")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("package", help="convert the models of a package config into one bundle folder")
@@ -55,7 +56,8 @@ def cmd_convert(a) -> int:
 
     out = convert(a.source, a.quantization, a.output, overwrite=a.overwrite, dtype=a.dtype,
                   context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
-                  scales=a.scales, calibrate=a.calibrate, calibration_windows=a.calibration_windows)
+                  scales=a.scales, calibrate=a.calibrate, calibration_windows=a.calibration_windows,
+                  mmproj=a.mmproj)
     m = read_manifest(out)
     p = m["parameters"]
     print(f"wrote {out}: {m['quantization']}, {p['total'] / 1e6:.1f}M parameters ({p['quantized'] / 1e6:.1f}M quantized, "

@@ -149,14 +149,16 @@ def save_tokenizer(loaded: loading.Loaded, out: Path) -> list[str]:
 def convert(source, quantization: str, output, *, overwrite: bool = False, dtype: str | None = None,
             shard_bytes: int = files.SHARD_BYTES, context_window_size: int | None = None,
             prefill_chunk_size: int = 512, progress: bool = True, scales: str = "search",
-            calibrate: str | Path | bool | None = None, calibration_windows: int | None = None) -> Path:
+            calibrate: str | Path | bool | None = None, calibration_windows: int | None = None,
+            mmproj: str | Path | None = None) -> Path:
     """Convert ``source`` to a package folder ``output`` quantized with MLC mode ``quantization``.
     Returns the folder. ``dtype``: the dtype of tensors kept in float (default: the mode's).
 
     ``scales``: ``"search"`` (default) picks each group's scale by minimising its error, ``"rtn"`` is MLC's
     plain ``max|w| / offset``; same format either way. ``calibrate``: GPTQ rounding
     (:mod:`pocketvlm.quant.calibrate`) on a text file, or ``True`` for the default text that ships with
-    Python; ``calibration_windows`` windows of 512 tokens from its start (default 64)."""
+    Python; ``calibration_windows`` windows of 512 tokens from its start (default 64). ``mmproj``: with a
+    ``.gguf`` source, llama.cpp's vision file that makes it a VLM (:mod:`pocketvlm.loading.mmproj`)."""
     mode = _mode(quantization)  # unknown names fail here, before anything is loaded or written
     if scales not in ("search", "rtn"):
         raise PackageError(f"scales must be 'search' or 'rtn', got {scales!r}")
@@ -175,7 +177,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
 
     if text is not None:
         calibration.check_memory(source, mode, text)
-    loaded = loading.load(resolve_source(source), dtype=torch.float32)
+    loaded = loading.load(resolve_source(source), dtype=torch.float32, mmproj=mmproj)
     model = loaded.model
     sizes = float_sizes(model)
     total, vision = count_parameters(model)
@@ -210,8 +212,10 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
     written.append("config.json")
     written += save_tokenizer(loaded, out)
-    if is_vlm(model) and loaded.kind != "gguf":
-        d = loading.image_processor_dict(Path(loaded.path))
+    if is_vlm(model):
+        d = loaded.image_processor  # an mmproj file's settings
+        if d is None and loaded.kind != "gguf":
+            d = loading.image_processor_dict(Path(loaded.path))
         if d is not None:
             (out / "preprocessor_config.json").write_text(json.dumps(d, indent=2))
             written.append("preprocessor_config.json")
