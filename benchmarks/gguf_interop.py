@@ -8,7 +8,9 @@ question, pocketvlm (float32, vision fp32, the original model) and ``llama-mtmd-
 greedy, jinja chat template, 2 threads) answer. Two image inputs: the scene image as it is (each engine
 preprocesses: pocketvlm-scenes stretches to 168x168, llama.cpp pads to square first), and the image already
 resized to the model's input size by pocketvlm (the engines then see the same pixels: this isolates the model
-math). Prints identical-answer shares and both engines' accuracy.
+math). Prints identical-answer shares and both engines' accuracy. llama-mtmd-cli's prompt is ``--media-prefix`` +
+the question, so that its chat template renders the text pocketvlm's does (pocketvlm-scenes' template writes
+"<image>\n" before the question; llama-mtmd-cli, given no marker, puts the image right before the question).
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ def main(argv=None):
     ap.add_argument("--per-type", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--types", default="f16,q8_0")
+    ap.add_argument("--inputs", default="resized,as-is", help="resized, as-is or both")
+    ap.add_argument("--media-prefix", default="<__media__>\n",
+                    help="what goes before the question in llama-mtmd-cli's -p: the image marker, then what the "
+                         "model's chat template writes after an image part (pocketvlm-scenes: a newline)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -42,6 +48,7 @@ def main(argv=None):
     t = time.time()
     ours = evaluate(pocketvlm_answerer(ours_model), qs, limit=a.limit, per_type=a.per_type)
     t_ours = time.time() - t
+    work.mkdir(parents=True, exist_ok=True)
     results = {"n": len(ours.records), "pocketvlm_accuracy": ours.overall.accuracy, "pocketvlm_s": t_ours}
     print(f"pocketvlm fp32: accuracy {100 * ours.overall.accuracy:.1f}% on {len(ours.records)} ({t_ours:.0f} s)")
     by_id = {q.id: q for q in qs}
@@ -52,7 +59,7 @@ def main(argv=None):
             export_gguf(a.model, out, type=kind, name=Path(a.model).name)
             print(f"exported {kind} in {time.time() - t:.0f} s")
         files = out / f"{Path(a.model).name}.gguf", out / f"mmproj-{Path(a.model).name}.gguf"
-        for inp in ("as-is", "resized"):
+        for inp in a.inputs.split(","):
             same = correct = 0
             diffs = []
             t = time.time()
@@ -64,7 +71,7 @@ def main(argv=None):
 
                     img = work / "resized.png"
                     Image.open(q.image).convert("RGB").resize((size[1], size[0]), Image.BICUBIC).save(img)
-                ans, _ = mtmd_answer(files[0], files[1], img, q.question, n_predict=16)
+                ans, _ = mtmd_answer(files[0], files[1], img, a.media_prefix + q.question, n_predict=16)
                 mine = _ours_on(ours_model, img, q.question) if inp == "resized" else rec.prediction
                 same += ans.strip() == mine.strip()
                 correct += match(ans, q.answer, q.answer_kind, q.choices)[1]
