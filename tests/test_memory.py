@@ -78,11 +78,16 @@ def report(name, est, measured):
           f"-> ratio {measured / est['total']:.3f}")
 
 
-def test_runtime_overhead_is_measured():
-    # VmHWM of this process, not ru_maxrss (which keeps the pytest parent's peak across fork+exec on Linux)
+def measured_runtime() -> int:
+    """Peak RSS of a fresh process that imports what every pocketvlm run imports (VmHWM of that process, not
+    ru_maxrss, which keeps the pytest parent's peak across fork+exec on Linux)."""
     code = ("import re, torch, tokenizers, pocketvlm.api, pocketvlm.quant, pocketvlm.package, pocketvlm.chat;"
             "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
-    got = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_runtime_overhead_is_measured():
+    got = measured_runtime()
     print(f"\nruntime baseline: {got / 2**20:.0f} MiB (RUNTIME_BYTES {RUNTIME_BYTES / 2**20:.0f} MiB)")
     assert abs(got - RUNTIME_BYTES) <= TOLERANCE * RUNTIME_BYTES
 

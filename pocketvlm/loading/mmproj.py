@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, CorruptWeightsError, UnsupportedArchitectureError
-from .core import Loaded
+from .core import Loaded, meta_model
 
 SUPPORTED_PROJECTORS = ("mlp", "ldp", "ldpv2")
 # projector types llama.cpp knows that pocketvlm does not read yet, with what they are
@@ -237,8 +237,7 @@ def _join_llava(text, tower, reader, load, meta, layers, strategy, proj_kind, ma
         projector_hidden_act=meta.get("pocketvlm.projector.hidden_act", "gelu"),
         vision_feature_layer=layers if len(layers) > 1 else layers[0],
         vision_feature_select_strategy=strategy, tie_word_embeddings=text.config.tie_word_embeddings)
-    with torch.device("meta"):
-        model = llava.Model(cfg, max_seq_len=max_seq_len)
+    model = meta_model(llava, cfg, max_seq_len)
     object.__setattr__(model, "_text", text.model)
     model.model.language_model = text.model.model
     model.lm_head = text.model.lm_head
@@ -275,8 +274,7 @@ def _join_mobilevlm(text, tower, reader, load, meta, layers, strategy, proj_kind
                                                    f"{proj_kind} projector")
             w[k] = load(t).reshape(want[k].shape)  # llama.cpp's converter squeezes the 1x1 convolutions
     _load_strict(proj, w, reader.path)
-    with torch.device("meta"):
-        model = mobilevlm.Model(cfg, max_seq_len=max_seq_len)
+    model = meta_model(mobilevlm, cfg, max_seq_len)
     object.__setattr__(model, "_text", text.model)
     model.model = text.model.model
     model.model.vision_tower = torch.nn.Module()

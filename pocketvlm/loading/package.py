@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import CorruptWeightsError, PackageError
 from ..models import registry
 from . import package_files
-from .core import Loaded, parse_dtype
+from .core import Loaded, meta_model, parse_dtype
 from .hf import read_config
 
 _SCALE_KEYS = ("scales", "zeros")
@@ -39,8 +39,7 @@ def build_skeleton(config: dict, *, max_seq_len: int | None = None) -> tuple[nn.
 
     fam = registry.family(config["model_type"])
     cfg = fam.Config.from_dict(config)
-    with torch.device("meta"):
-        model = fam.Model(cfg, max_seq_len=max_seq_len)
+    model = meta_model(fam, cfg, max_seq_len)
     record = (config.get("quantization") or {}).get("modules") or {}
     if record:
         build_quantized(model, record)

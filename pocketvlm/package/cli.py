@@ -97,11 +97,12 @@ def cmd_fit(a) -> int:
     if a.json:
         print(json.dumps({"models": rows, "total_bytes": total, "devices": results}, indent=2))
         return 0
-    t = [("model", "quant", "weights", "kv cache", "activations", "vision", "runtime", "total")]
+    t = [("model", "quant", "weights", "kv cache", "activations", "vision", "runtime", "load peak", "total")]
     for r in rows:
         b = r["bytes"]
         t.append((r["model"], r["quantization"], fmt_bytes(b["weights"] + b["kernel_cache"]), fmt_bytes(b["kv_cache"]),
-                  fmt_bytes(b["activations"]), fmt_bytes(b["vision"]), fmt_bytes(b["runtime"]), fmt_bytes(b["total"])))
+                  fmt_bytes(b["activations"]), fmt_bytes(b["vision"]), fmt_bytes(b["runtime"]), fmt_bytes(b["load"]),
+                  fmt_bytes(b["total"])))
     print("\n".join(table(t)))
     if len(rows) > 1:
         print(f"all models together: {fmt_bytes(total)} (runtime counted once per model: separate processes)")

@@ -23,9 +23,12 @@ All terms are bytes for batch 1, computed from the config and quantization mode 
   model with an untied quantized LM head (Qwen2.5-0.5B's GGUF: 151936 x 896) this is the largest
   single term after the weights - measured, not guessed (tests/test_memory.py).
 * ``runtime``: Python + torch + pocketvlm imports + tokenizer (measured: see ``RUNTIME_BYTES``).
+* ``load``: the peak while loading: a VLM's vision tower arrives at the run dtype before it is quantized
+  to int8 or cast to bf16, so with a large tower (SigLIP so400m: 1.6 GB in float32, 0.8 GB as int8 + its
+  packed copy) loading, not answering, is the peak.
 
-``total`` = weights + kernel_cache + kv_cache + runtime + max(activations, vision, repack): the vision
-encoder runs before the text prefill, and a layer is repacked at its first single-token call, so
+``total`` = max(load, weights + kernel_cache + kv_cache + runtime + max(activations, vision, repack)): the
+vision encoder runs before the text prefill, and a layer is repacked at its first single-token call, so
 their transients do not overlap.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..loading.core import meta_model as family_on_meta
 from ..models import registry
 
 #: Resident set of ``python -c "import torch, pocketvlm.api, pocketvlm.quant, tokenizers"`` (Linux x86-64,
@@ -85,8 +89,7 @@ def meta_model(config: dict, mode: str | None, context_window_size: int | None =
 
     fam = registry.family(config["model_type"])
     cfg = fam.Config.from_dict(config)
-    with torch.device("meta"):
-        model = fam.Model(cfg, max_seq_len=context_window_size)
+    model = family_on_meta(fam, cfg, context_window_size)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     record = (config.get("quantization") or {}).get("modules")
@@ -204,8 +207,9 @@ def estimate_memory(config, mode: str | None = None, context_window_size: int | 
     dtype = _dtype(dtype)
     kv_dtype = kv_cache_dtype_for(kv_cache_dtype, mode or (config.get("quantization") or {}).get("mode"), dtype)
     model, fam, cfg = meta_model(config, mode, context_window_size)
+    loading = weight_bytes(model, dtype, device)[0]  # the tower arrives at the run dtype, then is cast/quantized
     if device == "cpu":   # on meta: the same swaps and casts as loading, on shapes only
-        apply_vision_precision(model, vision_precision)
+        apply_vision_precision(model, vision_precision, torch.device(device))
     t = _text_cfg(cfg)
     ctx = int(context_window_size or min(getattr(t, "max_position_embeddings", 4096) or 4096, 4096))
     weights, kernel, repack = weight_bytes(model, dtype, device)
@@ -214,7 +218,8 @@ def estimate_memory(config, mode: str | None = None, context_window_size: int | 
     vis, _ = vision_bytes(model, cfg, dtype, image_tiles)
     out = {"weights": weights, "kernel_cache": kernel, "kv_cache": kv, "activations": act, "vision": vis,
            "repack": repack, "runtime": runtime_bytes + TOKENIZER_FACTOR * tokenizer_bytes}
-    out["total"] = weights + kernel + kv + out["runtime"] + max(act, vis, repack)
+    out["load"] = loading + out["runtime"]
+    out["total"] = max(weights + kernel + kv + out["runtime"] + max(act, vis, repack), out["load"])
     return out
 
 
@@ -243,6 +248,7 @@ def params_estimate(params: float, mode: str, *, runtime_bytes: int = RUNTIME_BY
     out = {"weights": w, "kernel_cache": 0, "kv_cache": 0, "activations": 0, "vision": 0, "repack": 0,
            "runtime": runtime_bytes}
     out["total"] = sum(out.values())
+    out["load"] = w + runtime_bytes
     return out
 
 
@@ -284,11 +290,13 @@ def estimate_source(model, mode: str, context_window_size=None, prefill_chunk_si
     return {"model": str(model), "quantization": mode, "bytes": est}
 
 
-def estimate_assistant(path, context_window_size=None, prefill_chunk_size: int = 512, dtype="float32") -> dict:
+def estimate_assistant(path, context_window_size=None, prefill_chunk_size: int = 512, dtype="float32", *,
+                       runtime_bytes: int = RUNTIME_BYTES) -> dict:
     """{"model", "quantization", "bytes", "parts"} for an assistant definition (a ``.json`` file): each model
     estimated as it loads (its ``vision_load`` / ``chat_load`` quantization and context window, else
     :func:`pocketvlm.load`'s defaults), then combined by the memory policy: ``resident`` holds both in one
-    process (their sum, the runtime counted once), ``sequential`` one at a time (the larger of the two)."""
+    process (their sum, the runtime counted once), ``sequential`` one at a time (the larger of the two).
+    ``runtime_bytes``: the Python + torch runtime of the target (default: :data:`RUNTIME_BYTES`)."""
     from ..api import default_quantization
     from ..assistant import AssistantConfig
 
@@ -302,19 +310,21 @@ def estimate_assistant(path, context_window_size=None, prefill_chunk_size: int =
         config.pop("quantization", None)
         est = estimate_memory(config, "q4f16_1" if mode == "gguf" else mode, ctx,
                               opts.get("prefill_chunk_size", prefill_chunk_size), dtype=opts.get("dtype", dtype),
-                              tokenizer_bytes=tok)
+                              tokenizer_bytes=tok, runtime_bytes=runtime_bytes)
         if mode == "gguf":  # the file's own blocks: as q4f16_1 with the weights at the file's size
             extra = _gguf_bytes(src) - est["weights"]
             est["weights"] += extra
             est["total"] += extra
+            est["load"] += extra
         parts[which] = {"model": src, "quantization": mode, "bytes": est}
     v, c = parts["vision"]["bytes"], parts["chat"]["bytes"]
     if cfg.memory == "resident":
         total = {k: v[k] + c[k] for k in v}
-        total["runtime"] -= RUNTIME_BYTES  # one process: one Python + torch runtime
+        total["runtime"] -= runtime_bytes  # one process: one Python + torch runtime
         total.update({k: max(v[k], c[k]) for k in ("activations", "vision", "repack")})
+        total["load"] = max(v["load"] + c["weights"], c["load"] + v["weights"]) - runtime_bytes
         # the models run one after the other: their working sets (prefill, vision, repack) never coincide
-        total["total"] = v["total"] + c["total"] - RUNTIME_BYTES - min(transient_bytes(v), transient_bytes(c))
+        total["total"] = v["total"] + c["total"] - runtime_bytes - min(transient_bytes(v), transient_bytes(c))
     else:
         total = max(v, c, key=lambda b: b["total"])
     return {"model": f"{path} ({cfg.memory})", "quantization": "/".join(str(p["quantization"]) for p in parts.values()),
@@ -322,8 +332,9 @@ def estimate_assistant(path, context_window_size=None, prefill_chunk_size: int =
 
 
 def transient_bytes(est: dict) -> int:
-    """The part of an estimate only there while the model runs (the largest of its working sets)."""
-    return max(est["activations"], est["vision"], est["repack"])
+    """The part of an estimate only there for a while: the largest working set while the model runs, or the
+    load peak's excess (a vision tower loaded at the run dtype before its cast to int8/bf16)."""
+    return est["total"] - (est["weights"] + est["kernel_cache"] + est["kv_cache"] + est["runtime"])
 
 
 def _gguf_bytes(source) -> int:

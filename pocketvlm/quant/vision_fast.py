@@ -230,15 +230,16 @@ def _cast_input(dtype):
     return hook
 
 
-def apply_vision_precision(model: nn.Module, precision: str = "auto") -> str:
+def apply_vision_precision(model: nn.Module, precision: str = "auto", device: torch.device | None = None) -> str:
     """Switch the VLM's vision tower to the chosen precision in place; returns the precision used ("none" for a
-    model without a vision tower)."""
+    model without a vision tower). ``device``: where "auto" is resolved for (default: the tower's own; a model
+    built on meta for a memory estimate names the device it estimates)."""
     tower, proj = find_vision_parts(model)
     if tower is None:
         resolve_precision(precision, torch.device("cpu"))  # a bad name is an error for any model
         return "none"
     p = next(tower.parameters())
-    asked, precision = precision, resolve_precision(precision, p.device)
+    asked, precision = precision, resolve_precision(precision, device or p.device)
     if asked == "auto" and precision == "int8" and isinstance(tower, dinov2.Model):
         # DINOv2 is more sensitive to int8 than CLIP/SigLIP: relative L2 error of the real ViT-S/14's features
         # 3.2% (raw last layer) / 3.7% (after layernorm) vs bf16's 0.9-1.0%; and at ViT-S width bf16 was faster
