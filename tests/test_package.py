@@ -52,10 +52,15 @@ def pkg(tiny, tmp_path_factory) -> Path:
 
 
 def reference(tiny, mode, search=True):
-    from pocketvlm.quant import quantize_model
+    """The in-memory quantized model, its 4-bit layers in the kernel layout a package stores (prefill's dense
+    path dequantizes that layout in C++, the plain one in PyTorch: equal to rounding, not bit for bit)."""
+    from pocketvlm.quant import QuantLinear, quantize_model
 
     ref = loading.load(tiny)
     quantize_model(ref.model, mode, embeddings=True, search=search)
+    for m in ref.model.modules():
+        if isinstance(m, QuantLinear) and m.stored_kernel_shape() is not None:
+            m._prepare_own()
     return ref.model
 
 
@@ -328,3 +333,64 @@ def test_fit_cli(pkg, tiny, tmp_path, capsys):
     assert all(d.label in out for d in DEVICES.values())
     assert main(["fit", str(pkg), "--device", "nokia"]) == 2
     assert "unknown device" in capsys.readouterr().err
+
+
+def run(model, ids):
+    with torch.inference_mode():
+        return model(ids[:, :1]), model(ids)
+
+
+def test_4bit_weights_are_stored_in_the_kernel_layout_and_load_without_repacking(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from pocketvlm.quant import QuantLinear, cpu_kernel
+    from pocketvlm.quant.linear import KERNEL_LAYOUT
+
+    out = convert(tiny, "q4f16_1", tmp_path / "own", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["kernel_layout"] == KERNEL_LAYOUT
+    stored = load_file(str(out / "model.safetensors"))
+    own = {k for k, v in stored.items() if k.endswith(".qweight") and v.dim() == 3}
+    assert "model.layers.0.mlp.down_proj.qweight" in own  # N = 80: rows8
+    assert stored["model.embed_tokens.table.qweight"].dim() == 2  # N = 300 is not a multiple of 8: plain
+    ids = torch.arange(0, 300, 7)[None]
+
+    pack_q4 = cpu_kernel.pack_q4
+
+    def no_packing(codes, *a, **k):  # only the embedding table (300 rows, stored plain) may be packed
+        assert codes.shape[0] % 8, f"a stored kernel layout was repacked ({tuple(codes.shape)})"
+        return pack_q4(codes, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "pack_q4", no_packing)
+        got = load_package(out)
+        layers = {n: q for n, q in got.model.named_modules() if isinstance(q, QuantLinear)}
+        assert layers["model.layers.0.mlp.down_proj"]._layout == "own"
+        calls = run(got.model, ids)  # one token (the kernel itself), then a prefill (the dense path)
+    ref = reference(tiny, "q4f16_1")
+    for x, y in zip(calls, run(ref, ids)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # a package written before the kernel layout (plain codes, no kernel_layout key) still loads the same
+    plain = {n: q for n, q in ref.named_modules() if isinstance(q, QuantLinear)}
+    for k in own:
+        stored[k] = plain[k.removesuffix(".qweight")].state_dict()["qweight"]  # state_dict(): plain codes
+        assert stored[k].dim() == 2
+    save_file(stored, str(out / "model.safetensors"))
+    del config["quantization"]["kernel_layout"]
+    from pocketvlm.package.convert import write_manifest
+
+    def rewrite():
+        (out / "config.json").write_text(json.dumps(config))
+        write_manifest(out, [p.name for p in out.iterdir() if p.name != "manifest.json"], source=str(tiny),
+                       mode="q4f16_1", total=1, vision=0, quantized=1, context_window_size=None,
+                       prefill_chunk_size=512)
+
+    rewrite()
+    old = load_package(out, verify=True)
+    assert {q._layout for q in old.model.modules() if isinstance(q, QuantLinear)} == {"plain"}
+    for x, y in zip(calls, run(old.model, ids)):  # repacked at its first call
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    config["quantization"]["kernel_layout"] = "q4-rows16-v9"  # a layout from a newer pocketvlm
+    rewrite()
+    with pytest.raises(PackageError, match="q4-rows16-v9"):
+        load_package(out)

@@ -51,6 +51,7 @@ def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int 
     """Load a package folder: sizes checked against the manifest (and sha256 with ``verify``), the model
     rebuilt on meta with the recorded quantized modules, the saved tensors loaded strictly."""
     from ..quant import QuantEmbedding
+    from ..quant.linear import KERNEL_LAYOUT, QuantLinear
 
     folder = Path(folder).expanduser()
     manifest = package_files.read_manifest(folder)
@@ -60,8 +61,15 @@ def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int 
     q = config.get("quantization")
     if not isinstance(q, dict) or "mode" not in q:
         raise PackageError(f"{folder}/config.json has no 'quantization' entry; re-run `pocketvlm convert`")
+    layout = q.get("kernel_layout")
+    if layout not in (None, KERNEL_LAYOUT):
+        raise PackageError(f"{folder} stores its 4-bit weights in the kernel layout {layout!r}; this pocketvlm "
+                           f"reads {KERNEL_LAYOUT!r} and the plain layout: re-run `pocketvlm convert`, or upgrade")
     model, fam, cfg = build_skeleton(config, max_seq_len=max_seq_len)
     expected = model.state_dict()
+    # a 4-bit qweight may be stored in the kernel layout (quant.linear.KERNEL_LAYOUT) instead of the plain one
+    kernel_shapes = {f"{n}.qweight": m.stored_kernel_shape() for n, m in model.named_modules()
+                     if isinstance(m, QuantLinear)} if layout else {}
     keep = scale_keys(model)
 
     def want(name, stored, shape):
@@ -82,7 +90,7 @@ def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int 
         raise CorruptWeightsError(f"{folder}: the saved tensors do not match the model: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}")
     for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
+        if tuple(v.shape) != tuple(expected[k].shape) and tuple(v.shape) != kernel_shapes.get(k):
             raise CorruptWeightsError(f"{folder}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         if k in keep and v.dtype != expected[k].dtype:
             raise CorruptWeightsError(f"{folder}: tensor {k} is {v.dtype}, the recorded mode stores {expected[k].dtype}")
@@ -93,7 +101,8 @@ def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int 
     for m in model.modules():
         if isinstance(m, QuantEmbedding):
             m.dtype = dtype  # built on meta as float32; rows come out in the activation dtype
-    model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
+    if torch.device(device).type != "cpu":  # (to the CPU is no move, and would unpack the kernel layout)
+        model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
     model.eval().requires_grad_(False)
     loaded = Loaded(model, cfg, fam, str(folder), "package", folder, config)
     loaded.quantization = q  # its "mode" and "modules", as a load that quantizes records them

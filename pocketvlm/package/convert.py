@@ -189,7 +189,10 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
         model.to(mode.torch_dtype)
         record = {}
     quantized_params = sum(sizes[n] for n, m in record.items() if not m.startswith("tied:") and _mode(m).quantized)
-    tensors, tied = state_to_save(model, store_dtype)
+    from ..quant.linear import KERNEL_LAYOUT, kernel_layout_state
+
+    with kernel_layout_state():  # 4-bit weights in the layout the CPU kernel reads: no repacking at load
+        tensors, tied = state_to_save(model, store_dtype)
 
     check_output(out, overwrite)
     from tqdm.auto import tqdm
@@ -208,6 +211,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
         "quantizer": "pocketvlm.quant.quantize_model(embeddings=True)",
         "scales": scales if mode.quantized else None,
         "calibration": calibrated if text is not None else None,
+        "kernel_layout": KERNEL_LAYOUT,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
     written.append("config.json")

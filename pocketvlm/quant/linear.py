@@ -40,8 +40,14 @@ Storage: on CPU ``qweight`` is converted lazily (first forward) into the kernel'
 replacing the plain one, so weights are held once. ``state_dict()`` always returns the plain,
 device-independent layout (4-bit: two codes per byte; 8-bit: int8 codes; 3-bit: ten per int32)
 and loading accepts it, so a converted model saves with safetensors and loads without requantizing.
+Inside :func:`kernel_layout_state` (what a package save uses), symmetric 4-bit layers with ``N % 8 == 0``
+save ``qweight`` in the own kernel's rows8 layout instead (:data:`KERNEL_LAYOUT`; same bytes, scales stay
+plain), and loading takes either: a package then loads without unpacking and repacking every matrix.
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +65,21 @@ DENSE_MIN_TOKENS = 512
 #: pocketvlm's own CPU kernel (``cpu_kernel``: AVX2/FMA, AVX-512 VNNI paths chosen at run time, scalar fallback) is used below this many
 #: tokens when it built; its time grows linearly with the token count, so prefill goes dense earlier.
 OWN_KERNEL_MAX_TOKENS = 16
+
+#: The stored kernel layout's name and version (a package's ``quantization.kernel_layout``): 4-bit
+#: symmetric ``qweight`` as the own kernel's rows8 bytes ``[N/8, K/32, 128]`` (cpu_kernel's module docstring).
+KERNEL_LAYOUT = "q4-rows8-v1"
+_SAVE_KERNEL_LAYOUT = contextvars.ContextVar("pocketvlm_save_kernel_layout", default=False)
+
+
+@contextlib.contextmanager
+def kernel_layout_state():
+    """``state_dict()`` inside this block stores eligible 4-bit layers in :data:`KERNEL_LAYOUT`."""
+    token = _SAVE_KERNEL_LAYOUT.set(True)
+    try:
+        yield
+    finally:
+        _SAVE_KERNEL_LAYOUT.reset(token)
 
 
 def dense_from_tokens(device: str | torch.device = "cpu") -> int:
@@ -171,22 +192,32 @@ class QuantLinear(nn.Module):
     def _prepare_kernel(self) -> None:
         """Repack ``qweight`` for the CPU kernel (once) and cache bf16 ``[G', N', 2]`` scale/zero."""
         if self._layout != "cpu":
-            self.qweight = kernels.pack_int4_cpu(self._kernel_codes(self.qweight))
+            self.qweight = kernels.pack_int4_cpu(self._codes_now())
             self._layout = "cpu"
         if self._scale_zeros is None or self._scale_zeros.device != self.qweight.device:
             s, z = self._kernel_scale_zero()
             self._scale_zeros = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
+    def stored_kernel_shape(self) -> tuple | None:
+        """The ``qweight`` shape of :data:`KERNEL_LAYOUT` when this layer can be stored in it, else None."""
+        return None
+
     @staticmethod
     def _plain_state_hook(module, state_dict, prefix, local_metadata):
-        if module._layout in ("cpu", "own"):
+        if _SAVE_KERNEL_LAYOUT.get() and module.stored_kernel_shape() is not None:
+            state_dict[prefix + "qweight"] = module._stored_kernel_qweight()
+        elif module._layout in ("cpu", "own"):
             state_dict[prefix + "qweight"] = module._plain_from_kernel_codes(module._codes_now())
         return state_dict
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self._layout in ("cpu", "own"):  # loading brings the plain layout; drop the packed one first
-            self.qweight = torch.empty(self.plain_shape, dtype=self.plain_dtype, device=self.qweight.device)
-            self._layout = "plain"
+        incoming = state_dict.get(prefix + "qweight")
+        own = incoming is not None and self.stored_kernel_shape() is not None and \
+            tuple(incoming.shape) == self.stored_kernel_shape()
+        if self._layout in ("cpu", "own") or own:  # drop the layout held; make room for the one loaded
+            shape = self.stored_kernel_shape() if own else self.plain_shape
+            self.qweight = torch.empty(shape, dtype=self.plain_dtype, device=self.qweight.device)
+            self._layout = "own" if own else "plain"
         self._scale_zeros = None
         self._own = None
         self._own_direct = False
@@ -315,8 +346,26 @@ class Int4Linear(QuantLinear):
         s = self.scales[krows].float()
         return s, (s if self.zeros is None else self.zeros[krows].float())
 
+    def stored_kernel_shape(self) -> tuple | None:
+        n, k = self.out_features, self.k_padded
+        if self.zeros is not None or n % 8 or self.qweight.device.type not in ("cpu", "meta"):
+            return None
+        return (n // 8, k // 32, 128)
+
+    def _stored_kernel_qweight(self) -> torch.Tensor:
+        self._prepare_own()  # the layout the first forward would make: held once, shared by tied keys
+        return self.qweight
+
     def _prepare_own(self):
         if self._own is not None:
+            return
+        if self._layout == "own" and self.qweight.dim() == 3 and self.zeros is None:
+            # stored in the kernel layout (a package): only the scales change form, [N/8, G, 8]
+            n, g = self.scales.shape
+            dt = torch.float16 if self.scales.dtype == torch.float16 else torch.float32
+            s = self.scales.to(device="cpu", dtype=dt).view(n // 8, 8, g).transpose(1, 2).contiguous()
+            self._own = cpu_kernel.Q4Weight(self.qweight, s, None, 7.0)
+            self._own_direct = self.k_padded == self.in_features
             return
         if self._layout == "cpu":
             self._to_plain()
@@ -335,6 +384,7 @@ class Int4Linear(QuantLinear):
         if dtype in (torch.float32, torch.bfloat16) and self._layout == "own" and cpu_kernel.available():
             # one C++ pass over the packed bytes (3-5x faster than unpacking in PyTorch: prefill's cost);
             # kernel rows are the output rows here
+            self._prepare_own()  # (a loaded package's kernel layout: wrapped on first use)
             return self._fold_cols(cpu_kernel.dequantize_q4(self._own)).to(dtype)
         return super().dense_weight(dtype)
 
