@@ -55,7 +55,8 @@ def completion(model: Path, prompt: str, *, n_predict: int = 16, threads: int = 
            "-c", str(ctx), "--no-warmup", "-no-cnv", "--no-display-prompt", "--verbose-prompt"]
     for _ in range(3):
         # llama.cpp's asynchronous logger is not flushed at exit (llama.cpp #22142) and can lose the tail of
-        # what it printed: a run whose log lacks the last timing line, or part of the prompt listing, is rerun
+        # what it printed: a run whose log lacks part of the prompt listing, or (when the answer is wanted, more
+        # than one token) the last timing line, is rerun; a one-token run is for the prompt's ids only
         text, log = _run(cmd, keep_log=True)
         ids, counting = [], None
         for line in log.splitlines():
@@ -63,7 +64,7 @@ def completion(model: Path, prompt: str, *, n_predict: int = 16, threads: int = 
                 counting = int(line.rsplit("=", 1)[1])
             elif counting is not None and len(ids) < counting and " -> '" in line:
                 ids.append(int(line.split(" -> '", 1)[0].split()[-1]))
-        if counting == len(ids) and "total time =" in log:
+        if counting == len(ids) and ("total time =" in log or n_predict <= 1):
             break
     else:
         raise PocketVLMError(f"llama-completion's output came back incomplete three times: {log.strip()[-400:]}")
