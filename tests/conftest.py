@@ -63,3 +63,31 @@ def prose_text():
     sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod.prose_text().removesuffix("\n")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_tool():
+    """``get(name)``: llama.cpp tool ``name`` (llama-mtmd-cli, llama-completion...), built once by
+    benchmarks/build_llamacpp.sh if missing. Skipped (with the reason) only where it cannot be built, and never
+    where POCKETVLM_REQUIRE_LLAMACPP=1 (this project's CI)."""
+    import subprocess
+    from pathlib import Path
+
+    from pocketvlm.export.llamacpp import binary
+
+    def get(name: str):
+        exe = binary(name)
+        if exe is None and not os.environ.get("POCKETVLM_NO_LLAMACPP_BUILD"):
+            script = Path(__file__).resolve().parents[1] / "benchmarks" / "build_llamacpp.sh"
+            r = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                               env={**os.environ, "LLAMACPP_TARGETS": f"{name} llama-quantize"})
+            exe = binary(name)
+            why = f"llama.cpp build failed: {(r.stdout + r.stderr).strip()[-400:]}"
+        else:
+            why = f"{name} not found and POCKETVLM_NO_LLAMACPP_BUILD is set"
+        if exe is None:
+            if os.environ.get("POCKETVLM_REQUIRE_LLAMACPP") == "1":
+                pytest.fail(why)
+            pytest.skip(why)
+        return exe
+    return get

@@ -31,22 +31,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mtmd_cli():
-    """llama-mtmd-cli, built once if missing. Skipped (with the reason) only where it cannot be built, and never
-    where POCKETVLM_REQUIRE_LLAMACPP=1 (this project's CI)."""
-    exe = binary("llama-mtmd-cli")
-    if exe is None and not os.environ.get("POCKETVLM_NO_LLAMACPP_BUILD"):
-        r = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llamacpp.sh")], capture_output=True, text=True,
-                           env={**os.environ, "LLAMACPP_TARGETS": "llama-mtmd-cli llama-quantize"})
-        exe = binary("llama-mtmd-cli")
-        why = f"llama.cpp build failed: {(r.stdout + r.stderr).strip()[-400:]}"
-    else:
-        why = "llama-mtmd-cli not found and POCKETVLM_NO_LLAMACPP_BUILD is set"
-    if exe is None:
-        if os.environ.get("POCKETVLM_REQUIRE_LLAMACPP") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    return exe
+def mtmd_cli(llamacpp_tool):
+    return llamacpp_tool("llama-mtmd-cli")
 
 
 def _image(path: Path, size: tuple[int, int], seed: int) -> Path:
@@ -201,14 +187,13 @@ def test_unknown_projector_type_is_named(tiny, tmp_path, kind, what):
 
 
 def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
-    from pocketvlm.export.gguf_text import arch_of
-    from pocketvlm.models import gemma3
+    from types import SimpleNamespace
 
-    cfg = gemma3.Config.from_dict({"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
-                                   "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
-                                   "head_dim": 16})
-    with pytest.raises(UnsupportedArchitectureError, match="'gemma3_text' has no GGUF writer"):
-        arch_of(cfg)
+    from pocketvlm.export.gguf_text import arch_of
+
+    # every text family has a writer now (tests/test_gguf_export_text.py); anything else is named
+    with pytest.raises(UnsupportedArchitectureError, match="'dinov2' has no GGUF writer"):
+        arch_of(SimpleNamespace(model_type="dinov2"))
     with pytest.raises(Exception, match="unknown GGUF export type"):
         export_gguf("whatever", tmp_path, type="q2_k")
 

@@ -24,8 +24,8 @@ def export_gguf(source, output, *, type: str = "f16", name: str | None = None, p
     from ..loading import load, load_image_processor, load_tokenizer
     from ..models.base import VisionLanguageModel
     from ..real_models import resolve_source
-    from .gguf_text import arch_of, copy_tokenizer_metadata, text_tensors, write_folder_tokenizer, \
-        write_text_metadata, add_tensor
+    from .gguf_text import add_tensor, check_exportable, text_tensors, write_text_metadata
+    from .gguf_vocab import copy_tokenizer_metadata, write_folder_tokenizer
 
     if type not in TYPES:
         raise ConfigError(f"unknown GGUF export type {type!r}; choose one of {', '.join(TYPES)}")
@@ -36,14 +36,15 @@ def export_gguf(source, output, *, type: str = "f16", name: str | None = None, p
     if vlm and cfg.model_type not in ("llava", "mobilevlm"):
         raise UnsupportedArchitectureError(
             f"{cfg.model_type!r} has no GGUF export yet: pocketvlm writes llava (CLIP, SigLIP or DINOv2 tower "
-            "with an MLP projector), mobilevlm (LDP / LDPv2) and the llama/qwen2 language models")
+            "with an MLP projector), mobilevlm (LDP / LDPv2) and the llama, qwen2, gemma, gemma2, gemma3 and phi3 "
+            "language models")
     text_model, text_cfg = (model._text, cfg.text_config) if vlm else (model, cfg)
     if vlm:
         model._sync_text()
         from .gguf_mmproj import check_llava
 
         check_llava(model)  # refuse before anything is written
-    arch, _ = arch_of(text_cfg)
+    arch = check_exportable(text_cfg)  # refuse what llama.cpp cannot run before anything is written
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     write_type = "f16" if type == "q4_k_m" else type
@@ -63,7 +64,7 @@ def export_gguf(source, output, *, type: str = "f16", name: str | None = None, p
             if loaded.kind == "gguf" and loaded.gguf_metadata is not None:
                 copy_tokenizer_metadata(w, loaded.gguf_metadata)
             else:
-                write_folder_tokenizer(w, Path(loaded.path), tok, int(text_cfg.vocab_size))
+                write_folder_tokenizer(w, Path(loaded.path), tok, int(text_cfg.vocab_size), arch)
             for tname, t in tensors:
                 add_tensor(w, tname, t, write_type)
                 bar.update(1)

@@ -1,36 +1,80 @@
-"""A language model as a llama.cpp GGUF file: architecture keys, tokenizer and chat template in the metadata,
-tensors under llama.cpp's names (the inverse of each family's ``GGUF_TENSORS`` table, so pocketvlm's own GGUF
-loader reads the file back), in f32/f16/q8_0/q4_0 blocks written by the ``gguf`` package.
+"""A language model as a llama.cpp GGUF file: architecture keys and chat template in the metadata (the
+vocabulary: :mod:`.gguf_vocab`), tensors under llama.cpp's names (the inverse of each family's
+``GGUF_TENSORS`` table, so pocketvlm's own GGUF loader reads the file back), in f32/f16/q8_0/q4_0 blocks written
+by the ``gguf`` package.
 
 Key names and layout follow llama.cpp's ``convert_hf_to_gguf.py``: norms and biases stay float32, q/k rows of
 the Llama architecture are permuted for llama.cpp's interleaved RoPE, a tied head has no ``output.weight``,
-the vocabulary is padded with ``[PAD{id}]`` tokens to the embedding's rows.
+the vocabulary is padded with ``[PAD{id}]`` tokens to the embedding's rows. Gemma (1, 2, 3): every
+``*norm.weight`` stored as ``1 + weight``, the soft-capping and sliding-window keys, the sliding layers as one
+flag per layer, Gemma 3's local RoPE base. Phi-3: the fused ``attn_qkv`` / ``ffn_up`` (gate and up) tensors
+as Hugging Face stores them, the rotated part of each head and the original context length. What llama.cpp's
+graph cannot express is refused before anything is written (:func:`check_exportable`).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, UnsupportedArchitectureError
 
-# pocketvlm family -> (llama.cpp architecture, q/k rows permuted by llama.cpp's converter)
-ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
+# pocketvlm family -> llama.cpp architecture
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
+         "phi3": "phi3"}
+#: families whose q/k rows llama.cpp's converter permutes; whose norms it stores as 1 + weight
+PERMUTED = ("llama",)
+GEMMA = ("gemma", "gemma2", "gemma3")
 TYPES = ("f32", "f16", "q8_0", "q4_0")
+# llama.cpp's Gemma 2/3 scale queries by 1/sqrt(hidden / heads) on the 27B models (told by their layer count),
+# by 1/sqrt(head_dim) otherwise: GGUF has no key for query_pre_attn_scalar
+_SCALE_BY_HIDDEN_BLOCKS = {"gemma2": 46, "gemma3": 62}
 
 
-def arch_of(cfg) -> tuple[str, bool]:
-    kind = cfg.model_type
+def family_of(cfg) -> str:
     from ..models import registry
 
-    fam = registry.FAMILIES.get(kind) or registry.ALIASES.get(kind)
+    kind = cfg.model_type
+    return registry.FAMILIES.get(kind) or registry.ALIASES.get(kind) or kind
+
+
+def arch_of(cfg) -> str:
+    fam = family_of(cfg)
     if fam not in ARCHS:
         raise UnsupportedArchitectureError(
-            f"export to GGUF supports the {', '.join(sorted(ARCHS))} language models; {kind!r} has no GGUF writer "
-            "in pocketvlm yet")
+            f"export to GGUF supports the {', '.join(sorted(ARCHS))} language models; {cfg.model_type!r} has no "
+            "GGUF writer in pocketvlm yet")
     return ARCHS[fam]
+
+
+def check_exportable(cfg) -> str:
+    """The llama.cpp architecture of ``cfg``, or UnsupportedArchitectureError naming what llama.cpp's graph for
+    it cannot run (checked before anything is written)."""
+    arch = arch_of(cfg)
+    rope = dict(cfg.rope or {})
+    rope_type = rope.get("rope_type", "default") or "default"
+    if rope_type not in ("default", "linear") or (rope_type == "linear" and arch != "gemma3"):
+        raise UnsupportedArchitectureError(
+            f"RoPE scaling {rope_type!r} of this {cfg.model_type} model is not exported to GGUF yet"
+            + (" (Phi-3 LongRoPE: the 128k-context models)" if rope_type == "longrope" else ""))
+    if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
+        raise UnsupportedArchitectureError(
+            f"llama.cpp's {arch} graph uses the token embeddings as the output head; this model has its own "
+            "lm_head (tie_word_embeddings=False), which a GGUF file for it cannot carry")
+    if arch in ("gemma2", "gemma3"):
+        blocks = _SCALE_BY_HIDDEN_BLOCKS[arch]
+        want = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == blocks else cfg.dim_head
+        if float(cfg.query_pre_attn_scalar) != float(want):
+            raise UnsupportedArchitectureError(
+                f"query_pre_attn_scalar={cfg.query_pre_attn_scalar}: llama.cpp's {arch} graph scales queries by "
+                f"1/sqrt({want}) for a model of this shape (GGUF has no key for the scalar)")
+    if arch == "gemma2" and (cfg.attn_logit_softcapping is None or cfg.final_logit_softcapping is None):
+        raise UnsupportedArchitectureError(
+            "llama.cpp's gemma2 graph always soft-caps attention scores and logits; this model has "
+            f"attn_logit_softcapping={cfg.attn_logit_softcapping}, final_logit_softcapping="
+            f"{cfg.final_logit_softcapping}")
+    return arch
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -68,7 +112,8 @@ def text_tensors(text_model, cfg) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, float tensor) for every weight of a text model (a family ``Model``), in llama.cpp's order."""
     from ..models import registry
 
-    arch, permuted = arch_of(cfg)
+    arch = check_exportable(cfg)
+    family = family_of(cfg)
     fam = registry.family(cfg.model_type)
     inverse = {h: g for g, h in fam.GGUF_TENSORS.items()}
     state = {k: v for k, v in text_model.state_dict(keep_vars=False).items()}
@@ -89,10 +134,12 @@ def text_tensors(text_model, cfg) -> list[tuple[str, torch.Tensor]]:
         g = inverse.get(key)
         if g is None:
             raise ConfigError(f"weight {hf} has no llama.cpp name for architecture {arch!r}")
-        if permuted and ".self_attn.q_proj." in hf:
+        if family in PERMUTED and ".self_attn.q_proj." in hf:
             t = permute_qk(t, cfg.num_attention_heads)
-        elif permuted and ".self_attn.k_proj." in hf:
+        elif family in PERMUTED and ".self_attn.k_proj." in hf:
             t = permute_qk(t, cfg.n_kv_heads)
+        elif family in GEMMA and hf.endswith("norm.weight"):
+            t = t.float() + 1.0  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by the weight
         out.append((g.replace("{i}", layer) if layer is not None else g, t))
     order = {g: i for i, g in enumerate(fam.GGUF_TENSORS)}
 
@@ -108,7 +155,7 @@ def text_tensors(text_model, cfg) -> list[tuple[str, torch.Tensor]]:
 def write_text_metadata(writer, cfg, name: str, kind: str) -> None:
     import gguf
 
-    arch, _ = arch_of(cfg)
+    arch = check_exportable(cfg)
     writer.add_name(name)
     writer.add_context_length(int(cfg.max_position_embeddings))
     writer.add_embedding_length(int(cfg.hidden_size))
@@ -118,108 +165,53 @@ def write_text_metadata(writer, cfg, name: str, kind: str) -> None:
     writer.add_head_count_kv(int(cfg.n_kv_heads))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_rope_freq_base(float(cfg.rope.get("rope_theta", 10000.0)))
-    if cfg.dim_head != cfg.hidden_size // cfg.num_attention_heads:
+    if cfg.dim_head != cfg.hidden_size // cfg.num_attention_heads or arch in GEMMA:
         writer.add_key_length(int(cfg.dim_head))
         writer.add_value_length(int(cfg.dim_head))
-    writer.add_rope_dimension_count(int(cfg.dim_head))
+    rotated = int(cfg.dim_head * float((cfg.rope or {}).get("partial_rotary_factor", 1.0)))
+    writer.add_rope_dimension_count(rotated)
     writer.add_vocab_size(int(cfg.vocab_size))
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]
     writer.add_file_type(ftype)
-    rope_type = (cfg.rope or {}).get("rope_type", "default")
-    if rope_type not in ("default", None):
-        raise UnsupportedArchitectureError(f"RoPE scaling {rope_type!r} is not exported to GGUF yet")
+    if arch in ("gemma2", "gemma3"):
+        _write_gemma_attention(writer, cfg, arch)
+    elif arch == "phi3":
+        _write_phi3(writer, cfg)
 
 
-# --- tokenizer -------------------------------------------------------------------------------------
-
-_GGUF_TOKEN = {"normal": 1, "unknown": 2, "control": 3, "user_defined": 4, "unused": 5, "byte": 6}
-
-
-def copy_tokenizer_metadata(writer, meta: dict) -> None:
-    """A GGUF source's own tokenizer keys, as they are."""
-    for key, value in meta.items():
-        if not key.startswith("tokenizer."):
-            continue
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        _add_any(writer, key, value)
-
-
-def _add_any(writer, key: str, value) -> None:
+def _write_gemma_attention(writer, cfg, arch: str) -> None:
+    """Gemma 2/3: soft-capping, the window and which layers slide (one flag per layer, so that llama.cpp's
+    default pattern, one global layer in 2 or 6, never has to match), Gemma 3's local RoPE base and the global
+    layers' linear RoPE scaling."""
     import gguf
 
-    if isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, int):
-        writer.add_uint32(key, value) if value >= 0 else writer.add_int32(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    elif isinstance(value, str):
-        writer.add_string(key, value)
-    elif isinstance(value, (list, tuple)):
-        sub = gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else None
-        if value and isinstance(value[0], float):
-            sub = gguf.GGUFValueType.FLOAT32
-        elif value and isinstance(value[0], int):
-            sub = gguf.GGUFValueType.INT32
-        writer.add_array(key, list(value)) if sub is None else writer.add_key_value(
-            key, list(value), gguf.GGUFValueType.ARRAY, sub_type=sub)
-    else:
-        raise ConfigError(f"cannot write metadata {key!r} of type {type(value).__name__}")
+    sliding = [cfg.layer_type(i) == "sliding_attention" for i in range(cfg.num_hidden_layers)]
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    elif cfg.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    window = int(cfg.sliding_window or 0) if any(sliding) else 0
+    writer.add_sliding_window(window)
+    if window:
+        writer.add_array(f"{arch}.attention.sliding_window_pattern", sliding)
+    if arch == "gemma3":
+        writer.add_rope_freq_base_swa(float(cfg.rope_local.get("rope_theta", 10000.0)))
+        if (cfg.rope or {}).get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(cfg.rope["factor"]))
 
 
-def write_folder_tokenizer(writer, folder: Path, tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE vocabularies (Qwen2, Llama 3, GPT-2 style) from a Hugging Face ``tokenizer.json``."""
-    from ..tokenizer import _PRE_SPLITS
-
-    path = Path(folder) / "tokenizer.json"
-    if not path.exists():
-        raise ConfigError(f"{folder} has no tokenizer.json: the GGUF export writes byte-level BPE vocabularies "
-                          "from it (a sentencepiece tokenizer.model is not supported yet)")
-    tj = json.loads(path.read_text(encoding="utf-8"))
-    model = tj.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UnsupportedArchitectureError(
-            "GGUF export writes byte-level BPE tokenizers (Qwen2, Llama 3, GPT-2 style); this tokenizer is "
-            f"{model.get('type')!r}{' with byte fallback (sentencepiece style)' if model.get('byte_fallback') else ''}")
-    pre = _pre_name(tj.get("pre_tokenizer") or {}, _PRE_SPLITS)
-    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types = {i: _GGUF_TOKEN["normal"] for i in tokens}
-    for added in tj.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = _GGUF_TOKEN["control"] if added.get("special") else _GGUF_TOKEN["user_defined"]
-    n = max(vocab_size, max(tokens) + 1)
-    token_list = [tokens.get(i, f"[PAD{i}]") for i in range(n)]
-    type_list = [types.get(i, _GGUF_TOKEN["unused"]) for i in range(n)]
-    merges = model.get("merges") or []
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(token_list)
-    writer.add_token_types(type_list)
-    writer.add_token_merges(merges)
-    for setter, tid in ((writer.add_bos_token_id, tokenizer.bos_token_id),
-                        (writer.add_eos_token_id, tokenizer.eos_token_id),
-                        (writer.add_pad_token_id, tokenizer.pad_token_id)):
-        if tid is not None:
-            setter(int(tid))
-    writer.add_add_bos_token(bool(tokenizer.add_bos_token))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _pre_name(pre: dict, splits: dict) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a ``tokenizer.json`` pre-tokenizer: GPT-2's regex inside
-    ByteLevel, or a known Split regex followed by a regex-free ByteLevel."""
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    seq = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-    if seq and len(seq) == 2 and seq[0].get("type") == "Split" and seq[1].get("type") == "ByteLevel":
-        regex = (seq[0].get("pattern") or {}).get("Regex")
-        for name in ("qwen2", "llama-bpe", "gpt-4o", "tekken", "qwen35"):
-            if splits.get(name) == regex:
-                return name
-    raise UnsupportedArchitectureError(
-        f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}...) matches none of the llama.cpp pre-tokenizer "
-        "types pocketvlm knows (gpt-2, qwen2, llama-bpe, gpt-4o, tekken, qwen35)")
+def _write_phi3(writer, cfg) -> None:
+    """Phi-3: the original context length and the window (0 for none, as llama.cpp's converter writes it).
+    llama.cpp runs Phi-3 without its sliding window (it disables SWA for the architecture): past the window the
+    two engines differ, which is said here rather than hidden."""
+    writer.add_rope_scaling_orig_ctx_len(int((cfg.rope or {}).get("original_max_position_embeddings",
+                                                                   cfg.max_position_embeddings)))
+    window = int(cfg.sliding_window or 0)
+    writer.add_sliding_window(window)
+    if window and window < cfg.max_position_embeddings:
+        warnings.warn(f"Phi-3 sliding_window={window}: llama.cpp ignores it (its phi3 graph disables sliding-window "
+                      f"attention), so past {window} tokens llama.cpp attends further back than pocketvlm",
+                      stacklevel=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import base, gemma, llama
@@ -134,6 +135,10 @@ def gguf_config(meta: dict, arch: str) -> dict:
     # llama.cpp's defaults when the keys are absent: Gemma 2 caps (50, 30), Gemma 3 does not.
     d["attn_logit_softcapping"] = g("attn_logit_softcapping", 50.0 if arch == "gemma2" else None)
     d["final_logit_softcapping"] = g("final_logit_softcapping", 30.0 if arch == "gemma2" else None)
+    pattern = g("attention.sliding_window_pattern")
+    if isinstance(pattern, (list, tuple, np.ndarray)) and len(pattern) == d["num_hidden_layers"]:
+        # one flag per layer (newer llama.cpp files, pocketvlm's export): True = sliding-window layer
+        d["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
     return d
 
 

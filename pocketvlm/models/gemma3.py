@@ -115,18 +115,15 @@ GGUF_TENSORS = {
 
 
 def gguf_config(meta: dict, arch: str) -> dict:
-    """Gemma 3 from GGUF metadata. ``{arch}.rope.freq_base`` is the global base; llama.cpp fixes the local
-    one at 10k and (unless the file says otherwise) one global layer in 6, as Hugging Face's defaults do."""
+    """Gemma 3 from GGUF metadata. ``{arch}.rope.freq_base`` is the global base, ``rope.freq_base_swa`` the
+    local one (llama.cpp's default 10k); unless the file says otherwise, one global layer in 6, as Hugging
+    Face's defaults do (a per-layer pattern: :func:`pocketvlm.models.gemma2.gguf_config`)."""
     d = gemma2.gguf_config(meta, arch)
     d["model_type"] = "gemma3_text"
-    d.pop("layer_types", None)
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, int) and pattern > 0:
         d["sliding_window_pattern"] = pattern
-    elif isinstance(pattern, (list, tuple)) and len(pattern) == d["num_hidden_layers"]:
-        # newer llama.cpp files store one flag per layer: True = sliding-window layer
-        d["layer_types"] = [SLIDING if p else FULL for p in pattern]
-    d["rope_local_base_freq"] = 10_000.0
+    d["rope_local_base_freq"] = float(meta.get(f"{arch}.rope.freq_base_swa", 10_000.0))
     return d
 
 
