@@ -21,7 +21,8 @@ All terms are bytes for batch 1, computed from the config and quantization mode 
 * ``repack``: the one-time transient of repacking the largest quantized layer for the CPU kernel
   (unpacked codes plus the packed chunks and their concatenation: ~2 bytes per kernel weight). For a
   model with an untied quantized LM head (Qwen2.5-0.5B's GGUF: 151936 x 896) this is the largest
-  single term after the weights - measured, not guessed (tests/test_memory.py).
+  single term after the weights - measured, not guessed (tests/test_memory.py). A package stores its 4-bit
+  weights in the kernel layout: no repacking for those, and its embedding table is looked up row by row.
 * ``runtime``: Python + torch + pocketvlm imports + tokenizer (measured: see ``RUNTIME_BYTES``).
 * ``load``: the peak while loading: a VLM's vision tower arrives at the run dtype before it is quantized
   to int8 or cast to bf16, so with a large tower (SigLIP so400m: 1.6 GB in float32, 0.8 GB as int8 + its
@@ -100,8 +101,10 @@ def meta_model(config: dict, mode: str | None, context_window_size: int | None =
     return model, fam, cfg
 
 
-def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> tuple[int, int, int]:
-    """(weights, kernel_cache, repack transient) bytes of a (meta or real) model run in ``dtype`` on ``device``."""
+def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu", stored_layout: bool = False
+                 ) -> tuple[int, int, int]:
+    """(weights, kernel_cache, repack transient) bytes of a (meta or real) model run in ``dtype`` on ``device``.
+    ``stored_layout``: a package that stores 4-bit weights in the kernel layout (no repacking for those)."""
     from ..quant import QuantLinear, kernels
     from ..quant.vision_fast import VisionInt8Linear
 
@@ -117,7 +120,8 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu") -> t
                 packed = m.kernel_rows * m.kernel_cols // 2
                 groups = m.kernel_cols // m.kernel_group
                 kernel += packed - m.qweight.numel() * m.qweight.element_size() + groups * m.kernel_rows * 2 * 2
-                repack = max(repack, REPACK_BYTES_PER_WEIGHT * m.kernel_rows * m.kernel_cols)
+                if not (stored_layout and m.stored_kernel_shape() is not None):
+                    repack = max(repack, REPACK_BYTES_PER_WEIGHT * m.kernel_rows * m.kernel_cols)
     seen, total = set(), 0
     for k, t in list(model.state_dict(keep_vars=True).items()):
         if t is None or id(t) in seen:
@@ -135,7 +139,8 @@ def _text_cfg(cfg):
     return getattr(cfg, "text_config", cfg)
 
 
-def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, chunk: int, device: str = "cpu") -> int:
+def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, chunk: int, device: str = "cpu",
+                     stored_layout: bool = False) -> int:
     from ..quant import QuantEmbedding, QuantLinear, TiedQuantHead
 
     t = _text_cfg(cfg)
@@ -165,8 +170,10 @@ def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, ch
     logits = t.vocab_size * (4 + a)
     # A quantized embedding looks rows up by unpacking its whole table first (uint8 codes plus the two
     # nibble planes: 2 bytes per weight, measured); that happens before the layers run.
+    # (a table stored in the kernel layout is looked up row by row)
     embed = max((REPACK_BYTES_PER_WEIGHT * m.table.kernel_rows * m.table.kernel_cols
-                 for m in model.modules() if isinstance(m, QuantEmbedding)), default=0)
+                 for m in model.modules() if isinstance(m, QuantEmbedding)
+                 if not (stored_layout and m.table.stored_kernel_shape() is not None)), default=0)
     return max(residual + max(qkv + scores, mlp + transient) + logits, embed)
 
 
@@ -212,9 +219,10 @@ def estimate_memory(config, mode: str | None = None, context_window_size: int | 
         apply_vision_precision(model, vision_precision, torch.device(device))
     t = _text_cfg(cfg)
     ctx = int(context_window_size or min(getattr(t, "max_position_embeddings", 4096) or 4096, 4096))
-    weights, kernel, repack = weight_bytes(model, dtype, device)
+    stored = bool((config.get("quantization") or {}).get("kernel_layout")) and device == "cpu"
+    weights, kernel, repack = weight_bytes(model, dtype, device, stored)
     kv = model.make_cache(1, ctx, dtype=kv_dtype, device="meta").nbytes
-    act = activation_bytes(model, cfg, dtype, ctx, prefill_chunk_size, device)
+    act = activation_bytes(model, cfg, dtype, ctx, prefill_chunk_size, device, stored)
     vis, _ = vision_bytes(model, cfg, dtype, image_tiles)
     out = {"weights": weights, "kernel_cache": kernel, "kv_cache": kv, "activations": act, "vision": vis,
            "repack": repack, "runtime": runtime_bytes + TOKENIZER_FACTOR * tokenizer_bytes}
