@@ -390,7 +390,8 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
     source = source or DEFAULT_MODEL
     if quantization is None:
         quantization = default_quantization(source)
-    loaded = loading.load(resolve_source(source), device=device, dtype=dtype, max_seq_len=max_seq,
+    src = resolve_source(source, quantization if device == "cpu" and mmproj is None else None)
+    loaded = loading.load(src, device=device, dtype=dtype, max_seq_len=max_seq,
                           quantization=quantization, mmproj=mmproj, **kw)
     from .quant.vision_fast import apply_vision_precision
 

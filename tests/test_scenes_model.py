@@ -38,6 +38,30 @@ def test_deployed_form(deployed):
     assert 640e6 < deployed.num_parameters() < 670e6  # 630M LLM + 22M tower + 1.5M projector, quantized layers counted
 
 
+def test_deployed_form_is_a_cached_package_of_the_load_time_quantization(deployed):
+    """``load("pocketvlm-scenes")`` reads a package converted once (kernel layout: no quantizing or repacking
+    per load) that holds the very weights quantizing the folder at load gives: every tensor equal."""
+    import torch
+
+    from pocketvlm.package import is_package
+    from pocketvlm.quant import QuantLinear
+
+    assert deployed.loaded.kind == "package" and is_package(deployed.loaded.path)
+    assert pocketvlm.load(SCENES_MODEL).loaded.path == deployed.loaded.path  # converted once, then reused
+    mem = pocketvlm.load(scenes_vlm_path(), quantization="q4f16_1")
+    ours = dict(deployed.model.named_modules())
+    n_quant = 0
+    for name, m in mem.model.named_modules():
+        if isinstance(m, QuantLinear):
+            assert type(ours[name]) is type(m), name
+            assert torch.equal(ours[name].dequantize(), m.dequantize()), name
+            n_quant += 1
+    assert n_quant > 100
+    a, b = deployed.model.state_dict(), mem.model.state_dict()
+    floats = [k for k, v in b.items() if v.is_floating_point() and not k.endswith(("scales", "zeros"))]
+    assert floats and all(torch.equal(a[k], b[k]) for k in floats)
+
+
 def test_sees_above_blind(deployed, questions):
     """Shapes, bar charts and counts (README table, 200 questions each: 70.5 / 49.5 / 37.5% against a blind
     12.5 / 14.5 / 17.0%; colours 60.0 vs 5.0). Words and relations are near their blind level: the README says

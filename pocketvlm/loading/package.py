@@ -67,9 +67,12 @@ def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int 
                            f"reads {KERNEL_LAYOUT!r} and the plain layout: re-run `pocketvlm convert`, or upgrade")
     model, fam, cfg = build_skeleton(config, max_seq_len=max_seq_len)
     expected = model.state_dict()
-    # a 4-bit qweight may be stored in the kernel layout (quant.linear.KERNEL_LAYOUT) instead of the plain one
-    kernel_shapes = {f"{n}.qweight": m.stored_kernel_shape() for n, m in model.named_modules()
-                     if isinstance(m, QuantLinear)} if layout else {}
+    # 4-bit qweights stored in the kernel layout (quant.linear.KERNEL_LAYOUT) instead of the plain one
+    kernel_shapes = {}
+    for n, m in model.named_modules():
+        if layout and isinstance(m, QuantLinear) and m.stored_kernel_shape() is not None:
+            m.expect_kernel_layout()
+            kernel_shapes[f"{n}.qweight"] = m.stored_kernel_shape()
     keep = scale_keys(model)
 
     def want(name, stored, shape):
@@ -90,7 +93,7 @@ def load_package(folder, *, device="cpu", dtype=torch.float32, max_seq_len: int 
         raise CorruptWeightsError(f"{folder}: the saved tensors do not match the model: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}")
     for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape) and tuple(v.shape) != kernel_shapes.get(k):
+        if tuple(v.shape) != tuple(kernel_shapes.get(k, expected[k].shape)):
             raise CorruptWeightsError(f"{folder}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         if k in keep and v.dtype != expected[k].dtype:
             raise CorruptWeightsError(f"{folder}: tensor {k} is {v.dtype}, the recorded mode stores {expected[k].dtype}")

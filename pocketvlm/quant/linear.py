@@ -40,9 +40,10 @@ Storage: on CPU ``qweight`` is converted lazily (first forward) into the kernel'
 replacing the plain one, so weights are held once. ``state_dict()`` always returns the plain,
 device-independent layout (4-bit: two codes per byte; 8-bit: int8 codes; 3-bit: ten per int32)
 and loading accepts it, so a converted model saves with safetensors and loads without requantizing.
-Inside :func:`kernel_layout_state` (what a package save uses), symmetric 4-bit layers with ``N % 8 == 0``
-save ``qweight`` in the own kernel's rows8 layout instead (:data:`KERNEL_LAYOUT`; same bytes, scales stay
-plain), and loading takes either: a package then loads without unpacking and repacking every matrix.
+Inside :func:`kernel_layout_state` (what a package save uses), symmetric 4-bit layers save ``qweight`` in
+the own kernel's packing instead (:data:`KERNEL_LAYOUT`: rows8 ``[N/8, K/32, 128]`` where ``N % 8 == 0``, else
+rows ``[N, K/2]``; same bytes, scales stay plain); a package records it and its loader marks those layers
+(:meth:`QuantLinear.expect_kernel_layout`), so it loads without unpacking and repacking every matrix.
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ DENSE_MIN_TOKENS = 512
 #: tokens when it built; its time grows linearly with the token count, so prefill goes dense earlier.
 OWN_KERNEL_MAX_TOKENS = 16
 
-#: The stored kernel layout's name and version (a package's ``quantization.kernel_layout``): 4-bit
-#: symmetric ``qweight`` as the own kernel's rows8 bytes ``[N/8, K/32, 128]`` (cpu_kernel's module docstring).
-KERNEL_LAYOUT = "q4-rows8-v1"
+#: The stored kernel layout's name and version (a package's ``quantization.kernel_layout``): every symmetric
+#: 4-bit ``qweight`` as the own kernel's packing, rows8 or rows (cpu_kernel's module docstring).
+KERNEL_LAYOUT = "q4-own-v1"
 _SAVE_KERNEL_LAYOUT = contextvars.ContextVar("pocketvlm_save_kernel_layout", default=False)
 
 
@@ -202,6 +203,10 @@ class QuantLinear(nn.Module):
         """The ``qweight`` shape of :data:`KERNEL_LAYOUT` when this layer can be stored in it, else None."""
         return None
 
+    def expect_kernel_layout(self) -> None:
+        """The next state dict loaded holds this layer's ``qweight`` in :data:`KERNEL_LAYOUT` (a package says so)."""
+        self._expect_kernel = self.stored_kernel_shape() is not None
+
     @staticmethod
     def _plain_state_hook(module, state_dict, prefix, local_metadata):
         if _SAVE_KERNEL_LAYOUT.get() and module.stored_kernel_shape() is not None:
@@ -212,8 +217,8 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         incoming = state_dict.get(prefix + "qweight")
-        own = incoming is not None and self.stored_kernel_shape() is not None and \
-            tuple(incoming.shape) == self.stored_kernel_shape()
+        own = getattr(self, "_expect_kernel", False) and incoming is not None
+        self._expect_kernel = False
         if self._layout in ("cpu", "own") or own:  # drop the layout held; make room for the one loaded
             shape = self.stored_kernel_shape() if own else self.plain_shape
             self.qweight = torch.empty(shape, dtype=self.plain_dtype, device=self.qweight.device)
@@ -348,9 +353,9 @@ class Int4Linear(QuantLinear):
 
     def stored_kernel_shape(self) -> tuple | None:
         n, k = self.out_features, self.k_padded
-        if self.zeros is not None or n % 8 or self.qweight.device.type not in ("cpu", "meta"):
+        if self.zeros is not None or self.qweight.device.type not in ("cpu", "meta"):
             return None
-        return (n // 8, k // 32, 128)
+        return (n // 8, k // 32, 128) if n % 8 == 0 and n > 0 else (n, k // 2)  # pack_q4's "auto" choice
 
     def _stored_kernel_qweight(self) -> torch.Tensor:
         self._prepare_own()  # the layout the first forward would make: held once, shared by tied keys
@@ -359,12 +364,13 @@ class Int4Linear(QuantLinear):
     def _prepare_own(self):
         if self._own is not None:
             return
-        if self._layout == "own" and self.qweight.dim() == 3 and self.zeros is None:
-            # stored in the kernel layout (a package): only the scales change form, [N/8, G, 8]
+        if self._layout == "own" and self.zeros is None:
+            # stored in the kernel layout (a package): only the scales change form for rows8, [N/8, G, 8]
             n, g = self.scales.shape
             dt = torch.float16 if self.scales.dtype == torch.float16 else torch.float32
-            s = self.scales.to(device="cpu", dtype=dt).view(n // 8, 8, g).transpose(1, 2).contiguous()
-            self._own = cpu_kernel.Q4Weight(self.qweight, s, None, 7.0)
+            s = self.scales.to(device="cpu", dtype=dt)
+            s = s.view(n // 8, 8, g).transpose(1, 2) if self.qweight.dim() == 3 else s
+            self._own = cpu_kernel.Q4Weight(self.qweight, s.contiguous(), None, 7.0)
             self._own_direct = self.k_padded == self.in_features
             return
         if self._layout == "cpu":
