@@ -135,3 +135,43 @@ def test_compiled_decode_step_equals_eager(tmp_path):
     assert not compiled.decode_step.failed and counters["stats"]["unique_graphs"] >= 1  # dynamo built a graph
     assert outs[0][1] == outs[1][1]
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_exact_slot_gives_a_fresh_slots_greedy_whatever_ran_before(tiny_model, monkeypatch):
+    """An exact slot (the server's, for greedy requests) reuses only whole prefill chunks a fresh prefill computes
+    the same way; a plain slot reuses every cached position, whose numbers depend on how they were computed
+    (a q4 model: chunks of 16+ rows take the dense bf16 path, shorter ones and decode the int8 kernel)."""
+    import copy
+
+    from pocketvlm.quant import quantize_model
+
+    _, ours = tiny_model
+    q4 = copy.deepcopy(ours)
+    quantize_model(q4, "q4f16_1")
+    greedy = SamplingParams(temperature=0)
+    b = [5, 17, 42, 9, 3, 11, 23, 31, 2, 8, 14, 27, 33, 41, 6, 19, 22, 28, 35, 44]
+    slot, plain = Slot(q4, 128, prefill_chunk_size=32), Slot(q4, 128, prefill_chunk_size=32)
+    slot.exact_reuse = True
+    answer = [s.token for s in slot.generate(b, b, greedy, 20)]
+    assert [s.token for s in plain.generate(b, b, greedy, 20)] == answer
+    a = b + answer + [7, 8]  # the next turn: 42 positions, 40 of them cached (20 computed by decode)
+    rows = []
+    forward = Slot._forward
+
+    def spy(self, ids, embeds, start, logits_to_keep):
+        rows.append((start, (ids if ids is not None else embeds).shape[1]))
+        return forward(self, ids, embeds, start, logits_to_keep)
+
+    monkeypatch.setattr(Slot, "_forward", spy)
+    want = Slot(q4, 128, prefill_chunk_size=32).prefill(a, a)
+    assert rows == [(0, 32), (32, 10)]
+    rows.clear()
+    got = slot.prefill(a, a, exact=True)
+    assert rows == [(0, 32), (32, 10)]  # nothing reusable: recomputed as a fresh slot does
+    reused = plain.prefill(a, a)  # the plain slot reuses 40 positions and computes 2
+    assert torch.equal(got, want) and not torch.equal(reused, want)
+    rows.clear()
+    c = a + [9, 10, 12] * 6  # a third turn: the first chunk is canonical now and is reused
+    fresh = Slot(q4, 128, prefill_chunk_size=32).prefill(c, c)
+    rows.clear()
+    assert torch.equal(slot.prefill(c, c, exact=True), fresh) and rows == [(32, 28)]

@@ -102,3 +102,33 @@ def test_gguf_runs_on_its_own_blocks_by_default(qwen_gguf, qwen_real):
     assert qwen_real.info()["quantization"] == "q0f32"
     assert pm.num_parameters() == qwen_real.num_parameters()
     assert 620e6 < pm.num_parameters() < 640e6
+
+
+def test_greedy_server_answers_do_not_depend_on_what_ran_before(qwen_gguf):
+    """The real Qwen (its own blocks, fused decode) behind pocketvlm.Engine: a greedy answer equals the same
+    request's on a fresh engine whether the slot ran other requests before, ran them concurrently, or holds the
+    conversation's earlier turn (prefill chunks of 32 tokens, so prompts span several and reuse is exercised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pocketvlm
+
+    pm = pocketvlm.load(qwen_gguf, context_window_size=512, prefill_chunk_size=32)
+    a = [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}]
+    b = [{"role": "user", "content": "Name three rivers in Europe and the seas they flow into."}]
+
+    def ask(engine, msgs):
+        r = engine.chat.completions.create(model="q", messages=msgs, max_tokens=24, temperature=0)
+        return r.choices[0].message.content
+
+    def fresh(msgs):
+        with pocketvlm.Engine({"q": pm}, slots=1) as e:
+            return ask(e, msgs)
+
+    want_a, want_b = fresh(a), fresh(b)
+    turn2 = a + [{"role": "assistant", "content": want_a}, {"role": "user", "content": "Now add type hints."}]
+    want_2 = fresh(turn2)
+    with pocketvlm.Engine({"q": pm}, slots=1) as e:  # one slot, reused: A, B, A, then A's next turn
+        assert [ask(e, m) for m in (a, b, a)] == [want_a, want_b, want_a]
+        assert ask(e, a) == want_a and ask(e, turn2) == want_2
+    with pocketvlm.Engine({"q": pm}, slots=2) as e, ThreadPoolExecutor(4) as ex:  # concurrent, interleaved
+        assert list(ex.map(lambda m: ask(e, m), [a, b, turn2, a])) == [want_a, want_b, want_2, want_a]

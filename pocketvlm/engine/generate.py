@@ -6,6 +6,12 @@ prompt that differs from what the cache already holds (multi-turn chat reuses it
 
 Prompt positions are described by ``keys``: a token id, or for an image position a hashable tag such as
 ``("img", sha256, row)``, so that two different images behind the same placeholder token never share cache.
+
+Exact reuse (``Slot.exact_reuse``, what the server's slots use for greedy requests): the numbers of a cached
+position depend on how it was computed (which chunk it was in, how many rows that chunk had, prefill or
+decode), so reusing any prefix can change a greedy answer. An exact slot reuses only whole prefill chunks
+that a fresh prefill of the new prompt would compute identically (same start, same rows), so its greedy
+answer is the one a fresh slot gives, whatever ran in it before.
 """
 from __future__ import annotations
 
@@ -35,12 +41,15 @@ class Slot:
         self.prefill_chunk_size = prefill_chunk_size
         self.cache = model.make_cache(1, context_window_size, dtype=dtype, device=device)
         self.keys: list = []  # what the cache holds, position by position
+        self.exact_reuse = False  # greedy requests reuse only whole prefill chunks (module docstring)
+        self._canonical = 0  # leading positions whose cache equals a fresh chunked prefill's
         self.decode_step = decode_step  # optional compiled single-token step
         p = next(model.parameters())
         self.device = p.device
 
     def reset(self) -> None:
         self.keys = []
+        self._canonical = 0
 
     def _forward(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, start: int, logits_to_keep: int):
         n = (ids if ids is not None else embeds).shape[1]
@@ -48,8 +57,10 @@ class Slot:
         self.cache.attend_len = start + n
         return self.model(ids, inputs_embeds=embeds, input_pos=pos, cache=self.cache, logits_to_keep=logits_to_keep)
 
-    def prefill(self, keys: Sequence, ids: Sequence[int], embed_fn: EmbedFn | None = None) -> torch.Tensor:
-        """Bring the cache to hold ``keys``; returns the fp32 logits ``[V]`` of the last prompt position."""
+    def prefill(self, keys: Sequence, ids: Sequence[int], embed_fn: EmbedFn | None = None,
+                exact: bool = False) -> torch.Tensor:
+        """Bring the cache to hold ``keys``; returns the fp32 logits ``[V]`` of the last prompt position.
+        ``exact``: reuse only what a fresh prefill would compute identically (module docstring)."""
         n = len(keys)
         if n == 0:
             raise ContextWindowError("empty prompt")
@@ -63,6 +74,12 @@ class Slot:
                 break
             common += 1
         common = min(common, n - 1)  # always run at least the last position to get its logits
+        c = self.prefill_chunk_size
+        if exact:
+            common = min(common, self._canonical) // c * c
+        # chunks from an aligned start that was canonical are computed as a fresh prefill computes them
+        aligned = common % c == 0 and common <= self._canonical
+        self._canonical = n // c * c if aligned else min(self._canonical, common // c * c)
         logits = None
         start = common
         with torch.inference_mode():
@@ -92,8 +109,9 @@ class Slot:
                  generator: torch.Generator | None = None, banned_ids: Sequence[int] = ()) -> Iterator[StepResult]:
         """Yield generated tokens; the last one carries ``finish_reason``. Stops on a stop id (not yielded
         as text by callers, but yielded here with finish_reason "stop"), on ``max_new_tokens`` or at the
-        end of the context window ("length"). ``banned_ids`` are never sampled (a VLM's image token)."""
-        logits = self.prefill(keys, ids, embed_fn)
+        end of the context window ("length"). ``banned_ids`` are never sampled (a VLM's image token).
+        Greedy requests on an ``exact_reuse`` slot prefill exactly (see :meth:`prefill`)."""
+        logits = self.prefill(keys, ids, embed_fn, exact=self.exact_reuse and params.greedy)
         gen = generator or make_generator(params.seed)
         budget = min(max_new_tokens, self.context_window_size - len(self.keys))
         history = [k for k in keys if isinstance(k, int)]

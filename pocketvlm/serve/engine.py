@@ -70,6 +70,8 @@ class Scheduler:
         self.n_slots = n_slots
         self.max_waiting = max_waiting
         self._free = [pm.new_slot() for _ in range(n_slots)]
+        for slot in self._free:  # a greedy answer never depends on what ran in its slot before
+            slot.exact_reuse = True
         self._waiting: deque[Job] = deque()
         self._active: list[tuple[Job, Any, Any]] = []  # (job, slot, event generator)
         self._cv = threading.Condition()
