@@ -18,7 +18,7 @@ from . import loading
 from .loading import load_image_processor, load_tokenizer  # noqa: F401 - also pocketvlm.api's API
 from .engine.generate import Slot
 from .engine.sampling import SamplingParams
-from .errors import ContextWindowError, ImageError, PocketVLMError, TemplateError
+from .errors import ContextWindowError, ImageError, TemplateError
 from .models.base import is_vlm
 from .prompts import Prompt, build_image_prompt
 
@@ -343,21 +343,6 @@ class PocketModel:
         return self._collect(self.run(self.chat_prompt(messages), **kw))
 
 
-def default_quantization(source) -> str | None:
-    """The quantization a source loads with when none is asked for: a built-in name's own (pocketvlm-scenes:
-    q4f16_1; the GGUF built-ins: gguf), "gguf" for a local .gguf file (its own blocks, as llama.cpp runs it),
-    None (as stored) otherwise. Only local paths are resolved here: a hub id is never fetched twice."""
-    from .real_models import DEFAULT_QUANTIZATION
-
-    s = str(source)
-    if s in DEFAULT_QUANTIZATION:
-        return DEFAULT_QUANTIZATION[s]
-    if not Path(s).expanduser().exists():
-        return None
-    try:
-        return "gguf" if loading.resolve(s)[0] == "gguf" else None
-    except PocketVLMError:
-        return None  # loading.load will say what is wrong
 
 
 def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -384,13 +369,18 @@ def load(source: str | Path | None = None, *, device: str = "cpu", dtype: str | 
 
     ``mmproj``: with a ``.gguf`` language model, llama.cpp's second file of a VLM (vision tower + projector),
     as ``llama-mtmd-cli -m MODEL --mmproj MMPROJ`` takes them (:mod:`pocketvlm.loading.mmproj`)."""
-    from .real_models import DEFAULT_MODEL, resolve_source
+    from .real_models import DEFAULT_MODEL, default_quantization, resolve_source
 
     max_seq = context_window_size
     source = source or DEFAULT_MODEL
     if quantization is None:
         quantization = default_quantization(source)
-    src = resolve_source(source, quantization if device == "cpu" and mmproj is None else None)
+    src = None
+    if device == "cpu" and mmproj is None:  # a built-in folder at its default mode: its cached package
+        from .package.builtin import packaged_source
+
+        src = packaged_source(source, quantization)
+    src = src or resolve_source(source)
     loaded = loading.load(src, device=device, dtype=dtype, max_seq_len=max_seq,
                           quantization=quantization, mmproj=mmproj, **kw)
     from .quant.vision_fast import apply_vision_precision

@@ -244,41 +244,33 @@ def resolve_part(name: str) -> Path:
     return fn()
 
 
-def resolve_source(source, quantization: str | None = None):
+def resolve_source(source):
     """A model source with a built-in name replaced by its path (fetched or built on first use); anything
     else (a path, a hub repo id) as given, for :func:`pocketvlm.loading.load`. A local file or folder of the
-    same name wins over a built-in name. A built-in that is a folder to quantize (pocketvlm-scenes), asked for
-    at its default ``quantization``, resolves to its package of that mode (:func:`packaged_path`)."""
+    same name wins over a built-in name."""
     if isinstance(source, str) and source in REAL_MODELS and not Path(source).expanduser().exists():
-        if source in PACKAGED and quantization == DEFAULT_QUANTIZATION.get(source):
-            return packaged_path(source, quantization)
         return resolve_part(source)
     return source
 
 
-#: Built-in models that are folders quantized at load: their default mode is kept as a package in the cache.
+def default_quantization(source) -> str | None:
+    """The quantization a source loads with when none is asked for: a built-in name's own (pocketvlm-scenes:
+    q4f16_1; the GGUF built-ins: gguf), "gguf" for a local .gguf file (its own blocks, as llama.cpp runs it),
+    None (as stored) otherwise. Only local paths are resolved here: a hub id is never fetched twice."""
+    from . import loading
+    from .errors import PocketVLMError
+
+    s = str(source)
+    if s in DEFAULT_QUANTIZATION:
+        return DEFAULT_QUANTIZATION[s]
+    if not Path(s).expanduser().exists():
+        return None
+    try:
+        return "gguf" if loading.resolve(s)[0] == "gguf" else None
+    except PocketVLMError:
+        return None  # loading.load will say what is wrong
+
+
+#: Built-in models that are folders quantized at load: their default mode is kept as a package in the cache
+#: (:mod:`pocketvlm.package.builtin`).
 PACKAGED = (SCENES_MODEL,)
-
-
-def packaged_path(name: str, mode: str) -> Path:
-    """The built-in model ``name`` as a ``mode`` package, converted once from its folder (with a progress bar)
-    and again when that folder changes: RTN scales and float32 float tensors, so it holds the very weights
-    ``load(folder, quantization=mode)`` makes, and later loads read the kernel layout instead of quantizing."""
-    import shutil
-
-    from .package import convert
-    from .quant.linear import KERNEL_LAYOUT
-
-    src = resolve_part(name)
-    weights = src / "model.safetensors"
-    key = {"source": str(src), "size": weights.stat().st_size, "mtime_ns": weights.stat().st_mtime_ns,
-           "mode": mode, "scales": "rtn", "dtype": "float32", "layout": KERNEL_LAYOUT}
-    out, stamp = cache_dir() / f"{name}-{mode}", cache_dir() / f"{name}-{mode}.json"
-    if out.is_dir() and stamp.exists() and json.loads(stamp.read_text()) == key:
-        return out
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    convert(src, mode, tmp, dtype="float32", scales="rtn", overwrite=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    stamp.write_text(json.dumps(key))
-    return out

@@ -19,7 +19,7 @@ from pocketvlm.serve.app import ServerThread, create_app
 from pocketvlm.serve.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixtures import make_tiny_qwen2  # noqa: E402
+from serve_fixtures import make_tiny_llava, make_tiny_qwen2  # noqa: E402
 
 MAX_BODY = 2_000_000
 MAX_PIXELS = 1_000_000
@@ -137,3 +137,19 @@ def assert_error(r, status, code=None, param=None, contains=None):
     if contains is not None:
         assert contains in err["message"], err
     return err
+
+
+@pytest.fixture(scope="module")
+def vlm_server(tmp_path_factory, image_dir):
+    from pocketvlm.errors import ConfigError, UnsupportedArchitectureError
+
+    try:
+        d = make_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+        vpm = pocketvlm.load(d)
+    except (ImportError, UnsupportedArchitectureError, ConfigError) as e:  # llava family not available yet
+        pytest.skip(f"tiny LLaVA does not load yet: {e}")
+    assert vpm.is_vlm
+    e = Engine({"vlm": vpm}, slots=2, allow_local_images=False, allowed_image_dir=image_dir)
+    with ServerThread(create_app(e)) as s:
+        yield s, vpm
+    e.close()

@@ -17,7 +17,7 @@ from pocketvlm import loading
 from pocketvlm.errors import CorruptWeightsError, QuantizationError
 from pocketvlm.quant import gguf_embedding, gguf_linear, quantize_model
 from pocketvlm.quant.gguf_blocks import BLOCKS
-from pocketvlm.quant.linear import TiedQuantHead
+from pocketvlm.quant.embedding import TiedQuantHead
 
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 64, 256, 4, 2, 96
 

@@ -11,7 +11,8 @@ from pocketvlm.errors import CorruptWeightsError, QuantizationError
 from pocketvlm.quant import gguf_blocks
 from pocketvlm.quant.apply import GGUF_INT5, build_quantized, gguf_embedding, gguf_linear
 from pocketvlm.quant.gguf_blocks import BLOCKS, dequantize_gguf, torch_shape
-from pocketvlm.quant.linear import Int4Linear, Int5Linear, Int8Linear, QuantEmbedding
+from pocketvlm.quant.embedding import QuantEmbedding
+from pocketvlm.quant.linear import Int4Linear, Int5Linear, Int8Linear
 
 QUANT_TYPES = [t for t, (bs, _) in BLOCKS.items() if bs > 1]
 

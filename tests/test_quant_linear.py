@@ -14,9 +14,8 @@ from torch import nn
 from pocketvlm.errors import QuantizationError
 from pocketvlm.quant import formats, kernels
 from pocketvlm.quant.apply import build_quantized, quantize_model
-from pocketvlm.quant.linear import (
-    Int3Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, TiedQuantHead, quant_linear_from_float,
-)
+from pocketvlm.quant.embedding import QuantEmbedding, TiedQuantHead
+from pocketvlm.quant.linear import Int3Linear, Int4Linear, Int8Linear, QuantLinear, quant_linear_from_float
 
 MODES = ["q4f16_1", "q4f32_1", "q8f16_1", "q3f16_1"]
 

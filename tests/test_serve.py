@@ -15,7 +15,6 @@ import httpx
 import openai
 import pytest
 
-import pocketvlm
 from pocketvlm.errors import ImageError, ModelNotFoundError, RequestError, SamplingError
 from pocketvlm.serve import schemas
 from pocketvlm.serve.app import ServerThread, create_app
@@ -23,10 +22,9 @@ from pocketvlm.serve.engine import Engine
 from pocketvlm.serve.images import ImagePolicy, check_public_url
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixtures import make_tiny_llava  # noqa: E402
 from serve_common import (  # noqa: E402,F401 - fixtures and helpers
     MAX_BODY, MAX_PIXELS, assert_error, client, data_url, engine, image_dir, image_msg, keyed_server, one_torch_thread,
-    pm, png_bytes, png_header_only, post, reference, server, tiny_dir, user)
+    pm, png_bytes, png_header_only, post, reference, server, tiny_dir, user, vlm_server)
 
 
 # --- the OpenAI client against the live server ------------------------------------------------------
@@ -399,22 +397,6 @@ def test_remote_fetch_to_loopback_refused_through_server(engine, pm):
 
 
 # --- a vision-language model: images as data URLs, one and two per message -----------------------------
-
-@pytest.fixture(scope="module")
-def vlm_server(tmp_path_factory, image_dir):
-    from pocketvlm.errors import ConfigError, UnsupportedArchitectureError
-
-    try:
-        d = make_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
-        vpm = pocketvlm.load(d)
-    except (ImportError, UnsupportedArchitectureError, ConfigError) as e:  # llava family not available yet
-        pytest.skip(f"tiny LLaVA does not load yet: {e}")
-    assert vpm.is_vlm
-    e = Engine({"vlm": vpm}, slots=2, allow_local_images=False, allowed_image_dir=image_dir)
-    with ServerThread(create_app(e)) as s:
-        yield s, vpm
-    e.close()
-
 
 def test_vlm_answers_about_one_and_two_images(vlm_server):
     s, vpm = vlm_server

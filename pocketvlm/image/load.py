@@ -215,6 +215,8 @@ def _check_bytes(n: int, max_bytes: int, what: str) -> None:
 
 def _exif_transpose(img: Image.Image) -> Image.Image:
     try:
+        if img.getexif().get(0x0112, 1) == 1:  # upright already: no copy (exif_transpose would return one)
+            return img
         return ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
         # A malformed EXIF block says nothing reliable about orientation; the pixels are fine.
@@ -238,6 +240,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def image_hash(img: Image.Image) -> str:
     """sha256 hex digest of mode, size and pixel bytes: equal pixels give equal hashes."""
-    h = hashlib.sha256(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
-    h.update(img.tobytes())
+    w, height = img.size
+    h = hashlib.sha256(f"{img.mode}:{w}x{height}:".encode())
+    rows = max(1, (4 << 20) // max(1, w * len(img.getbands())))  # ~4 MB of rows at a time, not a full copy
+    for top in range(0, height, rows):  # row strips: their bytes in order are the image's tobytes()
+        h.update(img.crop((0, top, w, min(top + rows, height))).tobytes())
     return h.hexdigest()

@@ -329,25 +329,43 @@ def preprocess(
         img = load_image(image, max_pixels=max(image.size, 1))
     else:
         img = load_image(image)
-    arr = np.asarray(img)  # [H, W, 3] uint8
-    h, w = arr.shape[:2]
+    w, h = img.size
     c = config
     if c.is_anyres:
         base = c.size if c.size is not None else (c.shortest_edge, c.shortest_edge)
         tile = c.crop_size[0] if c.crop_size is not None else base[0]
-        crops = anyres_tiles(arr, c.image_grid_pinpoints, tile, base, c.resample)
+        crops = anyres_tiles(np.asarray(img), c.image_grid_pinpoints, tile, base, c.resample)
     elif c.processor_class == "LlavaImageProcessor" and c.do_pad:
         # int() truncates, as LLaVA-1.5 and transformers do: CLIP's mean becomes (122, 116, 104).
-        crops = [expand_to_square(arr, [int(m * 255) for m in c.image_mean])]
+        crops = [_pil_expand_to_square(img, [int(m * 255) for m in c.image_mean])]
     else:
-        crops = [arr]
+        crops = [img]
     pixels = np.stack([_finish(crop, c) for crop in crops])  # [n, H, W, 3]
     pixel_values = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
     return PreprocessedImage(pixel_values.to(device=device, dtype=dtype), (h, w))
 
 
-def _finish(img: np.ndarray, c: ImageProcessorConfig) -> np.ndarray:
-    if c.do_resize:
+def _pil_expand_to_square(img: Image.Image, fill: Sequence[int]) -> Image.Image:
+    """:func:`expand_to_square` on a PIL image (the same pixels, without a full-size array copy)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), tuple(fill))
+    out.paste(img, ((side - w) // 2 if w < h else 0, (side - h) // 2 if w > h else 0))
+    return out
+
+
+def _finish(img: np.ndarray | Image.Image, c: ImageProcessorConfig) -> np.ndarray:
+    if isinstance(img, Image.Image):
+        # a full-size image is resized by PIL directly (what :func:`resize` does after its array round trip, so
+        # the same pixels), and becomes an array only at the tower's size: a 25-megapixel upload costs no
+        # full-size copies beyond its decoding
+        if c.do_resize:
+            size = c.size if c.size is not None else shortest_edge_size(img.height, img.width, c.shortest_edge)
+            img = img.resize((size[1], size[0]), resample=c.resample)
+        img = np.asarray(img)
+    elif c.do_resize:
         h, w = img.shape[:2]
         size = c.size if c.size is not None else shortest_edge_size(h, w, c.shortest_edge)
         img = resize(img, size, c.resample)

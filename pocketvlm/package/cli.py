@@ -81,7 +81,7 @@ def cmd_fit(a) -> int:
         raise PackageError("name at least one model (package folder or source) or --params N")
     if not a.device and not a.all_devices:
         raise PackageError("pass --device NAME (or a number of GB) or --all-devices")
-    from ..assistant import is_assistant_file
+    from ..assistant_config import is_assistant_file
     from .memory import estimate_assistant
 
     rows = [estimate_assistant(m, a.context_window_size, a.prefill_chunk_size, a.dtype) if is_assistant_file(m)

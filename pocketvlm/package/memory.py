@@ -305,8 +305,8 @@ def estimate_assistant(path, context_window_size=None, prefill_chunk_size: int =
     :func:`pocketvlm.load`'s defaults), then combined by the memory policy: ``resident`` holds both in one
     process (their sum, the runtime counted once), ``sequential`` one at a time (the larger of the two).
     ``runtime_bytes``: the Python + torch runtime of the target (default: :data:`RUNTIME_BYTES`)."""
-    from ..api import default_quantization
-    from ..assistant import AssistantConfig
+    from ..real_models import default_quantization
+    from ..assistant_config import AssistantConfig
 
     cfg = AssistantConfig.from_file(path)
     parts = {}

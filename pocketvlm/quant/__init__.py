@@ -52,9 +52,9 @@ from .formats import (
     MODES, QuantMode, dequantize, pack, pack_3bit, pack_4bit, parse_mode, quantize, unpack, unpack_3bit, unpack_4bit,
 )
 from .gguf_blocks import dequantize_gguf, torch_shape
+from .embedding import QuantEmbedding, TiedQuantHead
 from .linear import (
-    DENSE_MIN_TOKENS, Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantEmbedding, QuantLinear, TiedQuantHead,
-    quant_linear_from_float,
+    DENSE_MIN_TOKENS, Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, quant_linear_from_float,
 )
 
 __all__ = [

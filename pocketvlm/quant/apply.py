@@ -29,8 +29,8 @@ from torch import nn
 
 from ..errors import QuantizationError
 from . import formats, gguf_blocks
-from .linear import (Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantEmbedding, QuantLinear,
-                     quant_linear_from_float)
+from .embedding import QuantEmbedding
+from .linear import Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, quant_linear_from_float
 
 DEFAULT_SKIP = ("*vision_tower*", "*multi_modal_projector*", "*mm_projector*")
 #: Storage of GGUF Q4_0/Q4_1/Q4_K kept on the int4 kernel: fp32 scale and zero per 32 weights.

@@ -28,7 +28,8 @@ from ..errors import QuantizationError
 from . import formats
 from .apply import TIED_PREFIX, Skip, _set, module_mode, quantize_module, tied_head
 from .gptq import gptq_quantize
-from .linear import QuantEmbedding, quant_linear_from_codes
+from .embedding import QuantEmbedding
+from .linear import quant_linear_from_codes
 
 #: pydoc_data topics that ``benchmarks/perplexity.py`` scores: never part of the default calibration text.
 HELD_OUT_TOPICS = ("execmodel", "naming", "types", "specialnames", "typesseq")

@@ -63,11 +63,11 @@ def move_to_hugepages(tensors: list[torch.Tensor]) -> int:
         with torch.inference_mode() if t.is_inference() else torch.no_grad():
             dst.copy_(t)
             t.set_(dst)
-    _release_freed_heap()
+    release_freed_heap()
     return total
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap: the weights'
     old copies would stay resident. ``malloc_trim(0)`` gives their pages back."""
     try:

@@ -24,8 +24,8 @@ from pathlib import Path
 from ..errors import (ContextWindowError, ImageError, ImageTooLargeError, ModelNotFoundError, PocketVLMError,
                       RequestError, SamplingError, ServerBusyError)
 from . import schemas
-from .engine import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine,
-                     model_id_for)
+from .engine import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAITING,
+                     DEFAULT_SLOTS, Engine, model_id_for)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 STATIC_DIR = Path(__file__).with_name("static")
@@ -162,14 +162,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         job = None
         try:
             req = schemas.parse_chat_request(body)
-            prepared = await run_in_threadpool(engine.prepare, req)  # image fetch/decode: off the event loop
+            prepared = list(await run_in_threadpool(engine.prepare, req))  # image fetch/decode: off the loop
+            model = prepared[0]
             loop = asyncio.get_running_loop()
             q: asyncio.Queue = asyncio.Queue()
 
             def deliver(kind, value):
                 loop.call_soon_threadsafe(q.put_nowait, (kind, value))
 
-            job = engine.submit(req, prepared, deliver)
+            job = engine.submit(req, prepared, deliver)  # (empties prepared: the job holds the images)
             checked = [time.monotonic()]
             kind, value = await next_item(q, request, job, checked)  # prefill errors get a proper status code
             if kind == "error":
@@ -182,7 +183,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             if isinstance(ex, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 raise
             return error_json(ex)
-        model = prepared[0]
 
         if not req.stream:
             parts = [value.text]
@@ -420,6 +420,9 @@ def register_cli(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="images per request")
+    p.add_argument("--max-request-pixels", type=int, default=None,
+                   help="decoded pixels of all a request's images together (default: 2 x --max-image-pixels)")
     p.add_argument("--slots", type=int, default=DEFAULT_SLOTS, help="concurrent generations per model")
     p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="requests that may queue per model behind busy slots; more are answered 503")
@@ -447,7 +450,8 @@ def cmd_serve(a) -> int:
     ids = ids + [model_id_for(s) for s in sources[len(ids):]]
     if len(set(ids)) != len(ids):
         raise RequestError(f"two models share an id ({', '.join(ids)}); name them with --model-id")
-    if a.slots < 1 or a.max_waiting < 0 or a.max_body_bytes < 1 or a.max_image_pixels < 1 or a.max_image_bytes < 1:
+    if a.slots < 1 or a.max_waiting < 0 or min(a.max_body_bytes, a.max_image_pixels, a.max_image_bytes,
+                                                a.max_images, a.max_request_pixels or 1) < 1:
         raise RequestError("--slots and the --max-* limits must be >= 1")
     if a.allowed_image_dir and not Path(a.allowed_image_dir).is_dir():
         raise RequestError(f"--allowed-image-dir {a.allowed_image_dir!r} is not a folder")
@@ -459,7 +463,8 @@ def cmd_serve(a) -> int:
     engine = Engine(models, slots=a.slots, max_waiting=a.max_waiting, allow_remote_images=a.allow_remote_images,
                     allow_local_images=False,
                     allowed_image_dir=a.allowed_image_dir, max_image_pixels=a.max_image_pixels,
-                    max_image_bytes=a.max_image_bytes)
+                    max_image_bytes=a.max_image_bytes, max_images=a.max_images,
+                    max_request_pixels=a.max_request_pixels)
     allowed_hosts = a.allowed_host
     if allowed_hosts is None and a.host in LOOPBACK_NAMES:
         allowed_hosts = LOOPBACK_NAMES

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ImageError, ModelNotFoundError, RequestError, ServerBusyError
+from ..quant.hugepages import release_freed_heap
 from . import schemas
-from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy, check_public_url,  # noqa: F401
-                     fetch_public_url)
+from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES,  # noqa: F401
+                     ImagePolicy, check_public_url, fetch_public_url)
 
 DEFAULT_SLOTS = 4
 DEFAULT_MAX_WAITING = 256  # queued requests per model beyond the busy slots; more get ServerBusyError (503)
@@ -133,6 +134,9 @@ class Scheduler:
         try:
             prompt = build_prompt(self.pm, job.messages, job.images)
             job.extra = prompt.extra
+            if job.images:  # the decoded images are pixel tensors in the prompt now: give their memory back
+                job.messages = job.images = None
+                release_freed_heap()  # (glibc keeps a decoded photo's freed blocks in its heap)
             with self._cv:
                 # the free slot whose cache shares the longest prefix with this prompt (multi-turn reuse)
                 slot = max(self._free, key=lambda s: _common_prefix(s.keys, prompt.keys))
@@ -228,7 +232,8 @@ class Engine:
                  load_kwargs: dict | None = None,
                  allow_remote_images: bool = False, allow_local_images: bool = True,
                  allowed_image_dir: str | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, image_timeout: float = 10.0):
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, image_timeout: float = 10.0,
+                 max_images: int = DEFAULT_MAX_IMAGES, max_request_pixels: int | None = None):
         from ..api import PocketModel
         from ..assistant import Assistant
 
@@ -246,7 +251,8 @@ class Engine:
         self.image_policy = ImagePolicy(allow_remote=allow_remote_images, allow_local_files=allow_local_images,
                                         allowed_image_dir=str(allowed_image_dir) if allowed_image_dir else None,
                                         max_pixels=max_image_pixels, max_bytes=max_image_bytes,
-                                        timeout=image_timeout)
+                                        timeout=image_timeout, max_images=max_images,
+                                        max_request_pixels=max_request_pixels)
         self.created = int(time.time())
         self.pocket_models: dict[str, PocketModel | Assistant] = {}
         self.schedulers: dict[str, Scheduler] = {}
@@ -273,16 +279,29 @@ class Engine:
 
     def prepare(self, req: schemas.ChatRequest) -> tuple[str, list[dict], dict]:
         """Look up the model and load the request's images (blocking I/O: call it off the event loop).
-        Returns (model id, messages with each image URL replaced by its PIL image, {index: PIL image})."""
+        Returns (model id, messages with each image URL replaced by its PIL image, {index: PIL image}).
+        Every image's source, size and header are checked, then the model's capability and the request's
+        limits (count, pixels in all), all before the first pixel is decoded; then they decode one by one."""
         mid = self.resolve_model(req.model)
         pm = self.pocket_models[mid]
+        urls = [p["image_url"]["url"] for m in req.messages if isinstance(m["content"], list)
+                for p in m["content"] if p["type"] == "image_url"]
+        if len(urls) > self.image_policy.max_images:  # before fetching or reading any of them
+            self.image_policy.check_request([(b"", (0, 0))] * len(urls))
+        probed = [self.image_policy.probe(u) for u in urls]
+        # a forbidden or oversize image is reported as such whatever the model; then the model's capability
+        if probed and not pm.is_vlm:
+            raise ImageError(f"model {mid!r} is text-only ({pm.architecture}) and cannot take images; "
+                             "send text only or use a vision-language model")
+        self.image_policy.check_request(probed)
         images, messages, k = {}, [], 0
         for m in req.messages:
             if isinstance(m["content"], list):
                 parts = []
                 for p in m["content"]:
                     if p["type"] == "image_url":
-                        img = self.image_policy.load(p["image_url"]["url"])
+                        img = self.image_policy.decode(probed[k])
+                        probed[k] = None  # the encoded bytes are not needed any more
                         images[k] = img
                         parts.append({"type": "image", "image": img})
                         k += 1
@@ -290,14 +309,14 @@ class Engine:
                         parts.append(p)
                 m = {"role": m["role"], "content": parts}
             messages.append(m)
-        # checked after loading so that a forbidden or oversize image is reported as such whatever the model
-        if images and not pm.is_vlm:
-            raise ImageError(f"model {mid!r} is text-only ({pm.architecture}) and cannot take images; "
-                             "send text only or use a vision-language model")
         return mid, messages, images
 
     def submit(self, req: schemas.ChatRequest, prepared, deliver: Callable) -> Job:
+        """Queue a prepared request. ``prepared`` is emptied: the job holds its images until its prompt is
+        built, then drops them (callers keep the model id, ``prepared[0]``, before submitting)."""
         mid, messages, images = prepared
+        if isinstance(prepared, list):
+            prepared.clear()
         return self.schedulers[mid].submit(Job(req, messages, images, deliver))
 
     def close(self) -> None:
@@ -314,14 +333,15 @@ class Engine:
     def _create(self, *, model=None, messages=None, stream=False, **params):
         body = dict(params, model=model, messages=messages, stream=stream)
         req = schemas.parse_chat_request(body)
-        prepared = self.prepare(req)
+        prepared = list(self.prepare(req))
+        mid = prepared[0]
         q: queue.Queue = queue.Queue()
         job = self.submit(req, prepared, lambda kind, value: q.put((kind, value)))
         if req.stream:
             first = q.get()  # errors found at prefill (prompt too long, ...) raise here, like the openai client
             if first[0] == "error":
                 raise first[1]
-            return _stream_chunks(job, q, first, prepared[0], req.include_usage)
+            return _stream_chunks(job, q, first, mid, req.include_usage)
         parts = []
         try:
             while True:
@@ -330,7 +350,7 @@ class Engine:
                     raise value
                 parts.append(value.text)
                 if value.finish_reason:
-                    return schemas.completion(schemas.new_id(), prepared[0], "".join(parts), value.finish_reason,
+                    return schemas.completion(schemas.new_id(), mid, "".join(parts), value.finish_reason,
                                               value.prompt_tokens, value.completion_tokens, extra=job.extra)
         finally:
             job.cancel()  # no-op when finished; stops the generation if the caller was interrupted

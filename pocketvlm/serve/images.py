@@ -5,7 +5,10 @@ Remote fetches resolve the host and refuse loopback, private, link-local, multic
 addresses; the check runs again inside each connection (on the address actually connected to) and on each
 redirect, so neither a redirect nor a DNS answer that changes after the first check (DNS rebinding) reaches
 this machine or its network. Sizes are checked on the encoded bytes and, from the image header, on the pixel
-count before any pixel is decoded (decompression bombs). Oversize images raise ImageTooLargeError (413).
+count before any pixel is decoded (decompression bombs). Per request: at most ``max_images`` images and
+``max_request_pixels`` pixels in all, and no image narrower than 1 : ``max_aspect`` (a 100000x1 strip passes a
+pixel cap but costs gigabytes to resize), all checked from the headers before the first image is decoded;
+:meth:`ImagePolicy.load_all` decodes them one after the other. Oversize images raise ImageTooLargeError (413).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from ..errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000  # 25 megapixels: more than any phone photo, far below a decompression bomb
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_IMAGES = 8  # per request
+DEFAULT_MAX_ASPECT = 50  # longest side / shortest side
 
 
 def check_public_url(url: str) -> bool:
@@ -155,9 +160,17 @@ class ImagePolicy:
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     timeout: float = 10.0
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_request_pixels: int | None = None  # default: 2 x max_pixels
+    max_aspect: float = DEFAULT_MAX_ASPECT
 
     def load(self, url: str):
         """Bytes of the image at ``url`` checked against the limits, decoded to an RGB PIL image."""
+        return self.decode(self.probe(url))
+
+    def probe(self, url: str) -> tuple[bytes, tuple[int, int]]:
+        """(bytes, (width, height)) of the image at ``url``, every per-image limit checked from its header:
+        no pixel decoded yet."""
         from PIL import Image
 
         from ..image import SAFE_FORMATS, load_image
@@ -172,12 +185,31 @@ class ImagePolicy:
         except Image.DecompressionBombError:
             raise ImageTooLargeError(f"the image has too many pixels (over {self.max_pixels:,}); "
                                      "downscale it") from None
-        except Exception:
-            w = h = 0  # not an image: load_image below says so precisely
+        except Exception:  # not an image: load_image says precisely why (it fails before decoding anything)
+            load_image(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+            raise ImageError("the data is not an image pocketvlm can read") from None
         if w * h > self.max_pixels:
             raise ImageTooLargeError(f"the image is {w}x{h} = {w * h:,} pixels, over the limit of "
                                      f"{self.max_pixels:,}; downscale it first")
-        return load_image(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+        if min(w, h) < 1 or max(w, h) > self.max_aspect * min(w, h):
+            raise ImageTooLargeError(f"the image is {w}x{h}: sides more than {self.max_aspect:g} : 1 apart; "
+                                     "crop it to a less extreme aspect ratio")
+        return data, (w, h)
+
+    def decode(self, probed: tuple[bytes, tuple[int, int]]):
+        from ..image import load_image
+
+        return load_image(probed[0], max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+
+    def check_request(self, probed: list[tuple[bytes, tuple[int, int]]]) -> None:
+        """The per-request limits on a request's probed images (count, pixels in all)."""
+        if len(probed) > self.max_images:
+            raise ImageTooLargeError(f"the request has {len(probed)} images; at most {self.max_images} per request")
+        cap = self.max_request_pixels or 2 * self.max_pixels
+        total = sum(w * h for _, (w, h) in probed)
+        if total > cap:
+            raise ImageTooLargeError(f"the request's images have {total:,} pixels in all, over the limit of "
+                                     f"{cap:,} per request; send fewer or smaller images")
 
     def _bytes(self, url: str) -> bytes:
         if url.startswith("data:"):
@@ -230,5 +262,5 @@ class ImagePolicy:
         return p.read_bytes()
 
 
-__all__ = ["ImagePolicy", "check_public_url", "fetch_public_url", "DEFAULT_MAX_IMAGE_BYTES",
-           "DEFAULT_MAX_IMAGE_PIXELS"]
+__all__ = ["ImagePolicy", "check_public_url", "fetch_public_url", "DEFAULT_MAX_ASPECT", "DEFAULT_MAX_IMAGE_BYTES",
+           "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGES"]
