@@ -31,13 +31,19 @@ if [[ -n "${LLAMACPP_TARGETS:-}" ]]; then read -r -a TARGETS <<<"$LLAMACPP_TARGE
 # as the model does (measured: README, "llama.cpp interop").
 # A second one-line fix makes llama-mtmd-cli flush its asynchronous logger before it exits: the logger is
 # deliberately leaked (llama.cpp #22142), so a scripted run could lose the tail of the answer it printed.
-PATCHES="llava-cls-first mtmd-cli-flush-log"
+# The same line in llama-completion (whose printed tokens and prompt listing go through that logger too).
+PATCHES="llava-cls-first mtmd-cli-flush-log completion-flush-log"
 apply_patches() {
     local cli="$SRC/tools/mtmd/mtmd-cli.cpp"
     if ! grep -q 'common_log_flush(common_log_main());' "$cli"; then
         sed -i 's/^    return g_is_interrupted ? 130 : 0;$/    common_log_flush(common_log_main());\n    return g_is_interrupted ? 130 : 0;/' "$cli"
     fi
     grep -q 'common_log_flush(common_log_main());' "$cli" || { echo "mtmd-cli-flush-log: patch target not found in $cli"; exit 1; }
+    local comp="$SRC/tools/completion/completion.cpp"
+    if ! grep -q 'common_log_flush(common_log_main());' "$comp"; then
+        sed -i 's/^    llama_backend_free();$/    llama_backend_free();\n    common_log_flush(common_log_main());/' "$comp"
+    fi
+    grep -q 'common_log_flush(common_log_main());' "$comp" || { echo "completion-flush-log: patch target not found in $comp"; exit 1; }
     local f="$SRC/tools/mtmd/models/llava.cpp"
     if grep -q 'ggml_concat(ctx0, inp, model.class_embedding, 1)' "$f"; then
         sed -i 's/ggml_concat(ctx0, inp, model.class_embedding, 1)/ggml_concat(ctx0, model.class_embedding, inp, 1)/' "$f"

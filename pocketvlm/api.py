@@ -23,6 +23,9 @@ from .models.base import is_vlm
 from .prompts import Prompt, build_image_prompt
 
 DEFAULT_CONTEXT = 4096
+#: Characters per token no real text reaches on average: prompts longer than the context window times this
+#: are refused before tokenization.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -248,6 +251,11 @@ class PocketModel:
 
     def chat_prompt(self, messages: list[dict]) -> Prompt:
         text, images = self.render(messages)
+        cap = self.context_window_size * MAX_CHARS_PER_TOKEN
+        if len(text) > cap:  # refused before tokenizing: a multi-megabyte prompt would hold the worker for seconds
+            raise ContextWindowError(
+                f"the prompt has {len(text):,} characters; a context window of {self.context_window_size} tokens "
+                f"cannot hold more than {cap:,} (it would be cut anyway): shorten it")
         if images:
             # Encode around each placeholder and insert the model's image token id itself: some families
             # (MobileVLM: -200) use an id the tokenizer cannot produce.
@@ -270,8 +278,10 @@ class PocketModel:
 
     # --- generation --------------------------------------------------------------------------------
     def run(self, prompt: Prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
-            slot: Slot | None = None, **sampling) -> Iterator[Event]:
-        """Stream :class:`Event` s for a prepared prompt. The last event has ``finish_reason`` set."""
+            slot: Slot | None = None, interleave: bool = False, **sampling) -> Iterator[Event | None]:
+        """Stream :class:`Event` s for a prepared prompt. The last event has ``finish_reason`` set.
+        ``interleave``: also yield ``None`` between prefill chunks, so that a scheduler can run other
+        requests' steps while a long prompt is read (the server's)."""
         from .tokenizer import StreamDecoder
 
         params = sampling_params(**sampling)
@@ -290,7 +300,10 @@ class PocketModel:
             banned = [i for i in [getattr(self.model, "image_token_id", None)]
                       if i is not None and 0 <= i < self.text_config.vocab_size]
             for step in slot.generate(prompt.keys, prompt.ids, params, max_tokens, stop_ids, prompt.embed_fn,
-                                      banned_ids=banned):
+                                      banned_ids=banned, yield_prefill=interleave):
+                if step is None:  # a prefill chunk done (interleave)
+                    yield None
+                    continue
                 n_out += 1
                 finish = step.finish_reason
                 text = "" if step.token in stop_ids else filt.push(dec.push(step.token))

@@ -186,3 +186,50 @@ def test_memory_flat_over_200_sequential_requests(server):
         grown = _rss_mb() - before
     print(f"RSS {before:.1f} MB before, grew {grown:+.1f} MB over 200 requests")
     assert grown < 10, f"RSS grew {grown:.1f} MB over 200 requests"
+
+
+def test_a_long_prompt_is_prefilled_between_other_streams_tokens(tiny_dir):
+    """A long prompt is read one prefill chunk per scheduler turn, so a running stream keeps getting tokens
+    while it is read (before, the whole prefill ran in one turn and the stream waited for all of it); its
+    answer is the same as alone."""
+    import pocketvlm
+
+    small = pocketvlm.load(tiny_dir, prefill_chunk_size=16)
+    long_prompt = user("the quick brown fox jumps " * 12)  # ~300 tokens (a tokenizer of few merges): ~19 chunks
+    with Engine({"t": small}, slots=2) as e:
+        alone = e.chat.completions.create(model="t", messages=long_prompt, max_tokens=3, temperature=0)
+        events, lock = [], threading.Lock()
+
+        def stream(name, msgs, n):
+            for ch in e.chat.completions.create(model="t", messages=msgs, max_tokens=n, temperature=0, stream=True):
+                if ch.choices and ch.choices[0].delta.content is not None:
+                    with lock:
+                        events.append((name, ch.choices[0].delta.content))
+
+        a = threading.Thread(target=stream, args=("a", user("Count: one two"), 120))
+        a.start()
+        while not events:
+            time.sleep(0.001)
+        b = threading.Thread(target=stream, args=("b", long_prompt, 3))
+        with lock:
+            events.append(("b submitted", ""))
+        b.start()
+        b.join()
+        a.join()
+    names = [n for n, _ in events]
+    # tokens of "a" while b's prompt was read (from b's submission to its first token): one per prefill chunk
+    during = names[names.index("b submitted"):names.index("b")].count("a")
+    assert during >= 10, names
+    assert "".join(t for n, t in events if n == "b") == alone.choices[0].message.content
+
+
+def test_a_4mb_prompt_is_refused_before_tokenizing(engine, pm):
+    from pocketvlm.errors import ContextWindowError
+
+    t = time.perf_counter()
+    with pytest.raises(ContextWindowError, match="characters"):
+        engine.chat.completions.create(model="tiny", messages=user("x" * (4 << 20)), max_tokens=2)
+    assert time.perf_counter() - t < 1.0  # (tokenizing it took 3.6-3.9 s on the worker thread before)
+    just_under = "y " * (pm.context_window_size * 16 - 100)  # under the character cap: tokenized, then too long
+    with pytest.raises(ContextWindowError, match="tokens"):
+        engine.chat.completions.create(model="tiny", messages=user(just_under), max_tokens=2)

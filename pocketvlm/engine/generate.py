@@ -61,6 +61,16 @@ class Slot:
                 exact: bool = False) -> torch.Tensor:
         """Bring the cache to hold ``keys``; returns the fp32 logits ``[V]`` of the last prompt position.
         ``exact``: reuse only what a fresh prefill would compute identically (module docstring)."""
+        steps = self.prefill_steps(keys, ids, embed_fn, exact)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, keys: Sequence, ids: Sequence[int], embed_fn: EmbedFn | None = None,
+                      exact: bool = False) -> Iterator[None]:
+        """:meth:`prefill` one chunk per step: yields None after every chunk but the last, returns the logits."""
         n = len(keys)
         if n == 0:
             raise ContextWindowError("empty prompt")
@@ -79,19 +89,22 @@ class Slot:
             common = min(common, self._canonical) // c * c
         # chunks from an aligned start that was canonical are computed as a fresh prefill computes them
         aligned = common % c == 0 and common <= self._canonical
-        self._canonical = n // c * c if aligned else min(self._canonical, common // c * c)
+        canonical = n // c * c if aligned else min(self._canonical, common // c * c)
         logits = None
         start = common
-        with torch.inference_mode():
-            while start < n:
-                end = min(start + self.prefill_chunk_size, n)
+        while start < n:
+            end = min(start + self.prefill_chunk_size, n)
+            with torch.inference_mode():  # entered per chunk: never held across a yield
                 if embed_fn is not None:
                     embeds, chunk_ids = embed_fn(start, end), None
                 else:
                     embeds, chunk_ids = None, torch.tensor([list(ids[start:end])], device=self.device)
                 logits = self._forward(chunk_ids, embeds, start, logits_to_keep=1)
-                start = end
-        self.keys = list(keys)
+            start = end
+            if start < n:
+                self.keys, self._canonical = [], 0  # mid-way: nothing may be reused if this stops here
+                yield None
+        self.keys, self._canonical = list(keys), canonical
         return logits[0, -1].float()
 
     def decode(self, token: int) -> torch.Tensor:
@@ -106,12 +119,18 @@ class Slot:
 
     def generate(self, keys: Sequence, ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
                  stop_ids: set[int] | frozenset = frozenset(), embed_fn: EmbedFn | None = None,
-                 generator: torch.Generator | None = None, banned_ids: Sequence[int] = ()) -> Iterator[StepResult]:
+                 generator: torch.Generator | None = None, banned_ids: Sequence[int] = (),
+                 yield_prefill: bool = False) -> Iterator[StepResult | None]:
         """Yield generated tokens; the last one carries ``finish_reason``. Stops on a stop id (not yielded
         as text by callers, but yielded here with finish_reason "stop"), on ``max_new_tokens`` or at the
         end of the context window ("length"). ``banned_ids`` are never sampled (a VLM's image token).
-        Greedy requests on an ``exact_reuse`` slot prefill exactly (see :meth:`prefill`)."""
-        logits = self.prefill(keys, ids, embed_fn, exact=self.exact_reuse and params.greedy)
+        Greedy requests on an ``exact_reuse`` slot prefill exactly (see :meth:`prefill`). ``yield_prefill``:
+        yield None after each prefill chunk but the last (a scheduler runs other requests in between)."""
+        exact = self.exact_reuse and params.greedy
+        if yield_prefill:
+            logits = yield from self.prefill_steps(keys, ids, embed_fn, exact)
+        else:
+            logits = self.prefill(keys, ids, embed_fn, exact)
         gen = generator or make_generator(params.seed)
         budget = min(max_new_tokens, self.context_window_size - len(self.keys))
         history = [k for k in keys if isinstance(k, int)]

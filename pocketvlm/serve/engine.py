@@ -41,10 +41,12 @@ class Job:
     """One request inside a scheduler. ``deliver(kind, value)`` is called from the worker thread with
     ("event", api.Event) or ("error", exception); the last call is a finished event or an error."""
 
-    def __init__(self, request: schemas.ChatRequest, messages: list[dict], images: dict, deliver: Callable):
+    def __init__(self, request: schemas.ChatRequest, messages: list[dict], images: dict, deliver: Callable,
+                 prompt=None):
         self.request = request
         self.messages = messages
         self.images = images
+        self.prompt = prompt  # built before submitting (a PocketModel's), else on the worker
         self.deliver = deliver
         self.extra = None  # set from the prompt before the first event: an assistant's descriptions
         self._cancelled = threading.Event()
@@ -132,7 +134,8 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         try:
-            prompt = build_prompt(self.pm, job.messages, job.images)
+            prompt = job.prompt or build_prompt(self.pm, job.messages, job.images)
+            job.prompt = None
             job.extra = prompt.extra
             if job.images:  # the decoded images are pixel tensors in the prompt now: give their memory back
                 job.messages = job.images = None
@@ -143,7 +146,7 @@ class Scheduler:
                 self._free.remove(slot)
             r = job.request
             gen = self.pm.run(prompt, max_tokens=r.max_tokens or self.pm.context_window_size, stop=r.stop,
-                              slot=slot, **r.sampling())
+                              slot=slot, interleave=True, **r.sampling())
             self._active.append((job, slot, gen))
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
             self._finish_error(job, e)
@@ -164,6 +167,8 @@ class Scheduler:
             slot.reset()  # a failure mid-prefill may leave the cache out of step with slot.keys
             self._release(entry)
             self._finish_error(job, e)
+            return
+        if ev is None:  # one prefill chunk of a long prompt: the other requests' turn
             return
         self.steps += 1
         if ev.finish_reason:
@@ -277,9 +282,11 @@ class Engine:
             raise ModelNotFoundError(f"model {model!r} is not served here; available: {', '.join(self.pocket_models)}")
         return model
 
-    def prepare(self, req: schemas.ChatRequest) -> tuple[str, list[dict], dict]:
-        """Look up the model and load the request's images (blocking I/O: call it off the event loop).
-        Returns (model id, messages with each image URL replaced by its PIL image, {index: PIL image}).
+    def prepare(self, req: schemas.ChatRequest) -> tuple:
+        """Look up the model, load the request's images and build its prompt (blocking work: call it off the
+        event loop; it runs beside the model's worker thread, which keeps decoding other requests). Returns
+        (model id, None, None, engine prompt), or for an Assistant (model id, messages with each image URL
+        replaced by its PIL image, {index: PIL image}, None): its prompt is built on the worker.
         Every image's source, size and header are checked, then the model's capability and the request's
         limits (count, pixels in all), all before the first pixel is decoded; then they decode one by one."""
         mid = self.resolve_model(req.model)
@@ -294,6 +301,19 @@ class Engine:
             raise ImageError(f"model {mid!r} is text-only ({pm.architecture}) and cannot take images; "
                              "send text only or use a vision-language model")
         self.image_policy.check_request(probed)
+        from ..api import PocketModel
+
+        if isinstance(pm, PocketModel):  # tokenized, its images encoded, here: off the model's worker thread
+            # (an Assistant's prompt runs its VLM, which stays on the worker beside its chat model)
+            prompt = build_prompt(pm, *self._decoded(req, probed))
+            if probed:  # the decoded images are gone with _decoded's frame: give their memory back
+                release_freed_heap()  # (glibc keeps a decoded photo's freed blocks in its heap)
+            return mid, None, None, prompt
+        return (mid, *self._decoded(req, probed), None)
+
+    def _decoded(self, req: schemas.ChatRequest, probed: list) -> tuple[list[dict], dict]:
+        """(messages with each image URL replaced by its decoded PIL image, {index: PIL image}), decoding the
+        probed images one after the other."""
         images, messages, k = {}, [], 0
         for m in req.messages:
             if isinstance(m["content"], list):
@@ -309,15 +329,15 @@ class Engine:
                         parts.append(p)
                 m = {"role": m["role"], "content": parts}
             messages.append(m)
-        return mid, messages, images
+        return messages, images
 
     def submit(self, req: schemas.ChatRequest, prepared, deliver: Callable) -> Job:
         """Queue a prepared request. ``prepared`` is emptied: the job holds its images until its prompt is
         built, then drops them (callers keep the model id, ``prepared[0]``, before submitting)."""
-        mid, messages, images = prepared
+        mid, messages, images, prompt = prepared
         if isinstance(prepared, list):
             prepared.clear()
-        return self.schedulers[mid].submit(Job(req, messages, images, deliver))
+        return self.schedulers[mid].submit(Job(req, messages, images, deliver, prompt))
 
     def close(self) -> None:
         for s in self.schedulers.values():
