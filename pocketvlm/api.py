@@ -311,7 +311,7 @@ class PocketModel:
                     finish = "stop"
                 if finish:
                     if not filt.stopped:
-                        text += filt.push(dec.flush()) + ("" if filt.stopped else filt.flush())
+                        text += filt.push(dec.flush(final=True)) + ("" if filt.stopped else filt.flush())
                     yield Event(text, step.token, finish, n_prompt, n_out)
                     return
                 yield Event(text, step.token, None, n_prompt, n_out)

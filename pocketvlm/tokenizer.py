@@ -488,15 +488,18 @@ class StreamDecoder:
             return new_text[len(prefix_text):]
         return ""
 
-    def flush(self) -> str:
-        """The held-back rest (possibly with U+FFFD if the stream ended mid-character); resets nothing."""
+    def flush(self, final: bool = False) -> str:
+        """The held-back rest (possibly with U+FFFD if the stream ended mid-character); resets nothing.
+        ``final``: the answer ends here (``max_tokens`` cut it mid-character): a trailing half character is
+        dropped rather than shown as U+FFFD."""
         if self._read == len(self.ids):
             return ""
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         new_text = self._decode(self.ids[self._prefix:])
         # The next window starts at an already-emitted token, as after a normal push.
         self._prefix, self._read = self._read, len(self.ids)
-        return new_text[len(prefix_text):] if new_text.startswith(prefix_text) else new_text
+        out = new_text[len(prefix_text):] if new_text.startswith(prefix_text) else new_text
+        return out.rstrip("\ufffd") if final else out
 
     def reset(self) -> None:
         self.ids.clear()

@@ -144,6 +144,12 @@ def test_stream_decoder_with_bos_and_genuinely_broken_bytes(qwen_pair, gemma_pai
     first = [dec.push(i) for i in ids[:-1]]
     assert "".join(first) == "a"  # the emoji's first bytes are held back
     assert dec.push(ids[-1]) == "😀" and dec.flush() == ""
+    # an answer cut mid-character (max_tokens): the final flush drops the half character, not "ok\ufffd"
+    cut = g.encode("ok", add_special_tokens=False) + broken[:2]
+    dec = StreamDecoder(g)
+    assert "".join(dec.push(i) for i in cut) == "ok" and dec.flush().endswith("\ufffd")  # as decode() says
+    dec = StreamDecoder(g)
+    assert "".join(dec.push(i) for i in cut) == "ok" and dec.flush(final=True) == ""
 
 
 # -- synthetic llama (SentencePiece) GGUF: the TinyLlama/Llama-2 case --------------------------------
