@@ -20,7 +20,7 @@ from .engine.generate import Slot
 from .engine.sampling import SamplingParams
 from .errors import ContextWindowError, ImageError, TemplateError
 from .models.base import is_vlm
-from .prompts import Prompt, build_image_prompt
+from .prompts import Prompt, build_image_prompt, encode_prompt_text, protect_special_text
 
 DEFAULT_CONTEXT = 4096
 #: Characters per token no real text reaches on average: prompts longer than the context window times this
@@ -250,6 +250,7 @@ class PocketModel:
         return text, images
 
     def chat_prompt(self, messages: list[dict]) -> Prompt:
+        messages, literals = protect_special_text(messages, self.tokenizer.special_strings)
         text, images = self.render(messages)
         cap = self.context_window_size * MAX_CHARS_PER_TOKEN
         if len(text) > cap:  # refused before tokenizing: a multi-megabyte prompt would hold the worker for seconds
@@ -266,9 +267,9 @@ class PocketModel:
                 if i:
                     ids.append(self.model.image_token_id)
                 if piece:
-                    ids += self.tokenizer.encode(piece, add_special_tokens=False)
+                    ids += encode_prompt_text(self.tokenizer, piece, literals)
         else:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = encode_prompt_text(self.tokenizer, text, literals)
         bos = self.tokenizer.bos_token_id
         if self.tokenizer.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids  # the template did not write the BOS this tokenizer always starts with

@@ -8,6 +8,7 @@ with ``masked_scatter``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,3 +98,50 @@ def build_image_prompt(pm, ids: list[int], images: list):
         return e
 
     return Prompt(keys, new_ids, embed_fn, len(images), stop_ids=pm.chat_stop_ids)
+
+
+# --- special-token text typed by a user ------------------------------------------------------------------
+_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use marks standing for a typed special-token string
+
+
+def protect_special_text(messages: list[dict], special_strings) -> tuple[list[dict], list[str]]:
+    """``messages`` with every special-token string in their text (``<|im_end|>`` typed by a user) replaced by
+    a mark, and the strings the marks stand for: :func:`encode_prompt_text` then tokenizes them as plain text,
+    so the chat template's special tokens come only from the template. Unchanged when no text has one."""
+    found: list[str] = []
+    if not special_strings:
+        return messages, found
+    pattern = re.compile("|".join(re.escape(t) for t in special_strings))
+
+    def mark(text):
+        def sub(m):
+            found.append(m.group(0))
+            return f"\ue000{len(found) - 1}\ue001"
+        return pattern.sub(sub, text) if isinstance(text, str) else text
+
+    out = []
+    for m in messages:
+        c = m.get("content") if isinstance(m, dict) else None
+        if isinstance(c, str):
+            m = {**m, "content": mark(c)}
+        elif isinstance(c, list):
+            m = {**m, "content": [{**p, "text": mark(p["text"])} if isinstance(p, dict) and p.get("type") == "text"
+                                  and isinstance(p.get("text"), str) else p for p in c]}
+        out.append(m)
+    return (out, found) if found else (messages, found)
+
+
+def encode_prompt_text(tokenizer, text: str, literals: list[str]) -> list[int]:
+    """Token ids of rendered prompt ``text``: the template's special tokens parsed, marked ``literals`` (see
+    :func:`protect_special_text`) read as plain text."""
+    if not literals:
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids, pos = [], 0
+    for m in _MARK.finditer(text):
+        if m.start() > pos:
+            ids += tokenizer.encode(text[pos:m.start()], add_special_tokens=False)
+        ids += tokenizer.encode_as_text(literals[int(m.group(1))])
+        pos = m.end()
+    if pos < len(text):
+        ids += tokenizer.encode(text[pos:], add_special_tokens=False)
+    return ids

@@ -258,6 +258,9 @@ class Tokenizer:
             self.chat_templates = {"default": chat_template} if chat_template else {}
             self.chat_template = chat_template or None
         self._special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.special_strings = tuple(sorted({t.content for t in backend.get_added_tokens_decoder().values()
+                                             if t.special and t.content}, key=len, reverse=True))
+        self._as_text = None  # a copy of the backend that reads special-token strings as plain text
         eos = set(int(i) for i in extra_eos_token_ids)
         if self.eos_token_id is not None:
             eos.add(self.eos_token_id)
@@ -443,6 +446,14 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() needs a str, got {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """``text`` tokenized with any special-token string in it read as plain text (what a user typed)."""
+        if self._as_text is None:
+            t = _Backend.from_str(self._backend.to_str())
+            t.encode_special_tokens = True
+            self._as_text = t
+        return self._as_text.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
