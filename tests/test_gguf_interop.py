@@ -45,8 +45,11 @@ def _image(path: Path, size: tuple[int, int], seed: int) -> Path:
 
 
 def _ask(model, image: Path, question: str = QUESTION, max_tokens: int = 12) -> str:
+    """The greedy answer as its tokens decode, as llama.cpp prints them (``chat`` drops a character that
+    ``max_tokens`` cut in half; random models often end on one)."""
     msgs = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]}]
-    return model.chat(msgs, max_tokens=max_tokens, temperature=0)
+    done = model.complete_chat(msgs, max_tokens=max_tokens, temperature=0)
+    return model.tokenizer.decode([t for t in done.tokens if t not in model.chat_stop_ids])
 
 
 # --- export ---------------------------------------------------------------------------------------------
