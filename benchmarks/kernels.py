@@ -6,15 +6,11 @@ GB/s is the figure of merit; for prefill (M=512) GFLOP/s is printed too.
 
 Paths:
   fp32 / bf16   F.linear on a dense weight
-  int4pack      Int4Linear (q4f16_1) on aten._weight_int4pack_mm_for_cpu, bf16 activations
-  int8pack      raw aten._weight_int8pack_mm, per-output-channel scales (not group-wise: reference)
-  q8 (2xint4)   Int8Linear (q8f16_1, group 32): one int4 call on a [2*out, in] weight
-  q8 deq+mm     the alternative for group-wise q8: dequantize to bf16 per call, then F.linear (bf16)
-  q3 (int4 g64) Int3Linear (q3f16_1): 40-code groups padded into 64-wide int4 kernel groups
-  *-dense       the QuantLinear prefill path: dequantize to fp32 + dense GEMM
+  q4 / q8 / q3  QuantLinear (q4f16_1, q8f16_1, q3f16_1) on the own kernel (int8 activations)
+  *-dense       the same modules on the dense path (dequantize + GEMM), which prefill takes
 
-Then a sweep of M for the 4864x896 weight comparing the kernel path with the dense path, which
-sets ``pocketvlm.quant.linear.DENSE_MIN_TOKENS``.
+Then a sweep of M for the 4864x896 weight comparing the own kernel with the dense path, which
+sets ``pocketvlm.quant.linear.OWN_KERNEL_MAX_TOKENS``.
 
 Run:  .venv/bin/python benchmarks/kernels.py [--threads 2] [--quick]
 Several distinct copies of small weights are cycled so they are read from memory, not cache.
@@ -32,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketvlm.quant import formats
+from pocketvlm.quant import linear
 from pocketvlm.quant.linear import quant_linear_from_float
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # [out, in]
@@ -78,30 +75,25 @@ def _paths(out_f, in_f, copies, m):
 
     lin = nn.Linear(in_f, out_f, bias=False)
     lin.weight.data = base
-    for mode, label in (("q4f16_1", "int4pack"), ("q8f16_1", "q8 (2xint4)"), ("q3f16_1", "q3 (int4 g64)")):
+    for mode, label in (("q4f16_1", "q4"), ("q8f16_1", "q8"), ("q3f16_1", "q3")):
         mods = [quant_linear_from_float(lin, mode) for _ in range(copies)]
         nbytes = out_f * formats.padded_in_features(in_f, formats.parse_mode(mode).group_size) * formats.parse_mode(mode).bytes_per_weight
-        kernel_bytes = nbytes if mode != "q3f16_1" else out_f * mods[0].kernel_cols * (0.5 + 2 / 64)
-        for mm in mods:
-            mm.dense_min_tokens = 10**9  # force the kernel path
-        yield label, kernel_bytes, lambda: mods[cyc.next()](x32)
-        for mm in mods:
-            mm.dense_min_tokens = 0  # force the dense path
-        yield label.split(" ")[0] + "-dense", nbytes, lambda: mods[cyc.next()](x32)
-        if mode == "q8f16_1":
-            q8 = [(torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=g)) for _ in range(copies)]
-            sc = [torch.rand(out_f, in_f // 32, generator=g).to(torch.float16) for _ in range(copies)]
-
-            def deq_mm():
-                i = cyc.next()
-                w = (q8[i].view(out_f, -1, 32).to(torch.bfloat16) * sc[i].to(torch.bfloat16).unsqueeze(-1)).view(out_f, in_f)
-                return F.linear(xbf, w)
-
-            yield "q8 deq+mm", out_f * in_f * (1 + 2 / 32), deq_mm
-            s8 = torch.rand(out_f, generator=g).bfloat16()
-            yield "int8pack", out_f * in_f, lambda: torch.ops.aten._weight_int8pack_mm(xbf, q8[cyc.next()], s8)
-            del q8, sc
+        kernel_bytes = nbytes if mode != "q3f16_1" else out_f * mods[0].kernel_cols * (0.5 + 8 / 32)
+        yield label, kernel_bytes, _forced(mods, cyc, x32, own=True)
+        yield label + "-dense", nbytes, _forced(mods, cyc, x32, own=False)
         del mods
+
+
+def _forced(mods, cyc, x, own: bool):
+    """A call of the next module with the own kernel forced on (any M) or off."""
+    def call():
+        saved = linear.OWN_KERNEL_MAX_TOKENS
+        linear.OWN_KERNEL_MAX_TOKENS = 10**9 if own else 0
+        try:
+            return mods[cyc.next()](x)
+        finally:
+            linear.OWN_KERNEL_MAX_TOKENS = saved
+    return call
 
 
 def main():
@@ -122,8 +114,6 @@ def main():
                     continue  # the LM head only runs on the last prompt token
                 copies = max(1, min(8, math.ceil(CACHE_DEFEAT_BYTES / (out_f * in_f * 2))))
                 for name, nbytes, fn in _paths(out_f, in_f, copies, m):
-                    if m == 512 and name in ("q8 deq+mm",):
-                        continue
                     if out_f > 100000 and name.endswith("-dense"):
                         continue  # a 1-token call never takes the dense path; it only costs minutes here
                     t = _time(fn, min_s, warmup=copies)
@@ -131,21 +121,17 @@ def main():
                           f"{2 * m * out_f * in_f / t / 1e9:8.1f}", flush=True)
     if args.decode_only:
         return
-    print("\nkernel vs dense (dequantize to fp32 + GEMM) for 4864x896, ms/call:")
+    print("\nown kernel vs dense (dequantize + GEMM) for 4864x896, ms/call:")
     lin = nn.Linear(896, 4864, bias=False)
     for mode in ("q4f16_1", "q8f16_1", "q3f16_1"):
         mods = [quant_linear_from_float(lin, mode) for _ in range(4)]
         cyc = _Cycle(4)
         row = []
-        for m in (1, 8, 32, 64, 128, 256, 512):
+        for m in (1, 8, 16, 32, 64, 128, 256, 512):
             x = torch.randn(m, 896)
-            res = []
-            for thr in (10**9, 0):
-                for mm in mods:
-                    mm.dense_min_tokens = thr
-                res.append(_time(lambda: mods[cyc.next()](x), min_s / 2, warmup=4) * 1e3)
+            res = [_time(_forced(mods, cyc, x, own), min_s / 2, warmup=4) * 1e3 for own in (True, False)]
             row.append(f"M={m}: {res[0]:.2f}/{res[1]:.2f}")
-        print(f"  {mode}: " + "  ".join(row) + "   (kernel/dense)", flush=True)
+        print(f"  {mode}: " + "  ".join(row) + "   (own/dense)", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

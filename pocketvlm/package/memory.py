@@ -4,9 +4,10 @@ All terms are bytes for batch 1, computed from the config and quantization mode 
 (the model is built on the meta device with the quantized modules the mode gives):
 
 * ``weights``: every tensor of the quantized state dict at its stored size (codes, scales), float
-  tensors at the run dtype; plus ``kernel_cache``: on CPU a quantized layer is repacked for the int4
-  kernel the first time it runs and caches bf16 scale/zero pairs (4 bytes per kernel group; 3-bit
-  layers grow from 0.375 to 0.5 bytes/weight in 64-wide kernel groups).
+  tensors at the run dtype; plus ``kernel_cache``: on CPU a quantized layer is repacked for the own kernel
+  the first time it runs (``QuantLinear.kernel_extra_bytes``: 4- and 8-bit codes are reordered in place
+  beside a copy of the scales; 5-bit codes shrink from 1 to 0.625 bytes/weight; 3-bit layers gain a
+  0.5 bytes/weight copy in 64-wide groups).
 * ``kv_cache``: the preallocated cache, ``layers x 2 x kv_heads x context x head_dim x kv dtype`` (the
   family's own ``make_cache`` built on meta, so every family's layout counts).
 * ``activations``: the largest of (a) a quantized embedding's row lookup, which unpacks the whole
@@ -52,7 +53,7 @@ RUNTIME_BYTES = 256 * 1024 ** 2
 TOKENIZER_FACTOR = 9
 #: Bytes per weight held while the dense prefill path dequantizes one quantized layer (see docstring).
 DEQUANT_BYTES_PER_WEIGHT = 13
-#: Transient bytes per kernel weight while one layer is repacked for the CPU int4 kernel.
+#: Transient bytes per kernel weight while one layer is repacked for the own CPU kernel.
 REPACK_BYTES_PER_WEIGHT = 2
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -105,7 +106,7 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu", stor
                  ) -> tuple[int, int, int]:
     """(weights, kernel_cache, repack transient) bytes of a (meta or real) model run in ``dtype`` on ``device``.
     ``stored_layout``: a package that stores 4-bit weights in the kernel layout (no repacking for those)."""
-    from ..quant import QuantLinear, kernels
+    from ..quant import QuantLinear
     from ..quant.vision_fast import VisionInt8Linear
 
     a = DTYPE_BYTES[dtype]
@@ -116,10 +117,8 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, device: str = "cpu", stor
             kernel += m.qweight.numel()   # the int8 GEMM's packed copy of the codes (built at first call)
         if isinstance(m, QuantLinear):
             scale_keys |= {f"{n}.scales", f"{n}.zeros"}
-            if device == "cpu" and kernels.cpu_int4_supported(m.kernel_rows, m.kernel_cols, m.kernel_group):
-                packed = m.kernel_rows * m.kernel_cols // 2
-                groups = m.kernel_cols // m.kernel_group
-                kernel += packed - m.qweight.numel() * m.qweight.element_size() + groups * m.kernel_rows * 2 * 2
+            if device == "cpu":
+                kernel += m.kernel_extra_bytes()
                 if not (stored_layout and m.stored_kernel_shape() is not None):
                     repack = max(repack, REPACK_BYTES_PER_WEIGHT * m.kernel_rows * m.kernel_cols)
     seen, total = set(), 0

@@ -27,7 +27,7 @@ Modules (``linear``), drop-ins with the ``nn.Linear`` / ``nn.Embedding`` call co
     QuantLinear (Int4Linear, Int8Linear, Int5Linear, Int3Linear): .dequantize(dtype, rows=None)
     quant_linear_from_float(linear, mode)
     QuantEmbedding(table).as_lm_head() -> TiedQuantHead (one quantized tensor, two uses)
-    DENSE_MIN_TOKENS                            # from this many rows, dequantize + dense GEMM
+    OWN_KERNEL_MAX_TOKENS, dense_from_tokens()  # from this many rows (CPU), dequantize + dense GEMM
 
 Whole models (``apply``)::
 
@@ -41,8 +41,9 @@ Whole models (``apply``)::
 
 ``state_dict()`` of quantized modules holds plain tensors (packed ints + scales [+ zeros]) that
 safetensors can save; ``build_quantized(model, record)`` then ``load_state_dict`` restores them.
-Kernel notes (bf16 activations, the int8-as-two-int4 and int3-as-int4 re-expressions, the prefill
-switch) are in :mod:`pocketvlm.quant.linear`; measurements in ``benchmarks/kernels.py``.
+Which code multiplies (own kernel or dense GEMM) is told in :mod:`pocketvlm.quant.linear`; the weight
+layouts the kernels read in ``csrc/kernels.h``; measurements in ``benchmarks/kernels.py`` and
+``benchmarks/cpu_kernel.py``.
 """
 from .apply import (
     DEFAULT_SKIP, GGUF_INT4, GGUF_INT5, build_quantized, gguf_embedding, gguf_linear, module_mode, quantize_model,
@@ -54,13 +55,13 @@ from .formats import (
 from .gguf_blocks import dequantize_gguf, torch_shape
 from .embedding import QuantEmbedding, TiedQuantHead
 from .linear import (
-    DENSE_MIN_TOKENS, Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, quant_linear_from_float,
+    OWN_KERNEL_MAX_TOKENS, Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, dense_from_tokens, quant_linear_from_float,
 )
 
 __all__ = [
     "MODES", "QuantMode", "parse_mode", "quantize", "dequantize", "pack", "unpack", "pack_4bit", "unpack_4bit",
     "pack_3bit", "unpack_3bit", "dequantize_gguf", "torch_shape", "QuantLinear", "Int4Linear", "Int5Linear", "Int8Linear",
-    "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "DENSE_MIN_TOKENS",
+    "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "OWN_KERNEL_MAX_TOKENS", "dense_from_tokens",
     "quantize_model", "module_mode", "quantize_module", "tied_head", "build_quantized", "gguf_linear", "gguf_embedding",
     "DEFAULT_SKIP", "GGUF_INT4", "GGUF_INT5",
 ]

@@ -33,7 +33,7 @@ from .embedding import QuantEmbedding
 from .linear import Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, quant_linear_from_float
 
 DEFAULT_SKIP = ("*vision_tower*", "*multi_modal_projector*", "*mm_projector*")
-#: Storage of GGUF Q4_0/Q4_1/Q4_K kept on the int4 kernel: fp32 scale and zero per 32 weights.
+#: Storage of GGUF Q4_0/Q4_1/Q4_K kept 4-bit: fp32 scale and zero per 32 weights.
 GGUF_INT4 = "q4f32_gguf"
 #: Storage of GGUF Q5_0 (exact): 5-bit codes, fp16 scale per 32 weights (saved as int8 codes, run as 5-bit).
 GGUF_INT5 = "q5f16_gguf"
@@ -218,7 +218,7 @@ def gguf_linear(data, ggml_type, gguf_shape, *, bias: torch.Tensor | None = None
     """One GGUF weight (``tensor.data``, ``tensor.tensor_type``, ``tensor.shape`` from ``GGUFReader``)
     -> ``(module, mode)`` with the ``nn.Linear`` call contract:
 
-    * Q4_0/Q4_1/Q4_K -> :class:`Int4Linear` (mode ``q4f32_gguf``), exact codes on the int4 kernel.
+    * Q4_0/Q4_1/Q4_K -> :class:`Int4Linear` (mode ``q4f32_gguf``), exact codes on the 4-bit kernel.
     * Q8_0 -> :class:`Int8Linear` (mode ``q8f16_1`` storage: int8 codes, fp16 scales), exact.
     * Q5_0 -> :class:`Int5Linear` (mode ``q5f16_gguf``), exact: the 8-bit storage, run as 5-bit codes
       (5.5 bits per weight, as in the file) on the CPU kernel.

@@ -1,49 +1,32 @@
-"""Quantized drop-ins for ``nn.Linear`` / ``nn.Embedding`` that keep weights low-bit at run time.
+"""Quantized drop-ins for ``nn.Linear`` that keep weights low-bit at run time.
 
-Which code multiplies (``QuantLinear.forward``), on CPU:
+Which code multiplies (:meth:`QuantLinear.forward`): on CPU, inputs of fewer than ``OWN_KERNEL_MAX_TOKENS``
+rows (decode, short prompts) run pocketvlm's own C++ kernel (:mod:`.cpu_kernel`, int8 activations as in
+llama.cpp); everything else - long prefills, other devices, a CPU where the kernel did not build - takes the
+dense path: the weight dequantized to ``dense_dtype`` and one ``F.linear`` GEMM. :func:`dense_from_tokens` is
+that one threshold, and the memory estimate counts the dense path's transient from it.
 
-* fewer than ``OWN_KERNEL_MAX_TOKENS`` rows (decode, short prompts): pocketvlm's own C++ kernel
-  (:mod:`.cpu_kernel`: 4-, 5- and 8-bit layouts, int8 activations as llama.cpp), when it built;
-* more rows: the dense path, the weight dequantized to ``dense_dtype`` and one ``F.linear`` GEMM;
-* only where the own kernel did not build (no C++ compiler): PyTorch's CPU int4 GEMV
-  (``kernels.int4_mm``) below ``dense_min_tokens``. For it every kind re-expresses its codes *exactly* as
-  int4 codes with ``w = (c - 8) * S + Z`` per kernel group ("kernel codes"):
+Kinds, each with its own stored (``state_dict``) form and the kernel layout it runs in:
 
-* :class:`Int4Linear` - MLC q4*_1 (``(q - 7) * s`` = ``(q - 8) * s + s``: Z = S) and GGUF
-  Q4_0/Q4_1/Q4_K (their own S, Z per 32 weights, see ``gguf_blocks.int4_codes``).
-* :class:`Int5Linear` - GGUF Q5_0: stored as Int8Linear's codes, run on the own kernel's 5-bit layout.
-* :class:`Int8Linear` - group-wise int8 (MLC q8f16_1, GGUF Q8_0): the unsigned code
-  ``u = c + 128 = 16h + l`` splits into two 4-bit halves, so ``c * s = [(h-8)*16s + 8s] + [(l-8)*s]``:
-  one int4 call on a ``[2N, K]`` weight and ``y[:, :N] + y[:, N:]``. ``aten._weight_int8pack_mm``
-  only has per-output-channel scales (requantizing to those loses accuracy; dequantizing to bf16 per
-  call was 5-20x slower in benchmarks/kernels.py), and this reads the same 1 byte per weight, at
-  about the per-channel int8 kernel's speed in the same run.
-* :class:`Int3Linear` - MLC q3f16_1, group 40, which the kernel does not support (32/64/128/256):
-  each 40-code group is placed in a 64-wide kernel group padded with zero weights, the activation
-  is scattered the same way, and ``(q - 3) * s = ((q + 5) - 8) * s`` (Z = 0, so rounding the scale
-  to bf16 cannot shift a zero weight). Exact, but it reads
-  64/40 of an int4 weight (0.8 B/weight) instead of 0.375.
+* :class:`Int4Linear` - MLC q4*_1 (``(q - 7) * s``) and GGUF Q4_0/Q4_1/Q4_K (``(q - 8) * s + z``): the 4-bit
+  layout (``rows8``/``rows``), holding the same bytes as the stored nibbles.
+* :class:`Int8Linear` - group-wise int8 (MLC q8f16_1, GGUF Q8_0): the 8-bit layout.
+* :class:`Int5Linear` - GGUF Q5_0, stored as Int8Linear's codes, run in the 5-bit layout (0.69 B/weight).
+* :class:`Int3Linear` - MLC q3f16_1, group 40: each group zero-padded into a 64-wide 4-bit group (exact, but
+  it reads 64/40 of a 4-bit weight).
 
-Precision of PyTorch's int4 kernel: it needs scales in the activation dtype and is only fast in bfloat16,
-so activations are cast to bf16 and S, Z are rounded to bf16 for it (codes stay exact); the result is cast
-back to the input dtype.
+Inside, every kind maps its codes to one 4-bit form, ``w = (c - 8) * S + Z`` per kernel group ("kernel
+codes", :meth:`QuantLinear._kernel_codes`; q8 as two 4-bit halves), which the generic dequantize and the
+generic packing use. The layouts themselves are described once, in ``csrc/kernels.h``.
 
-Prefill: a GEMV kernel is the wrong tool for many tokens: the dense path takes over (from
-``OWN_KERNEL_MAX_TOKENS`` rows with the own kernel, from ``dense_min_tokens`` with PyTorch's; both thresholds
-measured in benchmarks/kernels.py). ``dense_dtype`` on CPU is bfloat16 where the CPU
-multiplies bf16 natively (AVX-512-BF16 / AMX: oneDNN's bf16 GEMM ran the 512-token prefill of
-Qwen2.5-0.5B at ~380 GFLOP/s vs ~110 for fp32 on the 2-core Zen 4 VM, prefill 170 -> 270-290 tokens/s)
-and float32 elsewhere (on AVX2-only CPUs PyTorch's bf16 GEMM measured several times *slower* than fp32). On non-CPU devices, or shapes the
-kernel cannot take (out_features not a multiple of 16), the dense path is always used.
+``dense_dtype`` on CPU is bfloat16 where the CPU multiplies bf16 natively (AVX-512-BF16 / AMX) and float32
+elsewhere (PyTorch's bf16 GEMM is several times slower than fp32 on AVX2-only CPUs).
 
-Storage: on CPU ``qweight`` is converted lazily (first forward) into the kernel's packed layout,
-replacing the plain one, so weights are held once. ``state_dict()`` always returns the plain,
-device-independent layout (4-bit: two codes per byte; 8-bit: int8 codes; 3-bit: ten per int32)
-and loading accepts it, so a converted model saves with safetensors and loads without requantizing.
-Inside :func:`kernel_layout_state` (what a package save uses), symmetric 4-bit layers save ``qweight`` in
-the own kernel's packing instead (:data:`KERNEL_LAYOUT`: rows8 ``[N/8, K/32, 128]`` where ``N % 8 == 0``, else
-rows ``[N, K/2]``; same bytes, scales stay plain); a package records it and its loader marks those layers
-(:meth:`QuantLinear.expect_kernel_layout`), so it loads without unpacking and repacking every matrix.
+Storage: on CPU ``qweight`` is converted on first use into the kernel layout, replacing the stored one, so
+weights are held once. ``state_dict()`` returns the stored, device-independent form, except inside
+:func:`kernel_layout_state` (a package save): symmetric 4-bit layers then save the kernel layout
+(:data:`KERNEL_LAYOUT`), and a package's loader marks them (:meth:`QuantLinear.expect_kernel_layout`) so
+nothing is unpacked or repacked at load.
 """
 from __future__ import annotations
 
@@ -55,16 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantizationError
-from . import cpu_kernel, formats, kernels
+from . import cpu_kernel, formats
 
-#: Token count from which the dense (dequantize to fp32 + GEMM) path beats the int4 kernel.
-#: benchmarks/kernels.py on the shared 2-core Xeon (heavily loaded, 2 threads, 4864x896): the kernel
-#: won up to 256 tokens for q4/q8/q3; at 512 the dense path tied (q4) or won (q8, q3).
-#: Re-measure on a quiet machine; override per module with ``module.dense_min_tokens``.
-DENSE_MIN_TOKENS = 512
-
-#: pocketvlm's own CPU kernel (``cpu_kernel``: AVX2/FMA, AVX-512 VNNI paths chosen at run time, scalar fallback) is used below this many
-#: tokens when it built; its time grows linearly with the token count, so prefill goes dense earlier.
+#: Rows below which a CPU input runs the own kernel (its time grows with the row count, a GEMM's barely):
+#: from this many rows the dense path is faster (benchmarks/kernels.py sweeps it).
 OWN_KERNEL_MAX_TOKENS = 16
 
 #: The stored kernel layout's name and version (a package's ``quantization.kernel_layout``): every symmetric
@@ -85,11 +62,10 @@ def kernel_layout_state():
 
 def dense_from_tokens(device: str | torch.device = "cpu") -> int:
     """The row count from which a ``QuantLinear`` on ``device`` takes the dense path (dequantized weight + GEMM):
-    ``OWN_KERNEL_MAX_TOKENS`` with the own kernel, else ``DENSE_MIN_TOKENS`` (PyTorch's int4 kernel) on CPU,
-    and 0 (always dense) elsewhere. The memory estimate counts the dense path's transient from here."""
-    if torch.device(device).type != "cpu":
+    ``OWN_KERNEL_MAX_TOKENS`` on a CPU where the own kernel built, else 0 (always dense)."""
+    if torch.device(device).type != "cpu" or not cpu_kernel.available():
         return 0
-    return OWN_KERNEL_MAX_TOKENS if cpu_kernel.available() else DENSE_MIN_TOKENS
+    return OWN_KERNEL_MAX_TOKENS
 
 
 #: Activations in the own kernel: "int8" (quantized per 32 values, as llama.cpp does; fast) or "fp32" (exact).
@@ -113,12 +89,10 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.k_padded = formats.padded_in_features(in_features, group_size)
-        self.dense_min_tokens = DENSE_MIN_TOKENS
         self.dense_dtype = cpu_dense_dtype()  # the prefill GEMM's dtype on CPU (see the module docstring)
-        self._layout = "plain"  # or "cpu": qweight holds kernels.pack_int4_cpu(kernel codes); "own": see _prepare_own
+        self._layout = "plain"  # or "own": qweight holds the own kernel's layout (see _prepare_own)
         self._own = None  # cpu_kernel.Q4Weight / Q8Weight for pocketvlm's own kernel
         self._own_direct = False  # True when _own can be called on the raw input (no padding, no row folding)
-        self.register_buffer("_scale_zeros", None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._register_state_dict_hook(QuantLinear._plain_state_hook)
 
@@ -148,14 +122,8 @@ class QuantLinear(nn.Module):
         return w[..., : self.in_features]
 
     # ----- layout --------------------------------------------------------------------------------
-    def _kernel_ok(self, device: torch.device) -> bool:
-        n, k = self.kernel_rows, self.kernel_cols
-        return device.type == "cpu" and kernels.cpu_int4_supported(n, k, self.kernel_group)
-
     def _codes_now(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Kernel codes (all, or the given kernel rows) from whichever layout is held."""
-        if self._layout == "cpu":
-            return kernels.unpack_int4_cpu(self.qweight, rows)
         if self._layout == "own":
             codes = cpu_kernel.unpack_q4(self.qweight)
             return codes if rows is None else codes[rows]
@@ -163,7 +131,7 @@ class QuantLinear(nn.Module):
         return codes if rows is None else codes[rows]
 
     def _to_plain(self) -> None:
-        if self._layout in ("cpu", "own"):
+        if self._layout == "own":
             self.qweight = self._plain_from_kernel_codes(self._codes_now())
             self._layout = "plain"
         self._own = None
@@ -190,18 +158,18 @@ class QuantLinear(nn.Module):
             return cpu_kernel.q8_linear(xk, self._own)
         return self._fold_rows(cpu_kernel.q4_linear(xk, self._own, act=OWN_KERNEL_ACT))
 
-    def _prepare_kernel(self) -> None:
-        """Repack ``qweight`` for the CPU kernel (once) and cache bf16 ``[G', N', 2]`` scale/zero."""
-        if self._layout != "cpu":
-            self.qweight = kernels.pack_int4_cpu(self._codes_now())
-            self._layout = "cpu"
-        if self._scale_zeros is None or self._scale_zeros.device != self.qweight.device:
-            s, z = self._kernel_scale_zero()
-            self._scale_zeros = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-
     def stored_kernel_shape(self) -> tuple | None:
         """The ``qweight`` shape of :data:`KERNEL_LAYOUT` when this layer can be stored in it, else None."""
         return None
+
+    def kernel_extra_bytes(self) -> int:
+        """Bytes the own kernel's form adds to the stored tensors once this layer has run on CPU (the generic
+        4-bit packing: codes in kernel groups, float32 scales and biases); the memory estimate's kernel term."""
+        groups = self.kernel_rows * (self.kernel_cols // 32)
+        return self.kernel_rows * self.kernel_cols // 2 + 2 * 4 * groups
+
+    def _scale_copy_bytes(self) -> int:  # the kernel's own copy of the scales (rows8 order or dtype)
+        return self.scales.numel() * (2 if self.scales.dtype == torch.float16 else 4)
 
     def expect_kernel_layout(self) -> None:
         """The next state dict loaded holds this layer's ``qweight`` in :data:`KERNEL_LAYOUT` (a package says so)."""
@@ -211,7 +179,7 @@ class QuantLinear(nn.Module):
     def _plain_state_hook(module, state_dict, prefix, local_metadata):
         if _SAVE_KERNEL_LAYOUT.get() and module.stored_kernel_shape() is not None:
             state_dict[prefix + "qweight"] = module._stored_kernel_qweight()
-        elif module._layout in ("cpu", "own"):
+        elif module._layout == "own":
             state_dict[prefix + "qweight"] = module._plain_from_kernel_codes(module._codes_now())
         return state_dict
 
@@ -219,18 +187,16 @@ class QuantLinear(nn.Module):
         incoming = state_dict.get(prefix + "qweight")
         own = getattr(self, "_expect_kernel", False) and incoming is not None
         self._expect_kernel = False
-        if self._layout in ("cpu", "own") or own:  # drop the layout held; make room for the one loaded
+        if self._layout == "own" or own:  # drop the layout held; make room for the one loaded
             shape = self.stored_kernel_shape() if own else self.plain_shape
             self.qweight = torch.empty(shape, dtype=self.plain_dtype, device=self.qweight.device)
             self._layout = "own" if own else "plain"
-        self._scale_zeros = None
         self._own = None
         self._own_direct = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._to_plain()  # the CPU layout means nothing elsewhere; repacked lazily on use
-        self._scale_zeros = None
+        self._to_plain()  # the kernel layout means nothing elsewhere; repacked lazily on use
         # model.to(bfloat16) must move scales but not round them: keep their dtype (only bias follows)
         keep = {n: getattr(self, n) for n in ("scales", "zeros") if getattr(self, n, None) is not None}
         out = super()._apply(fn, recurse)
@@ -266,7 +232,7 @@ class QuantLinear(nn.Module):
 
     def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight for the dense (prefill / non-CPU) path, computed directly in ``dtype`` from
-        ``dtype``-rounded scales - the kernel's own arithmetic, and ~5x cheaper than float32."""
+        ``dtype``-rounded scales (~5x cheaper than in float32)."""
         codes = self._codes_now()
         s, z = (t.to(dtype).unsqueeze(-1) for t in self._kernel_scale_zero())
         w = self._group_dequant(codes.view(codes.shape[0], -1, self.kernel_group).to(dtype), s, z)
@@ -304,10 +270,6 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self._own_ok(x.device, x2.shape[0]):
             y = self._own_forward(x2)
-        elif x2.shape[0] < self.dense_min_tokens and self._kernel_ok(x.device) and not cpu_kernel.available():
-            self._prepare_kernel()
-            xk = self._to_kernel_x(x2.to(torch.bfloat16)).contiguous()
-            y = self._fold_rows(kernels.int4_mm(xk, self.qweight, self.kernel_group, self._scale_zeros).float())
         else:
             cd = self.dense_dtype if x.device.type == "cpu" else x.dtype
             y = F.linear(x2.to(cd), self.dense_weight(cd))
@@ -357,6 +319,9 @@ class Int4Linear(QuantLinear):
             return None
         return (n // 8, k // 32, 128) if n % 8 == 0 and n > 0 else (n, k // 2)  # pack_q4's "auto" choice
 
+    def kernel_extra_bytes(self) -> int:  # the codes are repacked in place; symmetric: a copy of the scales
+        return self._scale_copy_bytes() if self.zeros is None else 2 * 4 * self.scales.numel()
+
     def _stored_kernel_qweight(self) -> torch.Tensor:
         self._prepare_own()  # the layout the first forward would make: held once, shared by tied keys
         return self.qweight
@@ -373,8 +338,6 @@ class Int4Linear(QuantLinear):
             self._own = cpu_kernel.Q4Weight(self.qweight, s.contiguous(), None, 7.0)
             self._own_direct = self.k_padded == self.in_features
             return
-        if self._layout == "cpu":
-            self._to_plain()
         codes = self._codes_now()
         if self.zeros is None:  # MLC symmetric: (q - 7) * s, 4.5 bits per weight with fp16 scales
             self._own = cpu_kernel.pack_q4(codes, self.scales.float(), offset=7.0,
@@ -446,10 +409,11 @@ class Int8Linear(QuantLinear):
             return self._fold_cols(cpu_kernel.dequantize_q8(self._own)).to(dtype)
         return super().dense_weight(dtype)
 
+    def kernel_extra_bytes(self) -> int:  # the codes are reordered in place; a copy of the scales
+        return self._scale_copy_bytes()
+
     def _prepare_own(self):
         if self._own is None:
-            if self._layout == "cpu":
-                self._to_plain()
             self._own = cpu_kernel.pack_q8(self.qweight, self.scales.float(),
                                            dtype=torch.float16 if self.scales.dtype == torch.float16 else torch.float32)
             self.qweight = self._own.qweight  # hold the codes once (rows8: in the kernel's order)
@@ -490,8 +454,6 @@ class Int5Linear(Int8Linear):
         if self.out_features % 8 or self.k_padded != self.in_features:
             super()._prepare_own()  # the 8-bit kernel (any N, padded K)
             return
-        if self._layout == "cpu":
-            self._to_plain()
         codes = self.qweight.to(torch.int16) + 16
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 31):
             raise QuantizationError(f"{self.mode} layer holds codes outside -16..15")
@@ -500,6 +462,11 @@ class Int5Linear(Int8Linear):
         self.qweight = self._own.packed
         self._layout = "own"
         self._own_direct = True
+
+    def kernel_extra_bytes(self) -> int:  # 5-bit layout (160 B per 8 x 32) replaces the int8 codes
+        if self.out_features % 8 or self.k_padded != self.in_features:
+            return super().kernel_extra_bytes()
+        return self._scale_copy_bytes() - self.qweight.numel() * 3 // 8
 
     def _own_q5(self) -> bool:
         """qweight holds the 5-bit layout (else the int8 codes, or the q8 fallback's rows8)."""
