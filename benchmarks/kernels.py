@@ -71,7 +71,6 @@ def _paths(out_f, in_f, copies, m):
     wbf = [base.bfloat16() for _ in range(copies)]
     paths.append(("bf16", out_f * in_f * 2, lambda: F.linear(xbf, wbf[cyc.next()])))
     yield from paths
-    del w32, wbf, paths
 
     lin = nn.Linear(in_f, out_f, bias=False)
     lin.weight.data = base

@@ -39,23 +39,11 @@ def best_time(fn, repeats: int) -> float:
 
 
 def measure_bandwidth(total_bytes: int = 400 << 20, repeats: int = 5) -> float:
-    """Bytes/s of this machine's memory read bandwidth on torch's threads: a streaming read of a buffer far
-    larger than the caches (pocketvlm's C++ probe, AVX2 loads), or, without the compiled kernel, fp32
-    matrix-vector products over distinct matrices of the same total size (which PyTorch runs below the
-    hardware's rate, so the limit then comes out low). Best of ``repeats``."""
-    from .quant import cpu_kernel
-
-    if cpu_kernel.available():
-        buf = torch.ones(total_bytes, dtype=torch.uint8)  # written once: the pages are really there
-        run = lambda: cpu_kernel._ops.stream_read(buf)  # noqa: E731
-        nbytes = buf.numel()
-    else:
-        rows, cols = 4864, 896
-        ws = [torch.randn(rows, cols) for _ in range(max(2, total_bytes // (rows * cols * 4)))]
-        x = torch.randn(cols)
-        run = lambda: [torch.mv(w, x) for w in ws]  # noqa: E731
-        nbytes = len(ws) * rows * cols * 4
-    return nbytes / best_time(run, repeats)
+    """Bytes/s of this machine's memory read bandwidth on torch's threads: a max-reduction over a uint8 buffer
+    far larger than the caches (PyTorch's vectorized reduction streams at the rate of a hand-written AVX2 read
+    loop: 31.8 / 35.1 / 34.7 vs 31.3 / 34.3 / 37.0 GB/s in three runs on 2 threads). Best of ``repeats``."""
+    buf = torch.ones(total_bytes, dtype=torch.uint8)  # written once: the pages are really there
+    return buf.numel() / best_time(lambda: buf.amax(), repeats)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -277,14 +277,14 @@ def test_ops_pass_opcheck_for_torch_compile():
     """Fake-tensor (Meta) kernels and schemas are consistent, so torch.compile can trace the ops."""
     w = make(12, 64, "affine_f16")
     x = torch.randn(3, 64)
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w.packed, w.scales, w.biases, 7.0, True, 0))
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w.packed, w.scales, None, 7.0))
+    torch.library.opcheck(torch.ops.pocketvlm.q4_linear.default, (x, w.packed, w.scales, w.biases, 7.0, True, 0))
+    torch.library.opcheck(torch.ops.pocketvlm.q4_dequantize.default, (w.packed, w.scales, None, 7.0))
     w8 = make(16, 64, "affine_f16")  # rows8
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w8.packed, w8.scales, w8.biases, 7.0, True, 0))
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w8.packed, w8.scales, None, 7.0))
+    torch.library.opcheck(torch.ops.pocketvlm.q4_linear.default, (x, w8.packed, w8.scales, w8.biases, 7.0, True, 0))
+    torch.library.opcheck(torch.ops.pocketvlm.q4_dequantize.default, (w8.packed, w8.scales, None, 7.0))
     w5 = make(16, 64, "mlc_sym7_f16", layout="q5")
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_linear.default, (x, w5.packed, w5.scales, None, 16.0, True, 0))
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q4_dequantize.default, (w5.packed, w5.scales, None, 16.0))
+    torch.library.opcheck(torch.ops.pocketvlm.q4_linear.default, (x, w5.packed, w5.scales, None, 16.0, True, 0))
+    torch.library.opcheck(torch.ops.pocketvlm.q4_dequantize.default, (w5.packed, w5.scales, None, 16.0))
 
 
 # ----- int8 weights -------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_q8_dequantize_op_matches_pytorch(affine, half):
     s = torch.rand(40, 3, generator=g) * 0.03
     b = torch.randn(40, 3, generator=g) * 0.01 if affine else None
     w = ck.pack_q8(codes, s, biases=b, dtype=torch.float16 if half else torch.float32)
-    got = torch.ops.pocketvlm_q4.q8_dequantize(w.qweight, w.scales, w.biases)
+    got = torch.ops.pocketvlm.q8_dequantize(w.qweight, w.scales, w.biases)
     ref = ck.dequantize_q8_reference(w)
     if half or not affine:
         assert torch.equal(got, ref)
@@ -399,6 +399,6 @@ def test_q8_dequantize_op_matches_pytorch(affine, half):
 @pytest.mark.parametrize("n", [12, 16], ids=["rows", "rows8"])
 def test_q8_opcheck(n):
     w = make_q8(n, 288, True)
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q8_linear.default, (torch.randn(2, 288), w.qweight, w.scales,
+    torch.library.opcheck(torch.ops.pocketvlm.q8_linear.default, (torch.randn(2, 288), w.qweight, w.scales,
                                                                       w.biases, 0))
-    torch.library.opcheck(torch.ops.pocketvlm_q4.q8_dequantize.default, (w.qweight, w.scales, w.biases))
+    torch.library.opcheck(torch.ops.pocketvlm.q8_dequantize.default, (w.qweight, w.scales, w.biases))

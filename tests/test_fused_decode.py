@@ -1,4 +1,4 @@
-"""The fused C++ decode step (engine/fused.py, csrc/decode_cpu.cpp) against the eager PyTorch decode of the
+"""The fused C++ decode step (engine/fused.py, csrc/decode_step.cpp) against the eager PyTorch decode of the
 same quantized model: every llama-like family and its quirks (q/k/v biases, GQA, sliding windows shorter
 than the sequence, Gemma norms, sandwich norms, soft-capping, QK-norm, two RoPE tables, partial rotary,
 fused projections), q4, q5 and q8 layers, then greedy generation on the real Qwen2.5-0.5B."""

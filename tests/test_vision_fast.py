@@ -36,9 +36,9 @@ def test_kernel_equals_reference(m, k, n, act):
     x = torch.randn(m, k, generator=g) * 3
     want = vf.int8_linear_reference(x, lin.qweight, lin.scale, lin.bias, act)
     got = lin(x, act)  # the VNNI kernel where the CPU has it, else the reference itself
-    packed = torch.ops.pocketvlm_q4.i8_pack(lin.qweight)
+    packed = torch.ops.pocketvlm.i8_pack(lin.qweight)
     code = vf._ACT_CODES.get(act, 0) if act else 0
-    scalar = torch.ops.pocketvlm_q4.i8_linear(x, packed, lin.scale, lin.bias, n, code, 1)
+    scalar = torch.ops.pocketvlm.i8_linear(x, packed, lin.scale, lin.bias, n, code, 1)
     if act and not code:
         scalar = vf._act(scalar, act)
     tol = 1e-5 * float(want.abs().max()) + 1e-6
@@ -74,13 +74,13 @@ def test_kernel_rejects_bad_arguments():
     lin = vf.VisionInt8Linear(torch.randn(32, 16), None)
     lin(torch.randn(2, 16))
     with pytest.raises(RuntimeError, match="K = 20"):
-        torch.ops.pocketvlm_q4.i8_linear(torch.randn(2, 20), lin._packed, lin.scale, None, 32, 0, 0)
+        torch.ops.pocketvlm.i8_linear(torch.randn(2, 20), lin._packed, lin.scale, None, 32, 0, 0)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.pocketvlm_q4.i8_linear(torch.randn(2, 16).double(), lin._packed, lin.scale, None, 32, 0, 0)
+        torch.ops.pocketvlm.i8_linear(torch.randn(2, 16).double(), lin._packed, lin.scale, None, 32, 0, 0)
     with pytest.raises(RuntimeError, match="act"):
-        torch.ops.pocketvlm_q4.i8_linear(torch.randn(2, 16), lin._packed, lin.scale, None, 32, 5, 0)
+        torch.ops.pocketvlm.i8_linear(torch.randn(2, 16), lin._packed, lin.scale, None, 32, 5, 0)
     with pytest.raises(RuntimeError, match="int8"):
-        torch.ops.pocketvlm_q4.i8_pack(torch.randn(4, 4))
+        torch.ops.pocketvlm.i8_pack(torch.randn(4, 4))
 
 
 # --- whole towers: tiny random CLIP / SigLIP, and one at full CLIP-L width ---------------------------------
@@ -156,7 +156,7 @@ def needs_bf16_attention(fn):
 def test_bf16_attention_kernel(b, s, h, d):
     """Equal to its PyTorch twin up to the exp approximation's rounding, and within bf16's error of fp32 SDPA."""
     qkv = torch.randn(b * s, 3 * h * d, generator=torch.Generator().manual_seed(s + d)) * 2
-    got = torch.ops.pocketvlm_q4.attention_bf16(qkv, b, h)
+    got = torch.ops.pocketvlm.attention_bf16(qkv, b, h)
     torch.testing.assert_close(got, vf.attention_bf16_reference(qkv, b, h), rtol=0, atol=2e-3)
     q, k, v = qkv.view(b, s, 3, h, d).permute(2, 0, 3, 1, 4)
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * s, h * d)
@@ -166,6 +166,6 @@ def test_bf16_attention_kernel(b, s, h, d):
 @needs_bf16_attention
 def test_bf16_attention_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match="head dim"):
-        torch.ops.pocketvlm_q4.attention_bf16(torch.randn(4, 3 * 2 * 3), 1, 2)
+        torch.ops.pocketvlm.attention_bf16(torch.randn(4, 3 * 2 * 3), 1, 2)
     with pytest.raises(RuntimeError, match="does not split"):
-        torch.ops.pocketvlm_q4.attention_bf16(torch.randn(5, 24), 2, 2)
+        torch.ops.pocketvlm.attention_bf16(torch.randn(5, 24), 2, 2)

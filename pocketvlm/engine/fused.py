@@ -1,4 +1,4 @@
-"""The fused CPU decode step: one C++ call per generated token (``csrc/decode_cpu.cpp``).
+"""The fused CPU decode step: one C++ call per generated token (``csrc/decode_step.cpp``).
 
 Eager decode of a quantized 0.5B model spends about as long dispatching its ~400 small PyTorch operators
 per token as reading the weights. :class:`FusedDecode` hands a ``DecodePlan`` references to the model's
@@ -87,7 +87,7 @@ def build_plan(text) -> tuple:
     head = _own_args(getattr(getattr(text.lm_head, "_embedding", None), "table", None) or text.lm_head)
     streamed = [args[:3] for per_layer in linears for _, args in per_layer] + ([head[:3]] if head else [])
     move_to_hugepages([t for args in streamed for t in args])
-    plan = torch.classes.pocketvlm_q4.DecodePlan(
+    plan = torch.classes.pocketvlm.DecodePlan(
         cfg.hidden_size, a0.n_heads, a0.n_kv, a0.head_dim, cfg.intermediate_size, float(cfg.rms_norm_eps),
         plus_one, act, float(a0.scale), float(a0.softcap or 0.0))
     types: list[str] = []

@@ -1,61 +1,22 @@
-"""pocketvlm's own CPU 4-bit GEMV / small-GEMM kernel (C++ in ``csrc/q4_cpu.cpp``), built on first use.
+"""pocketvlm's own CPU kernels (C++ in ``csrc/``), built on first use, and the Python side of their layouts.
 
-Why: PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) and bf16 matmuls are very slow
-on CPUs without AVX-512/AMX (e.g. AVX2-only AMD EPYC / laptops); decode is memory-bound and wants a
-kernel that streams ~4.5 bits per weight at full bandwidth.
+Decode is memory-bound: these kernels stream ~4.5 bits per weight (q4f16_1) at close to the memory bandwidth,
+where PyTorch's CPU int4 and bf16 matmuls are slow on CPUs without AVX-512/AMX. The weight layouts
+(``rows8`` and ``rows`` for 4-bit codes, a 5-bit ``rows8``, and the 8-bit ones) are described once, in
+``csrc/kernels.h``; :func:`pack_q4`, :func:`pack_q5` and :func:`pack_q8` write them, the ``unpack_*`` and
+``dequantize_*`` functions read them back.
 
-Weight layouts (``pack_q4``), for ``W [N, K]``, ``K % 32 == 0`` (callers pad K):
-
-* ``"rows8"`` (the default when ``N % 8 == 0``): 8 rows interleaved, so one 32-byte load feeds one
-  integer multiply-add for 8 rows and no horizontal sums are needed (~1.5x faster in cache than "rows").
-  ``packed`` uint8 ``[N/8, K/32, 128]``: row block b, group g, chunk c (8 codes): byte ``32c + 4r + j``
-  holds ``q[8b+r, 32g+8c+j]`` (low nibble) and ``q[8b+r, 32g+8c+4+j]`` (high nibble);
-  ``scales`` / ``biases`` ``[N/8, K/32, 8]`` (the 8 rows' values side by side).
-* ``"rows"`` (any N): ``packed`` uint8 ``[N, K/2]``: row n, group g (32 weights) is bytes ``[16g, 16g+16)``;
-  byte j holds ``q[32g+j]`` in its low nibble and ``q[32g+16+j]`` in its high nibble;
-  ``scales`` / ``biases`` ``[N, K/32]``.
-
-* ``"rows8"`` with 5-bit codes (:func:`pack_q5`; GGUF Q5_0 is ``(q - 16) * d``, q in 0..31): ``packed``
-  uint8 ``[N/8, K/32, 160]``: bytes 0..127 of a (block, group) are the rows8 bytes of the low 4 bits;
-  byte ``128 + 4r + j`` holds bit 4 of ``q[8b+r, 32g + 4t + j]`` in its bit ``t`` (t = 0..7). 5.5 bits per
-  weight with float16 scales (Q5_0's own size), read by the same kernels at 3 more instructions per 32 codes.
-
-Both 4-bit layouts hold the same bytes per weight:
-
-* ``scales`` float16 (default; float32 allowed).
-* ``biases`` same dtype or ``None``:
-  ``W = q * scale + bias`` (affine; GGUF Q4_1/Q4_K, or ``(q - 8) * S + Z`` with ``bias = Z - 8 S``), or
-  ``W = (q - offset) * scale`` when ``biases is None`` (MLC q4f16_1: offset 7; GGUF Q4_0: offset 8).
-  With float16 scales the symmetric form costs 4.5 bits/weight, the affine one 5.
-
-Activations (``act``):
-
-* ``"fp32"`` - exact: codes converted to fp32 and FMA'd with x (matches a dequantize + fp32 matmul
-  to ~1e-6 relative).
-* ``"int8"`` - llama.cpp-style: x quantized per 32-block to int8 (``dx = max|x| / 127``), integer
-  dot products; faster. The only error is the activation rounding: per group at most
-  ``sum |W| * dx / 2``; in practice ~0.3-0.5 % of ``|y|``'s RMS on random data (tests bound it at 2 %).
-
-``M > 1`` rows of x are handled inside the kernel (weight rows stay in L1 across x rows), which is
-good for small M; for long prefills dequantize once (:func:`dequantize_q4`) and use an fp32 GEMM.
-
-int8 weights (:func:`pack_q8` / :func:`q8_linear`): int8 codes, ``W = q * scale (+ bias)``, int8
-activations only (same error bound). Layouts: ``"rows"`` ``[N, K]`` natural order, scales/biases
-``[N, K/32]``; ``"rows8"`` (default when ``N % 8 == 0``) ``[N/8, K/32, 256]``: byte ``32c + 4r + j`` of a
-(block, group) holds ``q[8b+r, 32g+4c+j]`` (c = 0..7), scales/biases ``[N/8, K/32, 8]`` - one contiguous
-stream, 8 rows per 32-byte load (the LM head of Qwen2.5-0.5B: ~2x the rows layout's GB/s).
-
-Threads: rows are split over torch's intra-op threads (``torch.get_num_threads()``), chunks claimed
-dynamically; matrices under ~256k weights run on the calling thread. On an oversubscribed machine set
-``OMP_WAIT_POLICY=passive`` (before torch starts): spinning OpenMP workers otherwise make 2-thread
-calls take milliseconds (benchmarks/cpu_kernel.py).
-
-Build: the C++ is compiled once per (source, torch version, flags) with the system C++ compiler
-(``$CXX`` or ``c++``) straight into the torch extensions cache (``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``) and loaded with ``torch.ops.load_library`` - no ninja, no pybind.
-x86 CPUs with AVX2 get ``-mavx2 -mfma -mf16c``; others get the portable scalar loops.
-If no compiler is present or the build fails, :func:`available` returns False (one warning) and the
-functions here fall back to pure PyTorch (dequantize + matmul), so callers never crash.
+* Activations (``act``): ``"int8"`` (llama.cpp-style, x quantized per 32 values; the only error is that rounding,
+  ~0.3-0.5 % of ``|y|``'s RMS on random data) or ``"fp32"`` (exact, ~1e-6 relative to dequantize + matmul).
+* ``M > 1`` rows of x are handled inside the kernel (good for small M); long prefills take the dense path
+  (``quant.linear``).
+* Threads: rows are split over torch's intra-op threads, chunks claimed dynamically; small matrices run on the
+  calling thread. On an oversubscribed machine set ``OMP_WAIT_POLICY=passive`` before torch starts.
+* Build: the C++ files are compiled once per (sources, torch version, flags) with the system C++ compiler
+  (``$CXX`` or ``c++``) into the torch extensions cache and loaded with ``torch.ops.load_library`` (no ninja, no
+  pybind); the ops are ``torch.ops.pocketvlm.*``. x86 CPUs with AVX2 get ``-mavx2 -mfma -mf16c``, the AVX-512
+  paths are chosen at run time, other CPUs get portable scalar loops. If no compiler is present or the build
+  fails, :func:`available` returns False (one warning) and the functions here fall back to PyTorch.
 """
 from __future__ import annotations
 
@@ -78,11 +39,11 @@ from ..errors import QuantizationError
 
 GROUP = 32
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCE = _CSRC / "q4_cpu.cpp"
-_SOURCES = (_SOURCE, _CSRC / "decode_cpu.cpp", _CSRC / "gemm_i8.cpp")  # one library; kernels.h is what they share
+_SOURCES = tuple(sorted(_CSRC.glob("*.cpp")))  # one library (kernels.h says which file does what)
+_HEADERS = tuple(sorted(_CSRC.glob("*.h")))
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "path": None}
-_ops = torch.ops.pocketvlm_q4  # resolves its ops once the library is loaded
+_ops = torch.ops.pocketvlm  # resolves its ops once the library is loaded
 
 
 class Q4Weight(NamedTuple):
@@ -152,11 +113,11 @@ def _build() -> Path:
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx!r}) on PATH")
     key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in (*_SOURCES, _CSRC / "kernels.h")) + " ".join([torch.__version__, sys.version, cxx, *_simd_flags()]).encode()
+        b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS)) + " ".join([torch.__version__, sys.version, cxx, *_simd_flags()]).encode()
     ).hexdigest()[:16]
-    d = _build_root() / "pocketvlm_q4"
+    d = _build_root() / "pocketvlm_kernels"
     d.mkdir(parents=True, exist_ok=True)
-    out = d / f"pocketvlm_q4_{key}.so"
+    out = d / f"pocketvlm_kernels_{key}.so"
     if out.exists():
         return out
     # build to a private name and rename: concurrent processes never load a half-written library
@@ -182,12 +143,12 @@ def available() -> bool:
         if not _state["tried"]:
             try:
                 path = _build()
-                if not hasattr(torch.ops.pocketvlm_q4, "q4_linear"):
+                if not hasattr(torch.ops.pocketvlm, "q4_linear"):
                     torch.ops.load_library(str(path))
                 _state.update(ok=True, path=str(path))
             except Exception as e:  # noqa: BLE001 - any build/load problem means "use the fallback"
                 _state.update(ok=False, error=str(e))
-                warnings.warn(f"pocketvlm: CPU int4 kernel unavailable, using the slower PyTorch path ({e})",
+                warnings.warn(f"pocketvlm: CPU kernels unavailable, using the slower PyTorch paths ({e})",
                               RuntimeWarning, stacklevel=2)
             _state["tried"] = True
     return _state["ok"]
@@ -195,7 +156,7 @@ def available() -> bool:
 
 def simd() -> bool:
     """Whether the loaded kernel was compiled with AVX2 (False also when it is not available)."""
-    return available() and bool(torch.ops.pocketvlm_q4.simd())
+    return available() and bool(torch.ops.pocketvlm.simd())
 
 
 # ----- packing (pure PyTorch) ---------------------------------------------------------------------
@@ -343,7 +304,7 @@ def dequantize_reference(w: Q4Weight) -> torch.Tensor:
 def dequantize_q4(w: Q4Weight) -> torch.Tensor:
     """Float32 ``[N, K]`` weight (for a dense prefill GEMM); kernel when available, else PyTorch."""
     if available():
-        return torch.ops.pocketvlm_q4.q4_dequantize(w.packed, w.scales, w.biases, w.offset)
+        return torch.ops.pocketvlm.q4_dequantize(w.packed, w.scales, w.biases, w.offset)
     return dequantize_reference(w)
 
 
@@ -424,7 +385,7 @@ def unpack_q8(qweight: torch.Tensor, rows: torch.Tensor | None = None) -> torch.
 def dequantize_q8(w: Q8Weight) -> torch.Tensor:
     """Float32 ``[N, K]`` weight (for a dense prefill GEMM); kernel when available, else PyTorch."""
     if available():
-        return torch.ops.pocketvlm_q4.q8_dequantize(w.qweight, w.scales, w.biases)
+        return torch.ops.pocketvlm.q8_dequantize(w.qweight, w.scales, w.biases)
     return dequantize_q8_reference(w)
 
 

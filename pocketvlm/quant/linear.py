@@ -45,7 +45,7 @@ from . import cpu_kernel, formats
 OWN_KERNEL_MAX_TOKENS = 16
 
 #: The stored kernel layout's name and version (a package's ``quantization.kernel_layout``): every symmetric
-#: 4-bit ``qweight`` as the own kernel's packing, rows8 or rows (cpu_kernel's module docstring).
+#: 4-bit ``qweight`` as the own kernel's packing, rows8 or rows (described in csrc/kernels.h).
 KERNEL_LAYOUT = "q4-own-v1"
 _SAVE_KERNEL_LAYOUT = contextvars.ContextVar("pocketvlm_save_kernel_layout", default=False)
 

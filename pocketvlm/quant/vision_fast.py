@@ -44,12 +44,12 @@ _ACT_CODES = {"quick_gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # fused i
 
 def vnni_available() -> bool:
     """Whether the int8 GEMM runs on the AVX-512 VNNI kernel here (builds the CPU kernel on first call)."""
-    return cpu_kernel.available() and bool(torch.ops.pocketvlm_q4.i8_vnni())
+    return cpu_kernel.available() and bool(torch.ops.pocketvlm.i8_vnni())
 
 
 def bf16_attention_available() -> bool:
     """Whether the encoder's self-attention runs on the AVX-512 BF16 kernel here."""
-    return vnni_available() and bool(torch.ops.pocketvlm_q4.attention_bf16_cpu())
+    return vnni_available() and bool(torch.ops.pocketvlm.attention_bf16_cpu())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -124,9 +124,9 @@ class VisionInt8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1]).float()
         if self._kernel_ok(x):
             if self._packed is None:
-                self._packed = torch.ops.pocketvlm_q4.i8_pack(self.qweight)
+                self._packed = torch.ops.pocketvlm.i8_pack(self.qweight)
             code = _ACT_CODES.get(act, 0) if act is not None else 0
-            y = torch.ops.pocketvlm_q4.i8_linear(x2.contiguous(), self._packed, self.scale, self.bias,
+            y = torch.ops.pocketvlm.i8_linear(x2.contiguous(), self._packed, self.scale, self.bias,
                                                  self.out_features, code, 0)
             if act is not None and code == 0:
                 y = _act(y, act)
@@ -174,7 +174,7 @@ class Int8Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [B, S, 3*H*D]
         if (x.device.type == "cpu" and qkv.dtype == torch.float32 and self.head_dim % 2 == 0
                 and self.head_dim <= 128 and bf16_attention_available()):
-            o = torch.ops.pocketvlm_q4.attention_bf16(qkv.reshape(B * S, -1).contiguous(), B, self.n_heads)
+            o = torch.ops.pocketvlm.attention_bf16(qkv.reshape(B * S, -1).contiguous(), B, self.n_heads)
             return self.out_proj(o.view(B, S, -1))
         q, k, v = qkv.view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, S, D] each
         o = F.scaled_dot_product_attention(q, k, v)
