@@ -8,12 +8,12 @@ import torch
 
 from pocketvlm.bench import bytes_per_token, format_result, kv_bytes_per_token, measure_bandwidth, run_bench
 
-import test_models
+import test_families
 from serve_fixtures import write_tokenizer
 
 
 def _tiny(tmp_path):
-    test_models.tiny("qwen2", tmp_path)
+    test_families.tiny("qwen2", tmp_path)
     write_tokenizer(tmp_path)
     return tmp_path
 
@@ -50,7 +50,7 @@ def test_bytes_per_token_counts_the_tied_head_once(tmp_path):
 def test_kv_bytes_of_sliding_window_layers_stop_at_the_window(tmp_path):
     import pocketvlm
 
-    test_models.tiny("mistral-sliding", tmp_path)  # window 4 on every layer
+    test_families.tiny("mistral-sliding", tmp_path)  # window 4 on every layer
     write_tokenizer(tmp_path)
     pm = pocketvlm.load(tmp_path)
     cache = pm.new_slot().cache

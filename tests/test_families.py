@@ -1,6 +1,6 @@
-"""Gemma, Gemma 2, Gemma 3 (text) and Phi-3 decoders against transformers on tiny random weights (full and
-cached paths), the GGUF side on synthetic files, and the real Gemma 3 270M GGUF against transformers' own
-GGUF loader."""
+"""Every decoder family - Llama (and Mistral), Qwen2, Gemma, Gemma 2, Gemma 3 (text), Phi-3 - against transformers
+on tiny random weights (full and cached paths, RoPE scalings, sliding windows, soft-capping), the GGUF side on
+synthetic files, and the real Gemma 3 270M GGUF against transformers' own GGUF loader."""
 import json
 from pathlib import Path
 
@@ -22,11 +22,27 @@ def _randomize_norms(model, std=0.3):
             p.data.normal_(0.0, std)
 
 
-def _config(kind):
+def _config(kind, **overrides):
+    """(model class, config) of a tiny random model; ``overrides`` go into the Llama-like configs."""
     import transformers as T
 
     common = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=VOCAB, max_position_embeddings=256)
+    llama_like = {
+        "llama": (T.LlamaForCausalLM, T.LlamaConfig, {}),
+        "llama3-rope": (T.LlamaForCausalLM, T.LlamaConfig, dict(
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32}, rope_theta=500000.0)),
+        "llama-linear-tied": (T.LlamaForCausalLM, T.LlamaConfig,
+                              dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True)),
+        "mistral-sliding": (T.MistralForCausalLM, T.MistralConfig, dict(sliding_window=4)),
+        "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config, dict(tie_word_embeddings=True)),
+        "qwen2-yarn": (T.Qwen2ForCausalLM, T.Qwen2Config, dict(
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    }
+    if kind in llama_like:
+        model, config, extra = llama_like[kind]
+        return model, config(**{**dict(num_hidden_layers=3, **common, **extra), **overrides})
     if kind == "gemma":
         return T.GemmaForCausalLM, T.GemmaConfig(num_hidden_layers=3, head_dim=16, **common)
     if kind == "gemma-untied":
@@ -76,12 +92,12 @@ def _config(kind):
     raise KeyError(kind)
 
 
-def tiny(kind, tmp_path, legacy_config=None):
+def tiny(kind, tmp_path, legacy_config=None, **overrides):
     """A random-weight transformers model saved to ``tmp_path`` and loaded back by both libraries."""
     import transformers
 
     torch.manual_seed(0)
-    cls, cfg = _config(kind)
+    cls, cfg = _config(kind, **overrides)
     ref = cls(cfg).eval()
     _randomize_norms(ref)
     ref.save_pretrained(tmp_path)
@@ -106,7 +122,8 @@ def built(tmp_path_factory):
     _BUILT.clear()
 
 
-KINDS = ["gemma", "gemma-untied", "gemma2", "gemma3", "gemma3-softcap", "phi3", "phi3-sliding"]
+KINDS = ["llama", "llama3-rope", "llama-linear-tied", "mistral-sliding", "qwen2", "qwen2-yarn",
+         "gemma", "gemma-untied", "gemma2", "gemma3", "gemma3-softcap", "phi3", "phi3-sliding"]
 
 
 def _check_full(ref, ours, S=14):
@@ -141,6 +158,30 @@ def test_cached_decode_matches_full_forward(kind, built):
             outs.append(ours(ids[:, i:i + 1], input_pos=torch.tensor([i]), cache=cache))
     assert (torch.cat(outs, 1) - want).abs().max() < TOL
     assert (want - ref(input_ids=ids).logits).abs().max() < TOL
+
+
+def test_chunked_prefill_with_attend_len(built):
+    """The engine's eager path attends only over the filled prefix; same logits as the static full cache."""
+    ref, ours = built("qwen2")
+    ids = torch.randint(0, VOCAB, (1, 11))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        cache = ours.make_cache(1, 64)
+        outs = []
+        for s, e in [(0, 4), (4, 8), (8, 11)]:
+            cache.attend_len = e
+            outs.append(ours(ids[:, s:e], input_pos=torch.arange(s, e), cache=cache))
+    assert (torch.cat(outs, 1) - want).abs().max() < TOL
+
+
+def test_gguf_unpermute_inverts_llamacpp_permute():
+    from pocketvlm.models.llama import unpermute_qk
+
+    w = torch.randn(8 * 6, 5)
+    n_head = 6
+    # llama.cpp's converter: reshape(n_head, 2, rows/n_head/2, ...) then swap the two inner axes
+    permuted = w.reshape(n_head, 2, w.shape[0] // n_head // 2, 5).swapaxes(1, 2).reshape(w.shape)
+    assert torch.equal(unpermute_qk(permuted, n_head), w)
 
 
 @pytest.mark.parametrize("kind", ["gemma", "gemma3"])

@@ -10,12 +10,11 @@ from pocketvlm.engine.generate import Slot
 from pocketvlm.quant import cpu_kernel, quantize_model
 
 import test_families
-import test_models
 
 pytestmark = pytest.mark.usefixtures("kernel")   # conftest: fails (not skips) when a compiler is here
 
-CASES = [(test_models, k) for k in ("llama", "llama3-rope", "mistral-sliding", "qwen2", "qwen2-yarn")] + \
-        [(test_families, k) for k in ("gemma", "gemma-untied", "gemma2", "gemma3", "phi3", "phi3-sliding")]
+CASES = [(test_families, k) for k in ("llama", "llama3-rope", "mistral-sliding", "qwen2", "qwen2-yarn", "gemma",
+                                      "gemma-untied", "gemma2", "gemma3", "phi3", "phi3-sliding")]
 
 
 def _pair(model, kv_dtype=None):
@@ -50,7 +49,7 @@ def test_fused_decode_matches_eager(mod, kind, mode, tmp_path):
     assert worst < 1e-2, worst
 
 
-@pytest.mark.parametrize("mod,kind", [(test_models, "qwen2"), (test_models, "mistral-sliding"), (test_families, "gemma3")],
+@pytest.mark.parametrize("mod,kind", [(test_families, "qwen2"), (test_families, "mistral-sliding"), (test_families, "gemma3")],
                          ids=["qwen2", "mistral-sliding", "gemma3"])
 def test_fused_decode_with_float16_kv_cache(mod, kind, tmp_path):
     """The float16 KV cache (the default for quantized float32 models): fused and eager decode write and
@@ -66,7 +65,7 @@ def test_fused_decode_with_float16_kv_cache(mod, kind, tmp_path):
 
 
 def test_fused_decode_q4f32_and_affine_gguf_style_layers(tmp_path):
-    _, model = test_models.tiny("qwen2", tmp_path)
+    _, model = test_families.tiny("qwen2", tmp_path)
     quantize_model(model, "q4f32_1")
     assert _decode_both(model, [1, 2, 3, 4, 5]) < 1e-2
 
@@ -92,7 +91,7 @@ def _as_q5(model):
         setattr(model.get_submodule(parent) if parent else model, child, q5)
 
 
-@pytest.mark.parametrize("mod,kind", [(test_models, "qwen2"), (test_families, "gemma3")], ids=["qwen2", "gemma3"])
+@pytest.mark.parametrize("mod,kind", [(test_families, "qwen2"), (test_families, "gemma3")], ids=["qwen2", "gemma3"])
 def test_fused_decode_with_5bit_layers(mod, kind, tmp_path):
     """GGUF Q5_0 layers (the 5-bit rows8 layout), embedding table and tied head included."""
     _, model = mod.tiny(kind, tmp_path)
@@ -116,7 +115,7 @@ def test_fused_decode_with_both_q4_layouts_in_one_phase(tmp_path, monkeypatch):
         return orig(*a, **kw, layout="rows" if len(calls) % 2 else "auto")
 
     monkeypatch.setattr(cpu_kernel, "pack_q4", alternating)
-    _, model = test_models.tiny("qwen2", tmp_path)
+    _, model = test_families.tiny("qwen2", tmp_path)
     quantize_model(model, "q4f16_1")
     assert _decode_both(model, [5, 17, 99, 3, 250]) < 1e-2
     dims = {m._own.packed.dim() for m in model.modules() if getattr(m, "_own", None) is not None}
@@ -129,14 +128,14 @@ def test_fused_attention_shapes(head_dim, kv, window, tmp_path):
     a remainder (96 = 64 + 32; 24 < 64), one kv head for all query heads (split across the threads) or one
     per head, a sliding window whose start is not a multiple of 8; 22 positions in all."""
     extra = dict(sliding_window=window) if window else {}
-    _, model = test_models.tiny("mistral-sliding" if window else "llama", tmp_path, head_dim=head_dim,
+    _, model = test_families.tiny("mistral-sliding" if window else "llama", tmp_path, head_dim=head_dim,
                                 num_key_value_heads=kv, num_attention_heads=4 if kv < 4 else kv, **extra)
     quantize_model(model, "q4f16_1")
     assert _decode_both(model, [5, 17, 99, 3, 250, 41, 7, 8, 9, 10], steps=12) < 1e-2
 
 
 def test_models_that_do_not_qualify_say_why(tmp_path):
-    _, model = test_models.tiny("llama", tmp_path)
+    _, model = test_families.tiny("llama", tmp_path)
     fused, why = plan_or_reason(model)  # unquantized
     assert fused is None and "not a q4/q8 layer" in why
     quantize_model(model, "q3f16_1")
@@ -145,7 +144,7 @@ def test_models_that_do_not_qualify_say_why(tmp_path):
 
 
 def test_fused_step_rejects_a_position_outside_the_cache(tmp_path):
-    _, model = test_models.tiny("llama", tmp_path)
+    _, model = test_families.tiny("llama", tmp_path)
     quantize_model(model, "q4f16_1")
     eager, fused = _pair(model)
     fused.prefill([1, 2], [1, 2])
@@ -189,7 +188,7 @@ def test_real_qwen_greedy_tokens_identical(qwen_gguf):
     assert [r.token for r in half.generate(ids, ids, greedy, 32)] == a
 
 
-@pytest.mark.parametrize("mod,kind", [(test_models, "qwen2"), (test_models, "llama"), (test_families, "gemma")],
+@pytest.mark.parametrize("mod,kind", [(test_families, "qwen2"), (test_families, "llama"), (test_families, "gemma")],
                          ids=["qwen2-tied", "llama-untied", "gemma-scaled"])
 def test_fused_decode_with_quantized_embedding_and_head(mod, kind, tmp_path):
     _, model = mod.tiny(kind, tmp_path)
@@ -203,7 +202,7 @@ def test_load_reports_and_enforces_the_decode_path(tmp_path):
     import pocketvlm
     from serve_fixtures import write_tokenizer
 
-    test_models.tiny("qwen2", tmp_path)
+    test_families.tiny("qwen2", tmp_path)
     write_tokenizer(tmp_path)
     pm = pocketvlm.load(tmp_path, quantization="q4f16_1")
     assert pm.info()["decode"] == "fused"
@@ -220,7 +219,7 @@ def test_kv_cache_dtype_choice(tmp_path):
     from pocketvlm.errors import ConfigError
     from serve_fixtures import write_tokenizer
 
-    test_models.tiny("qwen2", tmp_path)
+    test_families.tiny("qwen2", tmp_path)
     write_tokenizer(tmp_path)
     pm = pocketvlm.load(tmp_path, quantization="q4f16_1", context_window_size=32)
     assert pm.info()["kv_cache_dtype"] == "float16" and pm.new_slot().cache.k[0].dtype == torch.float16
@@ -242,10 +241,10 @@ torch.ops.load_library(sys.argv[1])
 from pocketvlm.quant import cpu_kernel as ck
 ck._state.update(tried=True, ok=True, path=sys.argv[1])
 assert not ck.simd()
-import test_models, test_families
+import test_families
 from test_fused_decode import _as_q5, _decode_both
 from pocketvlm.quant import quantize_model
-for mod, kind, mode in [(test_models, "qwen2", "q4f16_1"), (test_families, "gemma3", "q8f16_1"), (test_models, "llama", "q5")]:
+for mod, kind, mode in [(test_families, "qwen2", "q4f16_1"), (test_families, "gemma3", "q8f16_1"), (test_families, "llama", "q5")]:
     _, m = mod.tiny(kind, pathlib.Path(tempfile.mkdtemp()))
     quantize_model(m, "q8f16_1" if mode == "q5" else mode, embeddings=True)
     if mode == "q5":
