@@ -129,6 +129,7 @@ def bench_vision(folder: Path, repeat: int) -> dict:
     return r
 
 
+LLAMACPP_PEER = "llama.cpp Q4_0 (same bits)"
 GGUF_ROW = "pocketvlm gguf (the Q4_K_M file's own blocks)"
 
 
@@ -180,13 +181,18 @@ def main(argv=None) -> int:
         try:
             import llamacpp
 
-            lb = llamacpp.run_bench(path, threads=a.threads, n_prompt=a.prompt_tokens, n_gen=a.gen_tokens,
-                                    repetitions=a.repeat, depth=a.prompt_tokens)
-            rows["llama.cpp Q4_K_M"] = {"prefill": (lb.prefill.tokens_per_s, lb.prefill.stddev),
-                                        "decode": (lb.decode.tokens_per_s, lb.decode.stddev)}
-            if lb.decode_at_depth:
-                rows["llama.cpp Q4_K_M"]["decode deep"] = (lb.decode_at_depth.tokens_per_s,
-                                                           lb.decode_at_depth.stddev)
+            # the same file (Q4_K_M), and the fair peer of q4f16_1: the same bits (Q4_0 with its output and token
+            # embedding at Q4_0 too, 338 MiB like the q4f16_1 package), made once by llama-quantize
+            q4_0 = llamacpp.llamacpp_home() / "qwen-q4_0.gguf"
+            if not q4_0.is_file():
+                llamacpp.quantize_q4_0(path, q4_0)
+            for name, f in (("llama.cpp Q4_K_M", path), (LLAMACPP_PEER, q4_0)):
+                lb = llamacpp.run_bench(f, threads=a.threads, n_prompt=a.prompt_tokens, n_gen=a.gen_tokens,
+                                        repetitions=a.repeat, depth=a.prompt_tokens)
+                rows[name] = {"prefill": (lb.prefill.tokens_per_s, lb.prefill.stddev),
+                              "decode": (lb.decode.tokens_per_s, lb.decode.stddev)}
+                if lb.decode_at_depth:
+                    rows[name]["decode deep"] = (lb.decode_at_depth.tokens_per_s, lb.decode_at_depth.stddev)
             notes.append("llama.cpp build: " + llamacpp.build_info().get("cmake_flags", "(no BUILD-INFO.txt)"))
         except (FileNotFoundError, RuntimeError) as e:
             notes.append(f"llama.cpp skipped: {e}")
