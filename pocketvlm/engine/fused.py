@@ -168,14 +168,32 @@ class FusedDecode:
         return [c[i] for c, _ in self._tables], [s[i] for _, s in self._tables]
 
     def __call__(self, slot, token: int, pos: int) -> torch.Tensor:
+        return self.rows([slot], [token], [pos])[0]
+
+    def rows(self, slots, tokens, positions) -> torch.Tensor:
+        """Several tokens in one step that reads every weight once: token ``tokens[i]`` at position
+        ``positions[i]`` of ``slots[i]``'s cache -> fp32 logits ``[len(tokens), V]``. Tokens of one slot at
+        consecutive positions are one sequence (draft tokens to verify: each attends to those before it); tokens of
+        different slots are independent sequences (a batch). Each row equals a single-token step of that row
+        alone, bit for bit."""
         text = self.text.model
-        cos, sin = self._rope(pos)
+        uniq: list = []
+        for s in slots:
+            if not any(s is u for u in uniq):
+                uniq.append(s)
+        cache_of = [next(i for i, u in enumerate(uniq) if u is s) for s in slots]
+        k = [t for u in uniq for t in u.cache.k]
+        v = [t for u in uniq for t in u.cache.v]
+        tables = [self._rope(p) for p in positions]
+        cos = [torch.stack([c[i] for c, _ in tables]) for i in range(len(self.types))]
+        sin = [torch.stack([s[i] for _, s in tables]) for i in range(len(self.types))]
+        pos = [int(p) for p in positions]
         if self.plan.has_embedding():
-            out = self.plan.step_token(token, pos, cos, sin, slot.cache.k, slot.cache.v)
+            out = self.plan.step_tokens([int(t) for t in tokens], pos, cache_of, cos, sin, k, v)
         else:
-            ids = torch.tensor([[token]], device=slot.device)
-            x = text.scale_embeddings(self.text.get_input_embeddings()(ids)).float().reshape(-1)
-            out = self.plan.step(x, pos, cos, sin, slot.cache.k, slot.cache.v)
+            ids = torch.tensor([list(tokens)], device=slots[0].device)
+            x = text.scale_embeddings(self.text.get_input_embeddings()(ids)).float().reshape(len(pos), -1)
+            out = self.plan.step_rows(x, pos, cache_of, cos, sin, k, v)
         if self.plan.has_head():
             return self.text.finish_logits(out)
-        return self.text.final_logits(text.norm(out.view(1, 1, -1)))[0, -1]
+        return self.text.final_logits(text.norm(out.unsqueeze(0)))[0]

@@ -89,18 +89,20 @@ struct LinRef {
 LinRef make_linref(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
                    double offset, const c10::optional<at::Tensor>& bias);
 
-// y = concat_i(W_i x (+ bias_i)) for one token x [K] (every W_i has the same K), int8 activations.
-// One object per thread: prepare() quantizes x once for all the layers (a q/k/v or gate/up group), then
-// run() computes any range of the group's row blocks (kRows = 4 rows each, numbered across the layers in
-// order; a q4 rows8 layer's blocks are 8 rows), so threads can share the rows of several layers in one
-// parallel phase.
+// y = W_i x (+ bias_i) for every layer i of a group sharing one input (a q/k/v or gate/up group: every W_i has
+// the same K), int8 activations, for M rows of x [M, K]. One object per thread: prepare() quantizes x once for
+// all the layers, then run() computes any range of the group's row blocks (kRows = 4 rows each, numbered across
+// the layers in order; a q4 rows8 layer's blocks are 8 rows), so threads can share the rows of several layers in
+// one parallel phase. y is layer-major: layer i's [M, N_i] rows start at M * (N_0 + ... + N_{i-1}) (for M = 1,
+// the concatenation of the layers' outputs). Each row's result does not depend on the other rows.
 class MultiLinear {
  public:
   MultiLinear();
   ~MultiLinear();
   MultiLinear(const MultiLinear&) = delete;
   MultiLinear& operator=(const MultiLinear&) = delete;
-  void prepare(const float* x, const std::vector<const LinRef*>& lins);
+  void prepare(const float* x, const std::vector<const LinRef*>& lins);  // one row
+  void prepare(const float* x, int64_t M, const std::vector<const LinRef*>& lins);
   int64_t blocks() const;
   void run(int64_t b0, int64_t b1, float* y) const;  // rows of blocks [b0, b1), layer biases added
 

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 
+#include "avx512.h"
 #include "kernels.h"
 
 #include <algorithm>
@@ -22,6 +23,14 @@
 #define PVLM_AVX2 1
 #else
 #define PVLM_AVX2 0
+#endif
+
+// Functions compiled for AVX-512 VNNI on 256-bit registers (vpdpbusd), called only where vnni_cpu() says so.
+#if PVLM_AVX2 && PVLM_X86 && defined(__GNUC__)
+#define PVLM_HAVE_VNNI256 1
+#define PVLM_VNNI256 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#else
+#define PVLM_HAVE_VNNI256 0
 #endif
 
 namespace pvlm {
@@ -119,6 +128,20 @@ struct PairVecs {};  // the portable loops need no prepared activation vectors
 constexpr int64_t kRows = 4;  // output rows per inner block (rows layout; a rows8 block is 8 rows)
 inline int64_t rows_per_block(bool r8) { return r8 ? 8 : kRows; }  // q8 and q4 rows: kRows
 
+// f.template operator()<R>(m0) for the rows [m0, m0 + R) of M, R = 4 while 4 are left, then the rest at once:
+// the VNNI kernels unpack a weight group once for R rows of x, with R a compile-time count (registers).
+template <typename F>
+void by_row_groups(int64_t M, const F& f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f.template operator()<4>(m);
+  switch (M - m) {
+    case 3: f.template operator()<3>(m); break;
+    case 2: f.template operator()<2>(m); break;
+    case 1: f.template operator()<1>(m); break;
+    default: break;
+  }
+}
+
 // f(b0, b1) over [0, nblocks) on torch's intra-op threads, with chunks claimed first come first served
 // rather than split statically: on a shared, oversubscribed CPU a thread that is descheduled mid-call
 // no longer holds half of the rows hostage - the others take its chunks.
@@ -162,12 +185,13 @@ Q4Shape check_args(const at::Tensor& packed, const at::Tensor& scales, const c10
 Q4Shape check_q8_args(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases);
 
 // Row blocks [b0, b1) (rows_per_block(r8) rows each) of y = W x, int8 activations (paired for q4 rows, natural
-// order otherwise): the AVX2 blocks, or the portable loops when scalar. Instantiated for S = float, c10::Half.
+// order otherwise). impl: 0 the fastest this CPU has (AVX-512 VNNI for rows8, else AVX2), 1 the portable loops,
+// 2 AVX2 without VNNI (for tests: VNNI and AVX2 give bit-identical results). Instantiated for S = float, c10::Half.
 template <typename S, bool AFFINE>
 void q4_i8_blocks(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t* w, const S* sc, const S* bi,
-                  float off, float* y, int64_t N, int64_t b0, int64_t b1, bool scalar, bool r8, bool q5);
+                  float off, float* y, int64_t N, int64_t b0, int64_t b1, int impl, bool r8, bool q5);
 template <typename S, bool AFFINE>
 void q8_i8_blocks(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y, int64_t N,
-                  int64_t b0, int64_t b1, bool scalar, bool r8);
+                  int64_t b0, int64_t b1, int impl, bool r8);
 
 }  // namespace pvlm

@@ -301,9 +301,65 @@ inline void block_exact_r8(const float* x, const float* xs, int64_t M, int64_t K
 }
 #endif  // PVLM_AVX2
 
+#if PVLM_HAVE_VNNI256
+// Row block b of the rows8 layout with int8 activations, on AVX-512 VNNI: vpdpbusd adds 4 code x activation
+// products per lane straight into int32. Those group sums are exact, as block_i8_r8's are (its int16 partial sums
+// never saturate), and the float steps run in the same order, so every output is bit-identical to it. A group's
+// codes are unpacked once for up to 4 rows of x (R), which is what makes several rows (a batch of sequences,
+// draft tokens to verify) cheaper than as many single-row calls.
+template <typename S, bool AFFINE, int R>
+PVLM_VNNI256 inline void r8_vnni_rows(const QuantX& q, int64_t m0, int64_t G, const uint8_t* wb, const S* sb,
+                                      const S* bb, float off, float* y, int64_t N, int64_t b) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = wb + g * 128;
+    _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchR8), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchR8 + 64), _MM_HINT_T0);
+    __m256i lo[4], hi[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * c));
+      lo[c] = _mm256_and_si256(v, m4);
+      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+    const __m256 sv = load8(sb + g * 8);
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = m0 + r;
+      int32_t xi[8];
+      std::memcpy(xi, q.xq.data() + (m * G + g) * kGroup, 32);
+      __m256i s32 = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        s32 = _mm256_dpbusd_epi32(s32, lo[c], _mm256_set1_epi32(xi[2 * c]));
+        s32 = _mm256_dpbusd_epi32(s32, hi[c], _mm256_set1_epi32(xi[2 * c + 1]));
+      }
+      const __m256 dot = _mm256_cvtepi32_ps(s32);
+      const float dx = q.dx[m * G + g], qs = q.qs[m * G + g];
+      if (AFFINE) {
+        acc[r] = _mm256_fmadd_ps(sv, _mm256_mul_ps(dot, _mm256_set1_ps(dx)), acc[r]);
+        acc[r] = _mm256_fmadd_ps(load8(bb + g * 8), _mm256_set1_ps(qs), acc[r]);
+      } else {
+        acc[r] = _mm256_fmadd_ps(sv, _mm256_fmadd_ps(dot, _mm256_set1_ps(dx), _mm256_set1_ps(-off * qs)), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + (m0 + r) * N + 8 * b, acc[r]);
+}
+
+template <typename S, bool AFFINE>
+PVLM_VNNI256 void block_i8_r8_vnni(const QuantX& q, int64_t K, const uint8_t* w, const S* sc, const S* bi, float off,
+                                   float* y, int64_t N, int64_t b) {
+  const int64_t G = K / kGroup;
+  const uint8_t* wb = w + b * G * 128;
+  const S* sb = sc + b * G * 8;
+  const S* bb = AFFINE ? bi + b * G * 8 : nullptr;
+  by_row_groups(q.M, [&]<int R>(int64_t m) { r8_vnni_rows<S, AFFINE, R>(q, m, G, wb, sb, bb, off, y, N, b); });
+}
+#endif  // PVLM_HAVE_VNNI256
+
 template <typename S, bool AFFINE>
 void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                const c10::optional<at::Tensor>& biases, double offset, bool int8_act, bool scalar,
+                const c10::optional<at::Tensor>& biases, double offset, bool int8_act, int impl,
                 at::Tensor& y) {
   const auto [N, K, r8, q5] = q4_shape(packed);
   const int64_t M = x.size(0);
@@ -318,9 +374,7 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   // grain: >= ~256k weights per task, so small matrices (e.g. 128 x 896 k/v projections) run on one
   // thread: waking a second one costs more than the ~10 us of work, and far more on a loaded machine
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (K * rpb * std::max<int64_t>(1, M)));
-#if !PVLM_AVX2
-  scalar = true;
-#endif
+  const bool scalar = impl == 1 || !PVLM_AVX2;
   if (int8_act) {
     // reused between calls (no allocation per token); the local reference is what the lambdas capture -
     // naming the thread_local inside them would give each worker thread its own, empty, copy
@@ -333,7 +387,7 @@ void run_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
     if (!scalar && !r8) make_pair_vecs(q, off, AFFINE, pv);
 #endif
     for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-      q4_i8_blocks<S, AFFINE>(q, pv, K, w, sc, bi, off, yp, N, b0, b1, scalar, r8, q5);
+      q4_i8_blocks<S, AFFINE>(q, pv, K, w, sc, bi, off, yp, N, b0, b1, impl, r8, q5);
     });
     return;
   }
@@ -464,7 +518,14 @@ void run_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::
 // AVX2). Shared by the per-layer op and MultiLinear.
 template <typename S, bool AFFINE>
 void q4_i8_blocks(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t* w, const S* sc, const S* bi,
-                  float off, float* y, int64_t N, int64_t b0, int64_t b1, bool scalar, bool r8, bool q5) {
+                  float off, float* y, int64_t N, int64_t b0, int64_t b1, int impl, bool r8, bool q5) {
+  const bool scalar = impl == 1 || !PVLM_AVX2;
+#if PVLM_HAVE_VNNI256
+  if (impl == 0 && r8 && !q5 && vnni_cpu()) {
+    for (int64_t b = b0; b < b1; ++b) block_i8_r8_vnni<S, AFFINE>(q, K, w, sc, bi, off, y, N, b);
+    return;
+  }
+#endif
 #if PVLM_AVX2
   if (!scalar && r8) {
     if (q5) for (int64_t b = b0; b < b1; ++b) block_i8_r8<S, AFFINE, true>(q, K, w, sc, bi, off, y, N, b);
@@ -486,7 +547,7 @@ void q4_i8_blocks(const QuantX& q, const PairVecs& pv, int64_t K, const uint8_t*
 
 #define PVLM_INST(S, A)                                                                                          \
   template void q4_i8_blocks<S, A>(const QuantX&, const PairVecs&, int64_t, const uint8_t*, const S*, const S*, \
-                                   float, float*, int64_t, int64_t, int64_t, bool, bool, bool);
+                                   float, float*, int64_t, int64_t, int64_t, int, bool, bool);
 PVLM_INST(float, false) PVLM_INST(float, true) PVLM_INST(c10::Half, false) PVLM_INST(c10::Half, true)
 #undef PVLM_INST
 
@@ -509,14 +570,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(x.size(1) == sh.K, "q4_linear: x has K = ", x.size(1), " but the weight has K = ", sh.K);
   at::Tensor y = at::empty({x.size(0), sh.N}, x.options());
   if (x.size(0) == 0 || sh.N == 0) return y;
-  const bool scalar = impl == 1;
+  TORCH_CHECK(impl >= 0 && impl <= 2, "q4_linear: impl must be 0 (fastest), 1 (portable) or 2 (AVX2, no VNNI)");
   const bool affine = biases.has_value();
   if (scales.scalar_type() == at::kHalf) {
-    if (affine) run_linear<c10::Half, true>(x, packed, scales, biases, offset, int8_act, scalar, y);
-    else run_linear<c10::Half, false>(x, packed, scales, biases, offset, int8_act, scalar, y);
+    if (affine) run_linear<c10::Half, true>(x, packed, scales, biases, offset, int8_act, int(impl), y);
+    else run_linear<c10::Half, false>(x, packed, scales, biases, offset, int8_act, int(impl), y);
   } else {
-    if (affine) run_linear<float, true>(x, packed, scales, biases, offset, int8_act, scalar, y);
-    else run_linear<float, false>(x, packed, scales, biases, offset, int8_act, scalar, y);
+    if (affine) run_linear<float, true>(x, packed, scales, biases, offset, int8_act, int(impl), y);
+    else run_linear<float, false>(x, packed, scales, biases, offset, int8_act, int(impl), y);
   }
   return y;
 }

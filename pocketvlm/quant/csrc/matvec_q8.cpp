@@ -121,9 +121,53 @@ inline void block_q8_r8(const QuantX& q, int64_t K, const int8_t* w, const S* sc
 }
 #endif  // PVLM_AVX2
 
+#if PVLM_HAVE_VNNI256
+// Row block b of the q8 rows8 layout on AVX-512 VNNI: vpdpbusd of |w| and x with w's sign gives the same exact
+// int32 sums as block_q8_r8 (whose int16 pair sums never saturate), the float steps run in the same order, so
+// the outputs are bit-identical to it; |w| of a chunk is computed once for up to 4 rows of x.
+template <typename S, bool AFFINE, int R>
+PVLM_VNNI256 inline void q8_r8_vnni_rows(const QuantX& q, int64_t m0, int64_t G, const int8_t* wb, const S* sb,
+                                         const S* bb, float* y, int64_t N, int64_t b) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int8_t* wg = wb + g * 256;
+    for (int c = 0; c < 256; c += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchQ8R8 + c), _MM_HINT_T0);
+    __m256i wv[8], wa[8];
+    for (int c = 0; c < 8; ++c) {
+      wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * c));
+      wa[c] = _mm256_sign_epi8(wv[c], wv[c]);
+    }
+    const __m256 sv = load8(sb + g * 8);
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = m0 + r;
+      int32_t xi[8];
+      std::memcpy(xi, q.xq.data() + (m * G + g) * kGroup, 32);
+      __m256i s32 = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c)
+        s32 = _mm256_dpbusd_epi32(s32, wa[c], _mm256_sign_epi8(_mm256_set1_epi32(xi[c]), wv[c]));
+      const __m256 dot = _mm256_cvtepi32_ps(s32);
+      acc[r] = _mm256_fmadd_ps(sv, _mm256_mul_ps(dot, _mm256_set1_ps(q.dx[m * G + g])), acc[r]);
+      if (AFFINE) acc[r] = _mm256_fmadd_ps(load8(bb + g * 8), _mm256_set1_ps(q.qs[m * G + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + (m0 + r) * N + 8 * b, acc[r]);
+}
+
+template <typename S, bool AFFINE>
+PVLM_VNNI256 void block_q8_r8_vnni(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y,
+                                   int64_t N, int64_t b) {
+  const int64_t G = K / kGroup;
+  const int8_t* wb = w + b * G * 256;
+  const S* sb = sc + b * G * 8;
+  const S* bb = AFFINE ? bi + b * G * 8 : nullptr;
+  by_row_groups(q.M, [&]<int R>(int64_t m) { q8_r8_vnni_rows<S, AFFINE, R>(q, m, G, wb, sb, bb, y, N, b); });
+}
+#endif  // PVLM_HAVE_VNNI256
+
 template <typename S, bool AFFINE>
 void run_q8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases,
-            bool scalar, at::Tensor& y) {
+            int impl, at::Tensor& y) {
   const auto [N, K, r8, q5_unused] = q8_shape(qw);
   const int64_t M = x.size(0);
   const int8_t* w = qw.data_ptr<int8_t>();
@@ -137,7 +181,7 @@ void run_q8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
   const int64_t nblocks = (N + rpb - 1) / rpb;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (K * rpb * std::max<int64_t>(1, M)));
   for_blocks(nblocks, grain, [&](int64_t b0, int64_t b1) {
-    q8_i8_blocks<S, AFFINE>(q, K, w, sc, bi, yp, N, b0, b1, scalar, r8);
+    q8_i8_blocks<S, AFFINE>(q, K, w, sc, bi, yp, N, b0, b1, impl, r8);
   });
 }
 
@@ -180,7 +224,14 @@ void run_dequant_q8(const int8_t* w, const S* sc, const S* bi, int64_t N, int64_
 // The same for q8 weights (blocks of kRows rows, or 8 in the rows8 layout).
 template <typename S, bool AFFINE>
 void q8_i8_blocks(const QuantX& q, int64_t K, const int8_t* w, const S* sc, const S* bi, float* y, int64_t N,
-                  int64_t b0, int64_t b1, bool scalar, bool r8) {
+                  int64_t b0, int64_t b1, int impl, bool r8) {
+  const bool scalar = impl == 1 || !PVLM_AVX2;
+#if PVLM_HAVE_VNNI256
+  if (impl == 0 && r8 && vnni_cpu()) {
+    for (int64_t b = b0; b < b1; ++b) block_q8_r8_vnni<S, AFFINE>(q, K, w, sc, bi, y, N, b);
+    return;
+  }
+#endif
 #if PVLM_AVX2
   if (!scalar && r8) {
     for (int64_t b = b0; b < b1; ++b) block_q8_r8<S, AFFINE>(q, K, w, sc, bi, y, N, b);
@@ -201,7 +252,7 @@ void q8_i8_blocks(const QuantX& q, int64_t K, const int8_t* w, const S* sc, cons
 
 #define PVLM_INST(S, A)                                                                                          \
   template void q8_i8_blocks<S, A>(const QuantX&, int64_t, const int8_t*, const S*, const S*, float*, int64_t,  \
-                                   int64_t, int64_t, bool, bool);
+                                   int64_t, int64_t, int, bool);
 PVLM_INST(float, false) PVLM_INST(float, true) PVLM_INST(c10::Half, false) PVLM_INST(c10::Half, true)
 #undef PVLM_INST
 
@@ -222,13 +273,13 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
               "q8_linear: x must be a contiguous CPU float32 [M, K] tensor with the weight's K");
   at::Tensor y = at::empty({x.size(0), sh.N}, x.options());
   if (x.size(0) == 0 || sh.N == 0) return y;
-  const bool scalar = impl == 1;
+  TORCH_CHECK(impl >= 0 && impl <= 2, "q8_linear: impl must be 0 (fastest), 1 (portable) or 2 (AVX2, no VNNI)");
   if (scales.scalar_type() == at::kHalf) {
-    if (biases.has_value()) run_q8<c10::Half, true>(x, qw, scales, biases, scalar, y);
-    else run_q8<c10::Half, false>(x, qw, scales, biases, scalar, y);
+    if (biases.has_value()) run_q8<c10::Half, true>(x, qw, scales, biases, int(impl), y);
+    else run_q8<c10::Half, false>(x, qw, scales, biases, int(impl), y);
   } else {
-    if (biases.has_value()) run_q8<float, true>(x, qw, scales, biases, scalar, y);
-    else run_q8<float, false>(x, qw, scales, biases, scalar, y);
+    if (biases.has_value()) run_q8<float, true>(x, qw, scales, biases, int(impl), y);
+    else run_q8<float, false>(x, qw, scales, biases, int(impl), y);
   }
   return y;
 }

@@ -38,13 +38,13 @@ namespace {
 template <typename S, bool AFFINE>
 void q4_blocks(const QuantX& q, const PairVecs& pv, const LinRef& l, float* y, int64_t b0, int64_t b1) {
   q4_i8_blocks<S, AFFINE>(q, pv, l.K, l.w.data_ptr<uint8_t>(), l.scales.data_ptr<S>(),
-                          AFFINE ? l.biases.data_ptr<S>() : nullptr, float(l.offset), y, l.N, b0, b1, false, l.r8, l.q5);
+                          AFFINE ? l.biases.data_ptr<S>() : nullptr, float(l.offset), y, l.N, b0, b1, 0, l.r8, l.q5);
 }
 
 template <typename S, bool AFFINE>
 void q8_blocks(const QuantX& q, const LinRef& l, float* y, int64_t b0, int64_t b1) {
   q8_i8_blocks<S, AFFINE>(q, l.K, l.w.data_ptr<int8_t>(), l.scales.data_ptr<S>(),
-                          AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0, b1, false, l.r8);
+                          AFFINE ? l.biases.data_ptr<S>() : nullptr, y, l.N, b0, b1, 0, l.r8);
 }
 
 // xpair: activations in the q4 pair layout (q4 rows); xnat: natural order (q8, q4 rows8)
@@ -66,15 +66,19 @@ void lin_blocks(const QuantX& xpair, const PairVecs& pv, const QuantX& xnat, con
 struct MultiLinear::Impl {
   std::vector<const LinRef*> lins;
   std::vector<int64_t> first, yoff;  // first block / first output row of each layer
-  QuantX xpair, xnat;  // the token's activations in the two int8 layouts (each only when a layer reads it)
+  int64_t M = 1;       // rows of x
+  QuantX xpair, xnat;  // the rows' activations in the two int8 layouts (each only when a layer reads it)
   std::vector<PairVecs> pv;
 };
 
 MultiLinear::MultiLinear() : impl_(new Impl) {}
 MultiLinear::~MultiLinear() { delete impl_; }
 
-void MultiLinear::prepare(const float* x, const std::vector<const LinRef*>& lins) {
+void MultiLinear::prepare(const float* x, const std::vector<const LinRef*>& lins) { prepare(x, 1, lins); }
+
+void MultiLinear::prepare(const float* x, int64_t M, const std::vector<const LinRef*>& lins) {
   Impl& m = *impl_;
+  m.M = M;
   const int64_t n = static_cast<int64_t>(lins.size());
   TORCH_CHECK(n > 0, "multi_linear: no layers");
   const int64_t K = lins[0]->K;
@@ -91,8 +95,8 @@ void MultiLinear::prepare(const float* x, const std::vector<const LinRef*>& lins
     m.first[i + 1] = m.first[i] + (lins[i]->N + rpb - 1) / rpb;
     m.yoff[i + 1] = m.yoff[i] + lins[i]->N;
   }
-  if (need_pair) quantize_x(x, 1, K, m.xpair, /*paired=*/true);
-  if (need_nat) quantize_x(x, 1, K, m.xnat, /*paired=*/false);
+  if (need_pair) quantize_x(x, M, K, m.xpair, /*paired=*/true);
+  if (need_nat) quantize_x(x, M, K, m.xnat, /*paired=*/false);
 #if PVLM_AVX2
   for (int64_t i = 0; i < n; ++i)
     if (lins[i]->paired_x()) make_pair_vecs(m.xpair, float(lins[i]->offset), lins[i]->biases.defined(), m.pv[i]);
@@ -108,13 +112,14 @@ void MultiLinear::run(int64_t b0, int64_t b1, float* y) const {
     while (m.first[i + 1] <= b0) ++i;
     const LinRef& l = *m.lins[i];
     const int64_t e = std::min(b1, m.first[i + 1]);
-    float* yi = y + m.yoff[i];
+    float* yi = y + m.M * m.yoff[i];  // layer i's rows: [M, N_i]
     lin_blocks(m.xpair, m.pv[i], m.xnat, l, yi, b0 - m.first[i], e - m.first[i]);
     if (l.bias.defined()) {
       const float* bias = l.bias.data_ptr<float>();
       const int64_t rpb = rows_per_block(l.r8);
-      for (int64_t r = (b0 - m.first[i]) * rpb, r1 = std::min(l.N, (e - m.first[i]) * rpb); r < r1; ++r)
-        yi[r] += bias[r];
+      for (int64_t row = 0; row < m.M; ++row)
+        for (int64_t r = (b0 - m.first[i]) * rpb, r1 = std::min(l.N, (e - m.first[i]) * rpb); r < r1; ++r)
+          yi[row * l.N + r] += bias[r];
     }
     b0 = e;
   }
