@@ -15,6 +15,7 @@ answer is the one a fresh slot gives, whatever ran in it before.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import ContextWindowError
 from .sampling import SamplingParams, make_generator, sample
+from .speculative import PromptLookup
 
 # (start, end) -> inputs_embeds [1, end-start, hidden] for prompt positions [start, end)
 EmbedFn = Callable[[int, int], torch.Tensor]
@@ -44,6 +46,7 @@ class Slot:
         self.exact_reuse = False  # greedy requests reuse only whole prefill chunks (module docstring)
         self._canonical = 0  # leading positions whose cache equals a fresh chunked prefill's
         self.decode_step = decode_step  # optional compiled single-token step
+        self.max_draft = 7  # speculative greedy decoding: draft tokens per verification (0: off; speculative.py)
         p = next(model.parameters())
         self.device = p.device
 
@@ -117,6 +120,35 @@ class Slot:
         self.keys.append(token)
         return out.float()
 
+    def _lookup(self, params: SamplingParams, history: list[int]) -> PromptLookup | None:
+        """A prompt-lookup drafter when speculative decoding applies (greedy, no repetition penalty, the fused
+        step's several-row verification), else None."""
+        if not (self.max_draft > 0 and params.greedy and params.repetition_penalty == 1.0
+                and hasattr(self.decode_step, "rows")):
+            return None
+        lookup = PromptLookup(self.max_draft)
+        lookup.extend(history)
+        return lookup
+
+    def _advance(self, tok: int, lookup: PromptLookup | None, limit: int, pick: Callable) -> list[torch.Tensor]:
+        """Decode ``tok``, and with a drafter also the draft that follows it in the same step: the logits of the
+        positions after ``tok`` and after each kept draft token (kept: ``pick`` of the logits before it chose it)."""
+        if lookup:
+            lookup.extend([tok])
+        drafts = lookup.propose(min(limit, self.context_window_size - len(self.keys) - 2)) if lookup else []
+        if not drafts:
+            return [self.decode(tok)]
+        pos = len(self.keys)
+        with torch.inference_mode():
+            rows = self.decode_step.rows([self] * (1 + len(drafts)), [tok, *drafts], range(pos, pos + 1 + len(drafts)))
+        kept = 0
+        while kept < len(drafts) and pick(rows[kept]) == drafts[kept]:
+            kept += 1
+        self.keys += [tok, *drafts[:kept]]
+        lookup.extend(drafts[:kept])
+        lookup.record(len(drafts), kept)
+        return [r.float() for r in rows[:kept + 1]]
+
     def generate(self, keys: Sequence, ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
                  stop_ids: set[int] | frozenset = frozenset(), embed_fn: EmbedFn | None = None,
                  generator: torch.Generator | None = None, banned_ids: Sequence[int] = (),
@@ -124,8 +156,10 @@ class Slot:
         """Yield generated tokens; the last one carries ``finish_reason``. Stops on a stop id (not yielded
         as text by callers, but yielded here with finish_reason "stop"), on ``max_new_tokens`` or at the
         end of the context window ("length"). ``banned_ids`` are never sampled (a VLM's image token).
-        Greedy requests on an ``exact_reuse`` slot prefill exactly (see :meth:`prefill`). ``yield_prefill``:
-        yield None after each prefill chunk but the last (a scheduler runs other requests in between)."""
+        Greedy requests on an ``exact_reuse`` slot prefill exactly (see :meth:`prefill`); greedy requests on the
+        fused step decode speculatively (``speculative.py``: the same tokens, fewer weight reads).
+        ``yield_prefill``: yield None after each prefill chunk but the last (a scheduler runs other requests in
+        between)."""
         exact = self.exact_reuse and params.greedy
         if yield_prefill:
             logits = yield from self.prefill_steps(keys, ids, embed_fn, exact)
@@ -134,12 +168,18 @@ class Slot:
         gen = generator or make_generator(params.seed)
         budget = min(max_new_tokens, self.context_window_size - len(self.keys))
         history = [k for k in keys if isinstance(k, int)]
-        for i in range(budget):
+        lookup = self._lookup(params, history)
+
+        def pick(lg: torch.Tensor) -> int:
             prev = torch.tensor(history, dtype=torch.long) if params.repetition_penalty != 1.0 else None
             if banned_ids:
-                logits = logits.clone()  # an inference tensor: modify a copy
-                logits[list(banned_ids)] = float("-inf")
-            tok = sample(logits, params, gen, prev)
+                lg = lg.clone()  # an inference tensor: modify a copy
+                lg[list(banned_ids)] = float("-inf")
+            return sample(lg, params, gen, prev)
+
+        queue = deque([logits])  # logits not yet sampled from (more than one after kept draft tokens)
+        for i in range(budget):
+            tok = pick(queue.popleft())
             history.append(tok)
             if tok in stop_ids:
                 yield StepResult(tok, "stop")
@@ -148,6 +188,5 @@ class Slot:
                 yield StepResult(tok, "length")
                 return
             yield StepResult(tok)
-            logits = self.decode(tok)
-        if budget <= 0:
-            return
+            if not queue:  # (else tok is a kept draft token, already in the cache)
+                queue.extend(self._advance(tok, lookup, budget - i - 2, pick))
