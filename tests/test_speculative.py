@@ -120,3 +120,16 @@ def test_real_qwen_answers_identical_with_drafts(qwen_q4, prompt, kept):
     assert got.tokens == want.tokens and got.text == want.text
     if prompt.startswith("Add type hints"):  # the answer repeats the code: most drafts are kept
         assert sum(k for _, k in kept) > 0.5 * len(want.tokens), kept
+
+
+def test_real_gemma3_completions_identical_with_drafts(gemma3_gguf, kept):
+    import pocketvlm
+
+    pm = pocketvlm.load(gemma3_gguf, quantization="q8f16_1", context_window_size=512)
+    for prompt in ["The capital of France is Paris. The capital of France is", "def add(a, b):\n    return a + b\n\n"
+                   "def add3(a, b, c):\n"]:
+        plain = pm.new_slot()
+        plain.max_draft = 0
+        want = pm.generate(prompt, max_tokens=48, temperature=0, slot=plain)
+        assert pm.generate(prompt, max_tokens=48, temperature=0, slot=pm.new_slot()) == want
+    assert kept
