@@ -233,3 +233,29 @@ def test_a_4mb_prompt_is_refused_before_tokenizing(engine, pm):
     just_under = "y " * (pm.context_window_size * 16 - 100)  # under the character cap: tokenized, then too long
     with pytest.raises(ContextWindowError, match="tokens"):
         engine.chat.completions.create(model="tiny", messages=user(just_under), max_tokens=2)
+
+
+@pytest.mark.usefixtures("kernel")
+def test_active_streams_decode_together_and_answer_as_alone(tiny_dir):
+    """A q4 model on the fused step: the scheduler decodes its active slots' next tokens in one step (weights read
+    once for all), and every answer, greedy or sampled with a seed, is the one that request gets alone."""
+    import pocketvlm
+
+    q4 = pocketvlm.load(tiny_dir, quantization="q4f16_1")
+    assert q4.fused_reason is None  # the fused decode step runs it
+    reqs = [(p, t, s) for p, t, s in [(PROMPTS[0], 0.0, None), (PROMPTS[2], 0.8, 5), (PROMPTS[3], 0.0, None),
+                                      (PROMPTS[5], 1.0, 9)]]
+
+    def alone(p, t, s):
+        return "".join(e.text for e in q4.run(q4.chat_prompt(user(p)), max_tokens=24, slot=q4.new_slot(),
+                                               temperature=t, seed=s))
+
+    want = [alone(*r) for r in reqs]
+    with Engine({"tiny": q4}, slots=4) as e:
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda r: e.chat.completions.create(
+                model="tiny", messages=user(r[0]), max_tokens=24, temperature=r[1], seed=r[2]).choices[0].message.content,
+                reqs))
+        batched = e.schedulers["tiny"].batched
+    assert got == want
+    assert batched >= 2 * 24  # most tokens were decoded in batches of several slots

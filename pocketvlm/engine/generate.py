@@ -47,12 +47,16 @@ class Slot:
         self._canonical = 0  # leading positions whose cache equals a fresh chunked prefill's
         self.decode_step = decode_step  # optional compiled single-token step
         self.max_draft = 7  # speculative greedy decoding: draft tokens per verification (0: off; speculative.py)
+        self.defer_decode = False  # a scheduler batches this slot's decodes with other slots' (decode_pending)
+        self.pending_token: int | None = None  # a deferred decode not run yet
+        self._batched: torch.Tensor | None = None  # its logits, once decode_pending ran it
         p = next(model.parameters())
         self.device = p.device
 
     def reset(self) -> None:
         self.keys = []
         self._canonical = 0
+        self.pending_token, self._batched = None, None
 
     def _forward(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, start: int, logits_to_keep: int):
         n = (ids if ids is not None else embeds).shape[1]
@@ -137,6 +141,9 @@ class Slot:
             lookup.extend([tok])
         drafts = lookup.propose(min(limit, self.context_window_size - len(self.keys) - 2)) if lookup else []
         if not drafts:
+            if self.defer_decode and hasattr(self.decode_step, "rows"):
+                self.pending_token = tok
+                return [None]  # decoded by decode_pending with other slots, or alone by _resolve
             return [self.decode(tok)]
         pos = len(self.keys)
         with torch.inference_mode():
@@ -149,6 +156,14 @@ class Slot:
         lookup.record(len(drafts), kept)
         return [r.float() for r in rows[:kept + 1]]
 
+    def _resolve(self) -> torch.Tensor:
+        """The logits of the deferred decode: decode_pending's, or decoded now, alone."""
+        if self._batched is not None:
+            logits, self._batched = self._batched, None
+            return logits
+        tok, self.pending_token = self.pending_token, None
+        return self.decode(tok)
+
     def generate(self, keys: Sequence, ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
                  stop_ids: set[int] | frozenset = frozenset(), embed_fn: EmbedFn | None = None,
                  generator: torch.Generator | None = None, banned_ids: Sequence[int] = (),
@@ -159,7 +174,7 @@ class Slot:
         Greedy requests on an ``exact_reuse`` slot prefill exactly (see :meth:`prefill`); greedy requests on the
         fused step decode speculatively (``speculative.py``: the same tokens, fewer weight reads).
         ``yield_prefill``: yield None after each prefill chunk but the last (a scheduler runs other requests in
-        between)."""
+        between); with ``defer_decode`` too, each token's decode is left for the scheduler's batch."""
         exact = self.exact_reuse and params.greedy
         if yield_prefill:
             logits = yield from self.prefill_steps(keys, ids, embed_fn, exact)
@@ -178,8 +193,13 @@ class Slot:
             return sample(lg, params, gen, prev)
 
         queue = deque([logits])  # logits not yet sampled from (more than one after kept draft tokens)
+        self.pending_token, self._batched = None, None
+        # a scheduler's slot defers its decode before the token goes out, so that every active slot has one waiting
+        # when the scheduler batches them (decode_pending); otherwise the token goes out first
+        defer_first = yield_prefill and self.defer_decode
         for i in range(budget):
-            tok = pick(queue.popleft())
+            tok = pick(self._resolve() if queue[0] is None else queue[0])
+            queue.popleft()
             history.append(tok)
             if tok in stop_ids:
                 yield StepResult(tok, "stop")
@@ -187,6 +207,29 @@ class Slot:
             if i == budget - 1:
                 yield StepResult(tok, "length")
                 return
+            if defer_first and not queue:
+                queue.extend(self._advance(tok, lookup, budget - i - 2, pick))
             yield StepResult(tok)
             if not queue:  # (else tok is a kept draft token, already in the cache)
                 queue.extend(self._advance(tok, lookup, budget - i - 2, pick))
+
+
+def decode_pending(slots: Sequence[Slot]) -> int:
+    """One fused step per model for the slots with a deferred decode (``Slot.defer_decode``), reading the weights
+    once for all of them; each slot's logits are bit-identical to its own single-token step. Returns how many ran
+    (a model with fewer than two waiting is left alone: a lone slot decodes itself)."""
+    groups: dict[int, list[Slot]] = {}
+    for s in slots:
+        if getattr(s, "pending_token", None) is not None:  # (an assistant's slots are not Slots)
+            groups.setdefault(id(s.decode_step), []).append(s)
+    done = 0
+    for ready in groups.values():
+        if len(ready) < 2:
+            continue
+        with torch.inference_mode():
+            out = ready[0].decode_step.rows(ready, [s.pending_token for s in ready], [len(s.keys) for s in ready])
+        for s, logits in zip(ready, out):
+            s.keys.append(s.pending_token)
+            s.pending_token, s._batched = None, logits.float()
+        done += len(ready)
+    return done

@@ -25,6 +25,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from ..engine.generate import decode_pending
 from ..errors import ImageError, ModelNotFoundError, RequestError, ServerBusyError
 from ..quant.hugepages import release_freed_heap
 from . import schemas
@@ -61,7 +62,8 @@ class Job:
 
 
 class Scheduler:
-    """``n_slots`` KV caches of one model and a worker thread advancing active jobs one token each, in turn."""
+    """``n_slots`` KV caches of one model and a worker thread advancing active jobs one token each, in turn; the
+    active jobs' next tokens are then decoded together in one fused step (``decode_pending``)."""
 
     def __init__(self, pm, n_slots: int = DEFAULT_SLOTS, name: str = "model",
                  max_waiting: int = DEFAULT_MAX_WAITING):
@@ -75,11 +77,13 @@ class Scheduler:
         self._free = [pm.new_slot() for _ in range(n_slots)]
         for slot in self._free:  # a greedy answer never depends on what ran in its slot before
             slot.exact_reuse = True
+            slot.defer_decode = True  # the active slots decode together: one weight read per token for all
         self._waiting: deque[Job] = deque()
         self._active: list[tuple[Job, Any, Any]] = []  # (job, slot, event generator)
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0  # tokens produced, all jobs together (observable for tests)
+        self.batched = 0  # decodes run in batches of several slots (observable for tests)
         self._thread = threading.Thread(target=self._loop, name=f"pocketvlm-scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -127,6 +131,7 @@ class Scheduler:
                 self._start(job)
             for entry in list(self._active):
                 self._step(entry)
+            self.batched += decode_pending([slot for _, slot, _ in self._active])
         for job in pending:
             self._finish_error(job, RuntimeError("the engine was closed"))
         for job, _slot, gen in self._active:
