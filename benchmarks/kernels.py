@@ -10,7 +10,7 @@ Paths:
   *-dense       the same modules on the dense path (dequantize + GEMM), which prefill takes
 
 Then a sweep of M for the 4864x896 weight comparing the own kernel with the dense path, which
-sets ``pocketvlm.quant.linear.OWN_KERNEL_MAX_TOKENS``.
+sets ``pocketvlm.quant.linear.OWN_KERNEL_MAX_TOKENS_AVX2`` / ``_VNNI``.
 
 Run:  .venv/bin/python benchmarks/kernels.py [--threads 2] [--quick]
 Several distinct copies of small weights are cycled so they are read from memory, not cache.

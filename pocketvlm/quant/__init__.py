@@ -27,7 +27,7 @@ Modules (``linear``), drop-ins with the ``nn.Linear`` / ``nn.Embedding`` call co
     QuantLinear (Int4Linear, Int8Linear, Int5Linear, Int3Linear): .dequantize(dtype, rows=None)
     quant_linear_from_float(linear, mode)
     QuantEmbedding(table).as_lm_head() -> TiedQuantHead (one quantized tensor, two uses)
-    OWN_KERNEL_MAX_TOKENS, dense_from_tokens()  # from this many rows (CPU), dequantize + dense GEMM
+    own_kernel_max_tokens(), dense_from_tokens()  # from this many rows (CPU), dequantize + dense GEMM
 
 Whole models (``apply``)::
 
@@ -55,13 +55,14 @@ from .formats import (
 from .gguf_blocks import dequantize_gguf, torch_shape
 from .embedding import QuantEmbedding, TiedQuantHead
 from .linear import (
-    OWN_KERNEL_MAX_TOKENS, Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, dense_from_tokens, quant_linear_from_float,
+    Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, dense_from_tokens, own_kernel_max_tokens,
+    quant_linear_from_float,
 )
 
 __all__ = [
     "MODES", "QuantMode", "parse_mode", "quantize", "dequantize", "pack", "unpack", "pack_4bit", "unpack_4bit",
     "pack_3bit", "unpack_3bit", "dequantize_gguf", "torch_shape", "QuantLinear", "Int4Linear", "Int5Linear", "Int8Linear",
-    "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "OWN_KERNEL_MAX_TOKENS", "dense_from_tokens",
+    "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "own_kernel_max_tokens", "dense_from_tokens",
     "quantize_model", "module_mode", "quantize_module", "tied_head", "build_quantized", "gguf_linear", "gguf_embedding",
     "DEFAULT_SKIP", "GGUF_INT4", "GGUF_INT5",
 ]

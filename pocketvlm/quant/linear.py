@@ -1,7 +1,7 @@
 """Quantized drop-ins for ``nn.Linear`` that keep weights low-bit at run time.
 
-Which code multiplies (:meth:`QuantLinear.forward`): on CPU, inputs of fewer than ``OWN_KERNEL_MAX_TOKENS``
-rows (decode, short prompts) run pocketvlm's own C++ kernel (:mod:`.cpu_kernel`, int8 activations as in
+Which code multiplies (:meth:`QuantLinear.forward`): on CPU, inputs of fewer than :func:`own_kernel_max_tokens`
+rows (decode, short prompts; 64 with AVX-512 VNNI, 16 with AVX2) run pocketvlm's own C++ kernel (:mod:`.cpu_kernel`, int8 activations as in
 llama.cpp); everything else - long prefills, other devices, a CPU where the kernel did not build - takes the
 dense path: the weight dequantized to ``dense_dtype`` and one ``F.linear`` GEMM. :func:`dense_from_tokens` is
 that one threshold, and the memory estimate counts the dense path's transient from it.
@@ -40,9 +40,21 @@ from torch import nn
 from ..errors import QuantizationError
 from . import cpu_kernel, formats
 
-#: Rows below which a CPU input runs the own kernel (its time grows with the row count, a GEMM's barely):
-#: from this many rows the dense path is faster (benchmarks/kernels.py sweeps it).
-OWN_KERNEL_MAX_TOKENS = 16
+#: Rows below which a CPU input runs the own kernel (its time grows with the row count, a GEMM's barely): from
+#: there the dense path is faster (benchmarks/kernels.py sweeps it, 4864 x 896 q4f16_1, 2 threads: with AVX-512 VNNI
+#: own/dense 0.72/1.42 ms at 32 rows, 1.45/1.60 at 64, 2.92/1.85 at 128; with AVX2 only the crossover is near 40).
+#: None: chosen for this CPU at first use (:func:`own_kernel_max_tokens`); set it to force one.
+OWN_KERNEL_MAX_TOKENS: int | None = None
+OWN_KERNEL_MAX_TOKENS_AVX2, OWN_KERNEL_MAX_TOKENS_VNNI = 16, 64
+
+
+def own_kernel_max_tokens() -> int:
+    """:data:`OWN_KERNEL_MAX_TOKENS`, chosen for this CPU the first time (64 with AVX-512 VNNI, else 16)."""
+    global OWN_KERNEL_MAX_TOKENS
+    if OWN_KERNEL_MAX_TOKENS is None:
+        vnni = cpu_kernel.available() and bool(cpu_kernel._ops.i8_vnni())
+        OWN_KERNEL_MAX_TOKENS = OWN_KERNEL_MAX_TOKENS_VNNI if vnni else OWN_KERNEL_MAX_TOKENS_AVX2
+    return OWN_KERNEL_MAX_TOKENS
 
 #: The stored kernel layout's name and version (a package's ``quantization.kernel_layout``): every symmetric
 #: 4-bit ``qweight`` as the own kernel's packing, rows8 or rows (described in csrc/kernels.h).
@@ -62,10 +74,10 @@ def kernel_layout_state():
 
 def dense_from_tokens(device: str | torch.device = "cpu") -> int:
     """The row count from which a ``QuantLinear`` on ``device`` takes the dense path (dequantized weight + GEMM):
-    ``OWN_KERNEL_MAX_TOKENS`` on a CPU where the own kernel built, else 0 (always dense)."""
+    :func:`own_kernel_max_tokens` on a CPU where the own kernel built, else 0 (always dense)."""
     if torch.device(device).type != "cpu" or not cpu_kernel.available():
         return 0
-    return OWN_KERNEL_MAX_TOKENS
+    return own_kernel_max_tokens()
 
 
 #: Activations in the own kernel: "int8" (quantized per 32 values, as llama.cpp does; fast) or "fp32" (exact).
@@ -138,7 +150,7 @@ class QuantLinear(nn.Module):
         self._own_direct = False
 
     def _own_ok(self, device: torch.device, m: int) -> bool:
-        return device.type == "cpu" and m < OWN_KERNEL_MAX_TOKENS and cpu_kernel.available()
+        return device.type == "cpu" and cpu_kernel.available() and m < own_kernel_max_tokens()
 
     def _prepare_own(self) -> None:
         """Weights for pocketvlm's own kernel: w = (c - 8) * S + Z per kernel group, as q * S + (Z - 8 S)."""
@@ -253,7 +265,8 @@ class QuantLinear(nn.Module):
         if own is not None and self._own_direct and x.dtype == torch.float32 and x.shape[-1] == self.in_features:
             # decode fast path: straight to the op (the general path below costs ~90 us of Python per call)
             x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] < OWN_KERNEL_MAX_TOKENS and x2.is_contiguous() and x.device.type == "cpu":
+            if x2.shape[0] < (OWN_KERNEL_MAX_TOKENS or own_kernel_max_tokens()) and x2.is_contiguous() \
+                    and x.device.type == "cpu":
                 if isinstance(own, cpu_kernel.Q8Weight):
                     y = cpu_kernel._ops.q8_linear(x2, own.qweight, own.scales, own.biases, 0)
                 else:
