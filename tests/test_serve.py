@@ -504,6 +504,7 @@ def test_cli_serve_defaults_are_safe():
     a = build_parser().parse_args(["serve", "some-model"])
     assert a.host == "127.0.0.1" and a.api_key is None and not a.allow_remote_images and a.allowed_image_dir is None
     assert a.allowed_host is None  # cmd_serve then accepts only loopback Host names (tested in the subprocess)
+    assert (a.header_timeout, a.body_timeout, a.max_connections_per_client) == (10, 30, 32)  # slow clients
     assert a.model == ["some-model"]
 
 
