@@ -293,7 +293,8 @@ def test_remote_images_off_by_default(server):
     "http://224.0.0.1/x.png", "http://240.0.0.1/x.png",
 ])
 def test_remote_urls_to_private_addresses_refused(url):
-    with pytest.raises(ImageError, match="non-public address"):
+    literal = "localhost" not in url  # for a name, the message does not say what it resolves to
+    with pytest.raises(ImageError, match="non-public address" if literal else "does not resolve to a public"):
         check_public_url(url)
 
 
@@ -348,7 +349,7 @@ def test_remote_fetch_checks_every_connection(local_http, monkeypatch):
     assert pol.load(base + "/cat.png").size == (64, 64)
     with pytest.raises(ImageTooLargeError):
         pol.load(base + "/big.png")
-    with pytest.raises(ImageError, match="non-public address ::1"):
+    with pytest.raises(ImageError, match="'::1': it is a non-public address"):
         pol.load(base + "/redirect")
     assert hits == ["/cat.png", "/big.png", "/redirect"]  # the redirect target was never requested
 
