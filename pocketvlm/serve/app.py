@@ -24,13 +24,13 @@ from pathlib import Path
 from ..errors import (ContextWindowError, ImageError, ImageTooLargeError, ModelNotFoundError, PocketVLMError,
                       RequestError, SamplingError, ServerBusyError)
 from . import schemas
+from .connections import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                          RETRY_AFTER_S, ConnectionLimits)
 from .engine import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAITING,
                      DEFAULT_SLOTS, Engine, model_id_for)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 STATIC_DIR = Path(__file__).with_name("static")
-#: Seconds a client told 503 (server busy) should wait before retrying.
-RETRY_AFTER_S = 1
 log = logging.getLogger("pocketvlm.serve")
 
 
@@ -357,9 +357,11 @@ class Guard:
 
 class ServerThread:
     """Run an app under uvicorn in a background thread (tests, notebooks): ``with ServerThread(app) as s:``
-    then use ``s.url``. ``port=0`` picks a free port."""
+    then use ``s.url``. ``port=0`` picks a free port. ``limits``: the connection limits, as ``pocketvlm
+    serve`` applies them (default: its defaults)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 limits: ConnectionLimits | None = None):
         import socket
 
         import uvicorn
@@ -370,8 +372,9 @@ class ServerThread:
                 port = s.getsockname()[1]
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=2))
+        self.limits = limits or ConnectionLimits()
+        self.server = uvicorn.Server(self.limits.uvicorn_config(app, host=host, port=port, log_level=log_level,
+                                                                timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, name="pocketvlm-uvicorn", daemon=True)
 
     def start(self):
@@ -426,6 +429,16 @@ def register_cli(sub) -> None:
     p.add_argument("--slots", type=int, default=DEFAULT_SLOTS, help="concurrent generations per model")
     p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="requests that may queue per model behind busy slots; more are answered 503")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                   help="seconds a client may take to send a request's line and headers, from connecting or from "
+                        "the previous answer (default %(default)g); then 408 and the connection is closed")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds a client may take to send a request's body after its headers, plus 1 s per 64 KiB "
+                        "received (default %(default)g); then 408 and the connection is closed")
+    p.add_argument("--max-connections-per-client", type=int, default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                   help="open connections one client address may hold (an IPv6 /64 counts as one address); more "
+                        "are answered 503 with Retry-After and closed. 0: no cap (behind a reverse proxy, where all "
+                        "clients share its address: let the proxy limit them). Default %(default)d")
     p.add_argument("--log-level", default="info")
     add_model_options(p)
     p.set_defaults(fn=cmd_serve)
@@ -455,6 +468,7 @@ def cmd_serve(a) -> int:
         raise RequestError("--slots and the --max-* limits must be >= 1")
     if a.allowed_image_dir and not Path(a.allowed_image_dir).is_dir():
         raise RequestError(f"--allowed-image-dir {a.allowed_image_dir!r} is not a folder")
+    limits = ConnectionLimits(a.header_timeout, a.body_timeout, a.max_connections_per_client)
     api_key = a.api_key or os.environ.get("POCKETVLM_API_KEY") or None
     models = {}
     for mid, src in zip(ids, sources):
@@ -477,8 +491,9 @@ def cmd_serve(a) -> int:
               "the models", file=sys.stderr)
     print(f"pocketvlm: serving {', '.join(ids)} at http://{a.host}:{a.port} (web chat at /, API at /v1)",
           file=sys.stderr, flush=True)
+    server = uvicorn.Server(limits.uvicorn_config(app, host=a.host, port=a.port, log_level=a.log_level))
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        server.run()
     finally:
         engine.close()
-    return 0
+    return 0 if server.started else 1

@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import logging
 import re
 import socket
 import urllib.parse
@@ -28,6 +29,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 25_000_000  # 25 megapixels: more than any phone phot
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGES = 8  # per request
 DEFAULT_MAX_ASPECT = 50  # longest side / shortest side
+log = logging.getLogger("pocketvlm.serve")
 
 
 def check_public_url(url: str) -> bool:
@@ -50,20 +52,36 @@ def _is_public(ip) -> bool:
 
 
 def _public_addresses(host: str, port: int) -> list[tuple]:
-    """getaddrinfo results for ``host``, all of them public, else ImageError."""
+    """getaddrinfo results for ``host``, all of them public, else ImageError.
+
+    For a host name the client is told neither what it resolves to nor whether it resolves at all (the same
+    message for both), so that image URLs cannot be used to map this network's internal names and
+    addresses; the server log has the details."""
+    try:
+        ipaddress.ip_address(host)
+        literal = True
+    except ValueError:
+        literal = False
+    refused = ImageError(f"refusing to fetch an image from {host!r}: the name does not resolve to a public "
+                         "address; only public http(s) hosts are allowed (check the URL)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError) as e:
-        raise ImageError(f"cannot resolve the image host {host!r} ({e}); check the URL") from None
+        log.info("image host %r does not resolve: %s", host, e)
+        raise refused from None
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         if not _is_public(ip):
-            raise ImageError(f"refusing to fetch an image from {host!r}: it resolves to the non-public address "
-                             f"{ip}; only public http(s) hosts are allowed")
+            if literal:  # the client wrote the address itself
+                raise ImageError(f"refusing to fetch an image from {host!r}: it is a non-public address; only "
+                                 "public http(s) hosts are allowed")
+            log.warning("refused an image URL: its host %r resolves to the non-public address %s", host, ip)
+            raise refused
     if not infos:
-        raise ImageError(f"cannot resolve the image host {host!r}")
+        log.info("image host %r resolves to no address", host)
+        raise refused
     return infos
 
 
