@@ -177,7 +177,7 @@ def test_urls_are_refused_unless_allowed_and_then_only_public_hosts(tmp_path, mo
     assert all("remote image URLs are off" in e and "--allow-remote-images" in e for e in rows.values())
     m.write_text('{"id": "l", "image": "http://127.0.0.1:9/x.png"}\n')  # no DNS, no connection: refused first
     job(model, m, tmp_path / "on.jsonl", allow_remote_images=True)
-    assert "non-public address 127.0.0.1" in answers(tmp_path / "on.jsonl")["l"]
+    assert "'127.0.0.1': it is a non-public address" in answers(tmp_path / "on.jsonl")["l"]
 
 
 # --- resume, Ctrl-C and the job identity --------------------------------------------------------------
