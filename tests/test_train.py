@@ -412,6 +412,40 @@ def test_resume_refuses_another_setup(parts, base, stage1, tmp_path):
         train(_cfg(stage1, out, **kw, resume=True))
 
 
+def test_init_from_continues_a_stage2_run(parts, base, stage2, tmp_path):
+    """Starting from stage 2's trained parts on the plain base, at lr 0, keeps them exactly; the first loss is
+    stage 2's trained loss, far below a fresh adapter's."""
+    kw = dict(data=str(parts.train_json), stage=2, lora_r=4, max_steps=1, batch_size=4,
+              lora_targets=("q_proj", "v_proj", "down_proj"))
+    out = train(_cfg(base, tmp_path / "cont", init_from=str(stage2), lr=0.0, **kw))
+    for name in ("projector.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(stage2 / name)), load_file(str(out / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    fresh = train(_cfg(base, tmp_path / "fresh", lr=0.0, **kw))
+    assert _log(out)[0]["loss"] < 0.5 * _log(fresh)[0]["loss"]
+    # a recipe folder (adapter files at the top) works the same way
+    from pocketvlm.train.recipe import write_recipe
+
+    recipe = write_recipe(stage2, tmp_path / "recipe", llm="tiny", vision="tiny", dtype=torch.float32)
+    again = train(_cfg(base, tmp_path / "cont2", init_from=str(recipe), lr=0.0, **kw))
+    assert _log(again)[0]["loss"] == pytest.approx(_log(out)[0]["loss"], rel=1e-5)
+
+
+def test_init_from_refuses_what_does_not_fit(parts, base, stage1, stage2, tmp_path):
+    kw = dict(data=str(parts.train_json), stage=2, lora_r=4, max_steps=1, batch_size=1,
+              lora_targets=("q_proj", "v_proj", "down_proj"))
+    with pytest.raises(ConfigError, match=r"holds LoRA r=4 alpha=16.0 .* asks for r=2"):
+        train(_cfg(base, tmp_path / "a", init_from=str(stage2), **{**kw, "lora_r": 2}))
+    with pytest.raises(ConfigError, match="is not a stage-2 output or recipe folder: missing .*adapter_model"):
+        train(_cfg(base, tmp_path / "b", init_from=str(stage1), **kw))
+    with pytest.raises(ConfigError, match="use it with stage 2"):
+        train(_cfg(base, tmp_path / "c", init_from=str(stage2), **{**kw, "stage": 1}))
+    with pytest.raises(ConfigError, match="would replace it"):
+        train(_cfg(base, tmp_path / "d", init_from=str(stage2), projector_init="calibrate", **kw))
+
+
 # --- bad input ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

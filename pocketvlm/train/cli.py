@@ -35,6 +35,9 @@ def register_cli(sub) -> None:
     p.add_argument("--projector-init", choices=PROJECTOR_INITS, default="auto",
                    help="auto: a fresh projector calibrated on the data's image features at stage 1, the base's "
                         "projector kept at stage 2")
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="stage 2: start from a previous stage-2 output's (or a recipe folder's) projector and LoRA "
+                        "adapter, to continue training on more data (the LoRA options must match the adapter's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +67,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                       lr=a.lr if a.lr is not None else (1e-3 if a.stage == 1 else 2e-4), warmup=a.warmup,
                       lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                       lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
-                      turns=a.turns, projector_init=a.projector_init, device=a.device, dtype=a.dtype, seed=a.seed,
+                      turns=a.turns, projector_init=a.projector_init, init_from=a.init_from,
+                      device=a.device, dtype=a.dtype, seed=a.seed,
                       save_every=a.save_every, resume=a.resume)
     out = train(cfg)
     print(f"trained model: {out}")

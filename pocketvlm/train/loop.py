@@ -65,6 +65,7 @@ class TrainConfig:
     save_every: int = 100          # optimizer steps between checkpoints
     turns: str = "chat"            # "independent": each question-answer turn learned alone (data.load_dataset)
     projector_init: str = "auto"   # auto: calibrate at stage 1, keep at stage 2; or "calibrate" / "keep"
+    init_from: str | None = None   # a previous stage-2 output or recipe folder: start from its projector and LoRA
     resume: bool = False
     progress: bool = True
 
@@ -74,7 +75,7 @@ class TrainConfig:
         # the base's path too: a stage-1 output has the same config.json as its base but other weights
         parts = [base_cfg, str(Path(self.base).resolve()), str(Path(self.data).resolve()), self.stage, self.lora_r,
                  self.lora_alpha, sorted(self.lora_targets) if self.stage == 2 else None, self.batch_size, self.seed,
-                 self.turns]
+                 self.turns, self.init_from and str(Path(self.init_from).resolve())]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -183,6 +184,42 @@ def trainable_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
+def trained_parts(cfg: TrainConfig) -> dict:
+    """The projector and LoRA adapter of a previous stage-2 run (``init_from``: its output folder, with
+    ``adapter/``, or a recipe folder, with the adapter files at the top), checked against ``cfg``'s LoRA."""
+    from safetensors.torch import load_file
+
+    folder = Path(cfg.init_from)
+    adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    need = [folder / "projector.safetensors", adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        raise ConfigError(f"init_from {folder} is not a stage-2 output or recipe folder: missing {', '.join(missing)}")
+    if cfg.stage != 2:
+        raise ConfigError("init_from continues a stage-2 run (projector + LoRA); use it with stage 2")
+    if cfg.projector_init == "calibrate":
+        raise ConfigError("init_from starts from a trained projector; projector_init='calibrate' would replace it")
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    have = (acfg.get("r"), float(acfg.get("lora_alpha", 0)), sorted(acfg.get("target_modules") or []))
+    want = (cfg.lora_r, float(cfg.lora_alpha), sorted(set(cfg.lora_targets)))
+    if have != want:
+        raise ConfigError(f"{adapter} holds LoRA r={have[0]} alpha={have[1]} on {', '.join(have[2])}; this run "
+                          f"asks for r={want[0]} alpha={want[1]} on {', '.join(want[2])}: use the adapter's settings")
+    return {"projector": load_file(str(need[0])), "adapter": load_file(str(need[1]))}
+
+
+def _start_from(model, init: dict) -> None:
+    """Load a previous run's projector and adapter into the model (LoRA already applied)."""
+    proj = model.model.multi_modal_projector
+    state = {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in init["projector"].items()}
+    try:
+        proj.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"the init_from projector does not fit this base: {e}") from None
+    load_adapter_state(model.model.language_model, {k: v.float() for k, v in init["adapter"].items()},
+                       prefix="model.language_model.")
+
+
 def _packing(sample, device) -> dict:
     """Attention mask and positions of independent turns packed in one row (none for a plain sample)."""
     if sample.segments is None:
@@ -215,6 +252,7 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"stage must be 1 (projector) or 2 (projector + LoRA), got {cfg.stage}")
     if cfg.projector_init not in PROJECTOR_INITS:
         raise ConfigError(f"projector_init must be {', '.join(PROJECTOR_INITS)}, got {cfg.projector_init!r}")
+    init = trained_parts(cfg) if cfg.init_from else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -233,6 +271,8 @@ def train(cfg: TrainConfig) -> Path:
     targets = []
     if cfg.stage == 2:
         targets = apply_lora(lm, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, prefix="model.language_model.")
+    if init is not None:
+        _start_from(model, init)
     model.model.multi_modal_projector.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
@@ -257,7 +297,8 @@ def train(cfg: TrainConfig) -> Path:
 
     feats = cache_features(model, proc, [s.image for s in ds.samples], progress=cfg.progress, device=cfg.device)
     calibration = None
-    if step == 0 and (cfg.projector_init == "calibrate" or (cfg.projector_init == "auto" and cfg.stage == 1)):
+    if step == 0 and init is None and (cfg.projector_init == "calibrate"
+                                       or (cfg.projector_init == "auto" and cfg.stage == 1)):
         calibration = calibrate_projector(model, feats, seed=cfg.seed)
         print(f"projector calibrated: {calibration}", flush=True)
     (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "total_steps": total,
