@@ -26,7 +26,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--quantization", default=None, help="quantize on load, e.g. q4f16_1 (see `pocketvlm convert`)")
     p.add_argument("--context-window-size", type=int, default=None, help="KV cache length (default: min(model, 4096))")
-    p.add_argument("--prefill-chunk-size", type=int, default=512)
+    p.add_argument("--prefill-chunk-size", type=int, default=512,
+                   help="prompt tokens per prefill step (default: 512; `serve`: 256, so that a long prompt holds "
+                        "the other clients' streams for one short chunk at a time)")
     p.add_argument("--kv-cache-dtype", default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--mmproj", default=None,
                    help="llama.cpp mmproj file (vision tower + projector) that makes a .gguf language model a VLM")

@@ -55,3 +55,15 @@ def test_chat_image_to_text_only_model_is_explained(tiny, tmp_path):
     r = run_chat(tiny, f"what colour is {img} ?\nHello!\n")
     assert r.returncode == 0, r.stderr
     assert "text-only" in r.stdout
+
+
+def test_serve_reads_prompts_in_shorter_prefill_chunks():
+    """The server's default chunk is 256 tokens (a running stream waits one chunk of another client's long
+    prompt); elsewhere 512; an explicit value wins."""
+    from pocketvlm import cli
+    from pocketvlm.serve.app import SERVE_PREFILL_CHUNK_SIZE
+
+    ap = cli.build_parser()
+    assert ap.parse_args(["serve", "m"]).prefill_chunk_size == SERVE_PREFILL_CHUNK_SIZE == 256
+    assert ap.parse_args(["serve", "m", "--prefill-chunk-size", "64"]).prefill_chunk_size == 64
+    assert ap.parse_args(["chat", "m"]).prefill_chunk_size == 512

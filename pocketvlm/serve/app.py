@@ -397,6 +397,9 @@ class ServerThread:
         self.stop()
 
 
+SERVE_PREFILL_CHUNK_SIZE = 256
+
+
 def register_cli(sub) -> None:
     from ..cli import add_model_options
     from ..real_models import DEFAULT_MODEL
@@ -441,7 +444,9 @@ def register_cli(sub) -> None:
                         "clients share its address: let the proxy limit them). Default %(default)d")
     p.add_argument("--log-level", default="info")
     add_model_options(p)
-    p.set_defaults(fn=cmd_serve)
+    # a long prompt is read one prefill chunk per scheduler turn between the other streams' tokens: at 512 tokens
+    # one chunk held a running stream for 1.15 s on a 2-core CPU, at 256 for 0.76 s (benchmarks/stall.py)
+    p.set_defaults(fn=cmd_serve, prefill_chunk_size=SERVE_PREFILL_CHUNK_SIZE)
 
 
 def cmd_serve(a) -> int:
