@@ -189,16 +189,16 @@ def trained_parts(cfg: TrainConfig) -> dict:
     ``adapter/``, or a recipe folder, with the adapter files at the top), checked against ``cfg``'s LoRA."""
     from safetensors.torch import load_file
 
+    if cfg.stage != 2:
+        raise ConfigError("init_from continues a stage-2 run (projector + LoRA); use it with stage 2")
+    if cfg.projector_init == "calibrate":
+        raise ConfigError("init_from starts from a trained projector; projector_init='calibrate' would replace it")
     folder = Path(cfg.init_from)
     adapter = folder / "adapter" if (folder / "adapter").is_dir() else folder
     need = [folder / "projector.safetensors", adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
         raise ConfigError(f"init_from {folder} is not a stage-2 output or recipe folder: missing {', '.join(missing)}")
-    if cfg.stage != 2:
-        raise ConfigError("init_from continues a stage-2 run (projector + LoRA); use it with stage 2")
-    if cfg.projector_init == "calibrate":
-        raise ConfigError("init_from starts from a trained projector; projector_init='calibrate' would replace it")
     acfg = json.loads((adapter / "adapter_config.json").read_text())
     have = (acfg.get("r"), float(acfg.get("lora_alpha", 0)), sorted(acfg.get("target_modules") or []))
     want = (cfg.lora_r, float(cfg.lora_alpha), sorted(set(cfg.lora_targets)))
@@ -208,16 +208,22 @@ def trained_parts(cfg: TrainConfig) -> dict:
     return {"projector": load_file(str(need[0])), "adapter": load_file(str(need[1]))}
 
 
+def load_trained(model, projector: dict, adapter: dict | None = None) -> None:
+    """A trained projector state (``model.multi_modal_projector.*``) and, when given, peft-named LoRA tensors
+    into the model (its LoRA layers already applied), in float32."""
+    model.model.multi_modal_projector.load_state_dict(
+        {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in projector.items()})
+    if adapter is not None:
+        load_adapter_state(model.model.language_model, {k: v.float() for k, v in adapter.items()},
+                           prefix="model.language_model.")
+
+
 def _start_from(model, init: dict) -> None:
     """Load a previous run's projector and adapter into the model (LoRA already applied)."""
-    proj = model.model.multi_modal_projector
-    state = {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in init["projector"].items()}
     try:
-        proj.load_state_dict(state)
+        load_trained(model, init["projector"], init["adapter"])
     except RuntimeError as e:
-        raise ConfigError(f"the init_from projector does not fit this base: {e}") from None
-    load_adapter_state(model.model.language_model, {k: v.float() for k, v in init["adapter"].items()},
-                       prefix="model.language_model.")
+        raise ConfigError(f"the init_from parts do not fit this base: {e}") from None
 
 
 def _packing(sample, device) -> dict:
@@ -380,12 +386,11 @@ def merged_llava(base: Path, projector: dict, adapter: dict | None = None, lora:
     from .. import loading
 
     model = loading.load_hf(Path(base)).model
-    model.model.multi_modal_projector.load_state_dict(
-        {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in projector.items()})
+    lm = model.model.language_model
     if adapter is not None:
-        lm = model.model.language_model
         apply_lora(lm, lora["targets"], lora["r"], lora["alpha"])
-        load_adapter_state(lm, {k: v.float() for k, v in adapter.items()}, prefix="model.language_model.")
+    load_trained(model, projector, adapter)
+    if adapter is not None:
         merge_lora(lm)
     return model
 
