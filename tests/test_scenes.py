@@ -196,6 +196,27 @@ def test_write_dataset_llava_format(tmp_path):
     assert Image.open(tmp_path / caps[0]["image"]).tobytes() == make_scene(0, 0).image.tobytes()
 
 
+def test_write_dataset_keeps_chosen_question_types(tmp_path):
+    full = write_dataset(tmp_path / "all", 40, seed=5, progress=False)
+    stats = write_dataset(tmp_path / "some", 40, seed=5, types="count,word,yesno:0.5", progress=False)
+    assert set(stats["types"]) <= {"count", "word", "yesno"}
+    assert stats["types"]["count"] == full["types"]["count"] and stats["types"]["word"] == full["types"]["word"]
+    assert 0 < stats["types"]["yesno"] < full["types"]["yesno"]
+    inst = json.loads((tmp_path / "some/instruct.json").read_text())
+    assert len(inst) == stats["instruct"] < 40 and stats["captions"] == 40   # chart scenes: no question left
+    assert sum(len(c["conversations"]) // 2 for c in inst) == stats["questions"]
+    for c in inst:
+        check_conversation(c, tmp_path / "some")
+    again = write_dataset(tmp_path / "again", 40, seed=5, types=["count", "word", "yesno:0.5"], progress=False)
+    assert again == stats
+    assert (tmp_path / "again/instruct.json").read_text() == (tmp_path / "some/instruct.json").read_text()
+    for bad, msg in (("count,bogus", "unknown question type"), ("count:0", "fraction"), ("count:x", "fraction"),
+                     (" , ", "no question types")):
+        with pytest.raises(PocketVLMError, match=msg):
+            write_dataset(tmp_path / "bad", 2, types=bad, progress=False)
+    assert not (tmp_path / "bad").exists()   # checked before anything is written
+
+
 def test_write_eval(tmp_path):
     stats = write_eval(tmp_path, per_type=6, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
@@ -218,6 +239,9 @@ def test_cli_writes_training_and_eval_files(tmp_path, capsys):
     assert main(["scenes", str(tmp_path / "train"), "--count", "8", "--no-progress"]) == 0
     assert (tmp_path / "train/captions.json").is_file() and (tmp_path / "train/instruct.json").is_file()
     assert len(list((tmp_path / "train/images").glob("0-*.png"))) == 8
+    assert main(["scenes", str(tmp_path / "counts"), "--count", "8", "--types", "count", "--no-progress"]) == 0
+    inst = json.loads((tmp_path / "counts/instruct.json").read_text())
+    assert inst and all(len(c["conversations"]) == 2 for c in inst)   # one count question per shapes scene
     assert main(["scenes", str(tmp_path / "ev"), "--eval", "--per-type", "2", "--types", "word,chart",
                  "--no-progress"]) == 0
     assert len((tmp_path / "ev/questions.jsonl").read_text().splitlines()) == 4

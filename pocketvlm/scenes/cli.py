@@ -10,7 +10,8 @@ def register_cli(sub) -> None:
     p.add_argument("--eval", action="store_true", help="write held-out evaluation questions instead of training data")
     p.add_argument("--count", type=int, default=6000, help="training scenes to write (default 6000)")
     p.add_argument("--per-type", type=int, default=200, help="--eval: questions per question type (default 200)")
-    p.add_argument("--types", default=None, help="--eval: comma-separated question types (default: all)")
+    p.add_argument("--types", default=None, help="comma-separated question types (default: all); for training "
+                   "data a type may keep a fraction of its questions, e.g. count,chart,shape:0.25")
     p.add_argument("--seed", type=int, default=None, help="scene seed (default: 0 for training, 1 for --eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_scenes)
@@ -24,6 +25,7 @@ def cmd_scenes(a) -> int:
         stats = write_eval(a.out, a.per_type, seed=1 if a.seed is None else a.seed, types=types,
                            progress=not a.no_progress)
     else:
-        stats = write_dataset(a.out, a.count, seed=0 if a.seed is None else a.seed, progress=not a.no_progress)
+        stats = write_dataset(a.out, a.count, seed=0 if a.seed is None else a.seed, types=a.types,
+                              progress=not a.no_progress)
     print(f"wrote {a.out}: {json.dumps(stats)}")
     return 0

@@ -17,7 +17,7 @@ import json
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -177,26 +177,60 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def write_dataset(out_dir, count: int, seed: int = 0, *, progress: bool = True) -> dict:
-    """Write ``count`` training scenes: images, ``captions.json`` and ``instruct.json``. Returns counts."""
+def type_fractions(spec) -> dict[str, float]:
+    """``"count,chart,shape:0.25"`` (or a list of such items) -> {type: fraction of its questions kept}."""
+    items = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    out: dict[str, float] = {}
+    for item in items:
+        name, _, frac = item.partition(":")
+        try:
+            f = float(frac) if frac else 1.0
+        except ValueError:
+            f = -1.0
+        if name not in Q.QUESTION_TYPES:
+            raise PocketVLMError(f"unknown question type {name!r}; choose from {', '.join(Q.QUESTION_TYPES)}")
+        if not 0.0 < f <= 1.0:
+            raise PocketVLMError(f"question type {item!r}: the fraction after ':' must be in (0, 1]")
+        out[name] = f
+    if not out:
+        raise PocketVLMError("no question types given")
+    return out
+
+
+def _keep(scene: Scene, fractions: dict[str, float] | None) -> Scene:
+    if fractions is None:
+        return scene
+    rng = random.Random(f"{scene.seed}:{scene.index}:keep")
+    qa = [q for q in scene.qa if rng.random() < fractions.get(q.type, 0.0)]
+    return replace(scene, qa=qa)
+
+
+def write_dataset(out_dir, count: int, seed: int = 0, *, types=None, progress: bool = True) -> dict:
+    """Write ``count`` training scenes: images, ``captions.json`` and ``instruct.json``. Returns counts.
+
+    ``types`` (see ``type_fractions``) keeps only those question types in ``instruct.json``, each a
+    fraction of the time (chosen per question from the scene's seed); scenes left without a question
+    have a caption only."""
     if count < 1:
         raise PocketVLMError(f"count must be at least 1, got {count}")
+    fractions = None if types is None else type_fractions(types)
     out = _prepare(out_dir)
     captions, instruct = [], []
     kinds: dict[str, int] = {}
-    types: dict[str, int] = {}
+    types_seen: dict[str, int] = {}
     for i in tqdm(range(count), desc="scenes", unit="img", disable=not progress):
-        scene = make_scene(seed, i)
+        scene = _keep(make_scene(seed, i), fractions)
         rel = _save(scene, out)
         captions.append(caption_sample(scene, rel))
-        instruct.append(instruct_sample(scene, rel))
+        if scene.qa:
+            instruct.append(instruct_sample(scene, rel))
         kinds[scene.kind] = kinds.get(scene.kind, 0) + 1
         for qa in scene.qa:
-            types[qa.type] = types.get(qa.type, 0) + 1
+            types_seen[qa.type] = types_seen.get(qa.type, 0) + 1
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
-    return {"images": count, "captions": len(captions), "questions": sum(types.values()), "kinds": kinds,
-            "types": types}
+    return {"images": count, "captions": len(captions), "instruct": len(instruct),
+            "questions": sum(types_seen.values()), "kinds": kinds, "types": types_seen}
 
 
 def write_eval(out_dir, per_type: int = 200, seed: int = 1, types=None, *, progress: bool = True) -> dict:
