@@ -293,3 +293,48 @@ def test_convert_calibrated_vlm(tmp_path):
     assert not any("vision_tower" in n or "projector" in n for n in q["modules"])
     assert any("language_model" in n for n in q["modules"])
     load_package(out, verify=True)
+
+
+def test_convert_vlm_calibrated_on_conversations_with_images(tmp_path, monkeypatch):
+    """A LLaVA-format file calibrates a VLM on its conversations with the images: the image slots carry the
+    projected features (ids with image slots and no pixels would be refused by the model)."""
+    import hashlib
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_fixtures import make_tiny_llava, make_tiny_qwen2
+
+    from pocketvlm.errors import PocketVLMError
+    from pocketvlm.package import calibration, convert, load_package
+    from pocketvlm.scenes import write_dataset
+
+    src = make_tiny_llava(tmp_path / "llava")
+    write_dataset(tmp_path / "data", 4, seed=0, progress=False)
+    data = tmp_path / "data/instruct.json"
+    seen = []
+    real = calibration.image_windows
+    monkeypatch.setattr(calibration, "image_windows", lambda loaded, d: seen.append(real(loaded, d)) or seen[-1])
+    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=str(data), calibration_windows=3)
+    assert len(seen[0]) == 3 and all(w["pixel_values"].shape[-1] == 32 for w in seen[0])
+    image_id = json.loads((src / "config.json").read_text())["image_token_index"]
+    assert all(int((w["input_ids"] == image_id).sum()) == 16 for w in seen[0])   # (32 / 8)^2 slots
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["calibration"]["images"] and q["calibration"]["windows"] == 3
+    assert q["calibration"]["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert not any("vision_tower" in n or "projector" in n for n in q["modules"])
+    load_package(out, verify=True)
+
+    # bad input, each refused before the model loads
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    text_model = make_tiny_qwen2(tmp_path / "lm")
+    for f, match in ((empty, "no conversation"), (broken, "not valid LLaVA JSON")):
+        with pytest.raises(PocketVLMError, match=match):
+            convert(src, "q4f16_1", tmp_path / "x", progress=False, calibrate=str(f))
+    with pytest.raises(PocketVLMError, match="is a text model"):
+        convert(text_model, "q4f16_1", tmp_path / "x", progress=False, calibrate=str(data))
+    assert not (tmp_path / "x").exists()

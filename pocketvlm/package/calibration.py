@@ -1,5 +1,6 @@
-"""``convert --calibrate``: the calibration text, the memory check before loading, and the calibrated
-quantization itself (:func:`pocketvlm.quant.calibrate.calibrate_model`)."""
+"""``convert --calibrate``: the calibration text (or, for a vision-language model, LLaVA-format conversations
+with their images), the memory check before loading, and the calibrated quantization itself
+(:func:`pocketvlm.quant.calibrate.calibrate_model`)."""
 from __future__ import annotations
 
 import hashlib
@@ -25,18 +26,46 @@ class CalibrationText:
                 "context": self.context}
 
 
-def prepare(mode, calibrate, windows: int | None = None) -> CalibrationText:
+#: conversations taken from a LLaVA-format calibration file by default (each is one window)
+CONVERSATIONS = 128
+CONVERSATION_SUFFIXES = (".json", ".jsonl")
+
+
+@dataclass(frozen=True)
+class CalibrationImages:
+    """LLaVA-format conversations with images (``pocketvlm.train.data``): each one is rendered with the
+    model's chat template, its image preprocessed, and run as one calibration window."""
+    path: Path
+    windows: int      # conversations used, at most
+    sha256: str
+    context: int = CONTEXT  # for the memory estimate: a conversation with its image slots, at most about this
+
+    def record(self) -> dict:
+        return {"method": "gptq (act-order, static groups, error-minimising scales)", "data": str(self.path),
+                "data_sha256": self.sha256, "windows": self.windows, "images": True}
+
+
+def prepare(mode, calibrate, windows: int | None = None) -> CalibrationText | CalibrationImages:
     """Check the mode and read the calibration text, before anything slow happens. ``calibrate`` is
-    ``True``/``"default"`` for the default text or a text file's path."""
+    ``True``/``"default"`` for the default text, a text file's path, or a LLaVA-format ``.json``/``.jsonl``
+    file of conversations with images (vision-language models)."""
     check_mode(mode)
-    windows = WINDOWS if windows is None else int(windows)
-    if windows < 1:
+    if windows is not None and int(windows) < 1:
         raise PackageError(f"--calibration-windows must be at least 1, got {windows}")
     if calibrate is True or calibrate == "default":
-        return CalibrationText(default_text(), "default", windows)
+        return CalibrationText(default_text(), "default", WINDOWS if windows is None else int(windows))
     path = Path(calibrate).expanduser()
     if not path.is_file():
         raise PackageError(f"calibration text {path} does not exist (or is not a file)")
+    if path.suffix in CONVERSATION_SUFFIXES:
+        from ..train.data import read_rows
+
+        rows = read_rows(path)  # not JSON, or not a list: a clear error here, before the model loads
+        if not rows:
+            raise PackageError(f"calibration data {path} holds no conversation")
+        return CalibrationImages(path, CONVERSATIONS if windows is None else int(windows),
+                                 hashlib.sha256(path.read_bytes()).hexdigest())
+    windows = WINDOWS if windows is None else int(windows)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -95,13 +124,52 @@ def check_memory(source, mode, text: CalibrationText) -> None:
             "Convert without --calibrate (error-minimising scales only) or on a machine with more memory")
 
 
-def run(loaded, mode, text: CalibrationText, *, search: bool = True,
+def check_source(source, text) -> None:
+    """Conversations with images calibrate a vision-language model only: refuse a text model before loading."""
+    if isinstance(text, CalibrationImages):
+        from .memory import source_config
+
+        config, _ = source_config(source)
+        if "vision_config" not in config:
+            raise PackageError(f"{text.path} is conversations with images, for a vision-language model; {source} "
+                               "is a text model: calibrate it on a text file (or the default text)")
+
+
+def image_windows(loaded, data: CalibrationImages) -> list[dict]:
+    """Each usable conversation of ``data`` as the model's inputs: token ids with the image slots (the chat
+    template's rendering, as training reads it) and the preprocessed image."""
+    import torch
+
+    from .. import loading
+    from ..image import load_image, preprocess
+    from ..train.data import Encoder, load_dataset
+
+    model = loaded.model
+    if not hasattr(model, "num_image_tokens") or not hasattr(model, "image_hidden_states"):
+        raise PackageError(f"calibration on conversations with images needs a LLaVA-style model with a fixed "
+                           f"image size; this one ({loaded.config_dict.get('model_type')}) is not: use a text file")
+    tok = loading.load_tokenizer(loaded)
+    if not tok.chat_template:
+        raise PackageError("calibration on conversations renders them with the model's chat template; it has none")
+    enc = Encoder(tok, tok.chat_template, model.image_token_id, model.num_image_tokens())
+    ds = load_dataset(data.path, enc, max_samples=data.windows)
+    proc = loading.load_image_processor(loaded)
+    return [{"input_ids": torch.tensor([s.input_ids]),
+             "pixel_values": preprocess(load_image(str(s.image)), proc, dtype=torch.float32).pixel_values}
+            for s in ds.samples]
+
+
+def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool = True,
         progress: bool = True) -> tuple[dict[str, str], dict]:
-    """Tokenize the text, cut its windows and calibrate ``loaded.model`` in place. Returns the quantization
-    record and what config.json keeps about the calibration."""
+    """Tokenize the text, cut its windows (or read the conversations and their images) and calibrate
+    ``loaded.model`` in place. Returns the quantization record and what config.json keeps about it."""
     from .. import loading
     from ..quant.calibrate import calibrate_model, calibration_windows
 
+    if isinstance(text, CalibrationImages):
+        inputs = image_windows(loaded, text)
+        record = calibrate_model(loaded.model, mode, inputs, search=search, progress=progress)
+        return record, {**text.record(), "windows": len(inputs)}
     tok = loading.load_tokenizer(loaded)
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
     windows = calibration_windows(tok.encode(text.text), text.context, text.windows, bos)

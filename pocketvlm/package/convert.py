@@ -157,7 +157,9 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     ``scales``: ``"search"`` (default) picks each group's scale by minimising its error, ``"rtn"`` is MLC's
     plain ``max|w| / offset``; same format either way. ``calibrate``: GPTQ rounding
     (:mod:`pocketvlm.quant.calibrate`) on a text file, or ``True`` for the default text that ships with
-    Python; ``calibration_windows`` windows of 512 tokens from its start (default 64). ``mmproj``: with a
+    Python; ``calibration_windows`` windows of 512 tokens from its start (default 64). For a vision-language
+    model, ``calibrate`` may be a LLaVA-format ``.json``/``.jsonl`` of conversations with images
+    (``calibration_windows``: conversations, default 128). ``mmproj``: with a
     ``.gguf`` source, llama.cpp's vision file that makes it a VLM (:mod:`pocketvlm.loading.mmproj`)."""
     mode = _mode(quantization)  # unknown names fail here, before anything is loaded or written
     if scales not in ("search", "rtn"):
@@ -176,6 +178,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     from ..real_models import resolve_source
 
     if text is not None:
+        calibration.check_source(source, text)
         calibration.check_memory(source, mode, text)
     loaded = loading.load(resolve_source(source), dtype=torch.float32, mmproj=mmproj)
     model = loaded.model

@@ -14,12 +14,15 @@ per group), so packages, kernels and speed are unchanged. Steps:
    whose codes are replaced by the GPTQ ones) are calibrated on one more full pass.
 
 The calibration text is cut into windows of ``context`` tokens (BOS first where the tokenizer adds it).
+A vision-language model can instead be calibrated on conversations with their images: each window is then
+a dict of the model's inputs (``input_ids`` with the image slots, ``pixel_values``), so the language model's
+Hessians see the projected image features it answers from.
 The default text (:func:`default_text`) ships with Python: the language reference topics of
 ``pydoc_data``, minus the topics :data:`HELD_OUT_TOPICS` that ``benchmarks/perplexity.py`` measures on.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -100,7 +103,20 @@ class _Stop(Exception):
     pass
 
 
-def _record_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor):
+Windows = Union[torch.Tensor, Sequence[Mapping[str, torch.Tensor]]]
+
+
+def _inputs(windows) -> list[dict]:
+    """Each window as the model's keyword arguments: a row of token ids, or a dict of inputs as given."""
+    if isinstance(windows, torch.Tensor):
+        return [{"input_ids": w.unsqueeze(0)} for w in windows]
+    out = [dict(w) for w in windows]
+    if not out or any(not isinstance(w.get("input_ids"), torch.Tensor) for w in out):
+        raise QuantizationError("calibration needs at least one window, each with its input_ids")
+    return out
+
+
+def _record_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[dict]):
     """Per window: the hidden states entering the first layer and each layer's remaining arguments."""
     first, rest = [], []
     for w in windows:
@@ -120,7 +136,7 @@ def _record_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch
             for i, layer in enumerate(layers):
                 layer.forward = make(i)
             with torch.no_grad():
-                model(w.unsqueeze(0))
+                model(**w)
         except _Stop:
             pass
         finally:
@@ -150,15 +166,17 @@ def _gptq_linear(lin: nn.Linear, H: torch.Tensor, mode: str, search: bool) -> nn
     return quant_linear_from_codes(lin, mode, codes, scales)
 
 
-def calibrate_model(model: nn.Module, mode: str, windows: torch.Tensor, *, skip: Skip = None,
+def calibrate_model(model: nn.Module, mode: str, windows: Windows, *, skip: Skip = None,
                     overrides: Mapping[str, str | None] | None = None, embeddings: bool = True, search: bool = True,
                     progress: bool = True) -> dict[str, str]:
     """Quantize ``model`` in place like ``quantize_model(model, mode, embeddings=embeddings, search=search)``,
-    with GPTQ rounding calibrated on ``windows`` (``[n, context]`` token ids, :func:`calibration_windows`).
-    Returns the same record."""
+    with GPTQ rounding calibrated on ``windows`` (``[n, context]`` token ids, :func:`calibration_windows`, or
+    a list of the model's inputs per window, e.g. ``{"input_ids", "pixel_values"}``). Returns the same record."""
     from tqdm.auto import tqdm
 
     mm = check_mode(mode)
+    windows = _inputs(windows)
+    device = windows[0]["input_ids"].device
     plan = {}  # name -> mode, in named_modules order (quantize_model's record order)
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)):
@@ -182,11 +200,11 @@ def calibrate_model(model: nn.Module, mode: str, windows: torch.Tensor, *, skip:
             quantize_module(mod, plan[n])  # q0* override: a cast, nothing to calibrate
             record[n] = plan[n]
     prefix, layers = _decoder_layers(model, linears)
-    with _fast_matmuls(windows.device):
+    with _fast_matmuls(device):
         xs, rest = _record_layer_inputs(model, layers, windows)
     tail = {n: m for n, m in linears.items() if not n.startswith(prefix + ".")}
     with tqdm(total=len(layers) + bool(tail), desc=f"calibrating {mm.name}", unit="layer",
-              disable=not progress) as bar, torch.no_grad(), _fast_matmuls(windows.device):
+              disable=not progress) as bar, torch.no_grad(), _fast_matmuls(device):
         for i, layer in enumerate(layers):
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
             hs, handles = _hessian_hooks(mine)
@@ -205,7 +223,7 @@ def calibrate_model(model: nn.Module, mode: str, windows: torch.Tensor, *, skip:
             hs, handles = _hessian_hooks(tail)
             try:
                 for w in windows:
-                    model(w.unsqueeze(0))
+                    model(**w)
             finally:
                 for h in handles:
                     h.remove()
