@@ -429,6 +429,7 @@ def test_init_from_continues_a_stage2_run(parts, base, stage2, tmp_path):
     from pocketvlm.train.recipe import write_recipe
 
     recipe = write_recipe(stage2, tmp_path / "recipe", llm="tiny", vision="tiny", dtype=torch.float32)
+    assert json.loads((recipe / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     again = train(_cfg(base, tmp_path / "cont2", init_from=str(recipe), lr=0.0, **kw))
     assert _log(again)[0]["loss"] == pytest.approx(_log(out)[0]["loss"], rel=1e-5)
 

@@ -44,7 +44,10 @@ def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str =
     if adapter.exists():
         a = load_file(str(adapter / "adapter_model.safetensors"))
         save_file({k: v.to(dtype).contiguous() for k, v in a.items()}, str(out / "adapter_model.safetensors"))
-        shutil.copyfile(adapter / "adapter_config.json", out / "adapter_config.json")
+        acfg = json.loads((adapter / "adapter_config.json").read_text())
+        # the training machine's base folder means nothing elsewhere: the base is rebuilt from the recipe
+        acfg["base_model_name_or_path"] = None
+        (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
         files["adapter_model.safetensors"] = _sha256(out / "adapter_model.safetensors")
     vcfg = cfg["vision_config"]
     layers = cfg["vision_feature_layer"]
