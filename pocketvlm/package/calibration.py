@@ -50,10 +50,11 @@ def prepare(mode, calibrate, windows: int | None = None) -> CalibrationText | Ca
     ``True``/``"default"`` for the default text, a text file's path, or a LLaVA-format ``.json``/``.jsonl``
     file of conversations with images (vision-language models)."""
     check_mode(mode)
-    if windows is not None and int(windows) < 1:
+    n = None if windows is None else int(windows)
+    if n is not None and n < 1:
         raise PackageError(f"--calibration-windows must be at least 1, got {windows}")
     if calibrate is True or calibrate == "default":
-        return CalibrationText(default_text(), "default", WINDOWS if windows is None else int(windows))
+        return CalibrationText(default_text(), "default", WINDOWS if n is None else n)
     path = Path(calibrate).expanduser()
     if not path.is_file():
         raise PackageError(f"calibration text {path} does not exist (or is not a file)")
@@ -63,9 +64,7 @@ def prepare(mode, calibrate, windows: int | None = None) -> CalibrationText | Ca
         rows = read_rows(path)  # not JSON, or not a list: a clear error here, before the model loads
         if not rows:
             raise PackageError(f"calibration data {path} holds no conversation")
-        return CalibrationImages(path, CONVERSATIONS if windows is None else int(windows),
-                                 hashlib.sha256(path.read_bytes()).hexdigest())
-    windows = WINDOWS if windows is None else int(windows)
+        return CalibrationImages(path, CONVERSATIONS if n is None else n, hashlib.sha256(path.read_bytes()).hexdigest())
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -75,7 +74,7 @@ def prepare(mode, calibrate, windows: int | None = None) -> CalibrationText | Ca
     if len(text.encode()) < CONTEXT:  # a byte-level tokenizer gives at most one token per byte
         raise PackageError(f"calibration text {path} has {len(text.encode())} bytes, fewer than one window of "
                            f"{CONTEXT} tokens; give a longer text (a few thousand words)")
-    return CalibrationText(text, str(path), windows)
+    return CalibrationText(text, str(path), WINDOWS if n is None else n)
 
 
 def available_memory() -> int:
@@ -124,9 +123,10 @@ def check_memory(source, mode, text: CalibrationText) -> None:
             "Convert without --calibrate (error-minimising scales only) or on a machine with more memory")
 
 
-def check_source(source, text) -> None:
-    """Conversations with images calibrate a vision-language model only: refuse a text model before loading."""
-    if isinstance(text, CalibrationImages):
+def check_source(source, text, mmproj=None) -> None:
+    """Conversations with images calibrate a vision-language model only: refuse a text model before loading
+    (a ``.gguf`` language model with an ``mmproj`` file is a vision-language model)."""
+    if isinstance(text, CalibrationImages) and mmproj is None:
         from .memory import source_config
 
         config, _ = source_config(source)

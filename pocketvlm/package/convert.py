@@ -178,7 +178,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     from ..real_models import resolve_source
 
     if text is not None:
-        calibration.check_source(source, text)
+        calibration.check_source(source, text, mmproj)
         calibration.check_memory(source, mode, text)
     loaded = loading.load(resolve_source(source), dtype=torch.float32, mmproj=mmproj)
     model = loaded.model
