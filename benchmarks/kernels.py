@@ -10,7 +10,7 @@ Paths:
   *-dense       the same modules on the dense path (dequantize + GEMM), which prefill takes
 
 Then a sweep of M for the 4864x896 weight comparing the own kernel with the dense path, which
-sets ``pocketvlm.quant.linear.OWN_KERNEL_MAX_TOKENS_AVX2`` / ``_VNNI``.
+sets ``pocketvlm.quant.paths.OWN_KERNEL_MAX_TOKENS_AVX2`` / ``_VNNI``.
 
 Run:  .venv/bin/python benchmarks/kernels.py [--threads 2] [--quick]
 Several distinct copies of small weights are cycled so they are read from memory, not cache.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketvlm.quant import formats
-from pocketvlm.quant import linear
+from pocketvlm.quant import paths as qpaths
 from pocketvlm.quant.linear import quant_linear_from_float
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # [out, in]
@@ -86,12 +86,12 @@ def _paths(out_f, in_f, copies, m):
 def _forced(mods, cyc, x, own: bool):
     """A call of the next module with the own kernel forced on (any M) or off."""
     def call():
-        saved = linear.OWN_KERNEL_MAX_TOKENS
-        linear.OWN_KERNEL_MAX_TOKENS = 10**9 if own else 0
+        saved = qpaths.OWN_KERNEL_MAX_TOKENS
+        qpaths.OWN_KERNEL_MAX_TOKENS = 10**9 if own else 0
         try:
             return mods[cyc.next()](x)
         finally:
-            linear.OWN_KERNEL_MAX_TOKENS = saved
+            qpaths.OWN_KERNEL_MAX_TOKENS = saved
     return call
 
 

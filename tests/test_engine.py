@@ -158,11 +158,13 @@ def test_exact_slot_gives_a_fresh_slots_greedy_whatever_ran_before(tiny_model, m
     (a q4 model: chunks of 16+ rows take the dense bf16 path, shorter ones and decode the int8 kernel)."""
     import copy
 
-    from pocketvlm.quant import linear, quantize_model
+    from pocketvlm.quant import paths, quantize_model
 
-    # 32-row prefill chunks on the dense path (as on AVX2-only CPUs; with AVX-512 VNNI chunks under 64 rows run the
-    # own kernel, whose rows do not depend on each other, and plain reuse then happens to compute the same numbers)
-    monkeypatch.setattr(linear, "OWN_KERNEL_MAX_TOKENS", 16)
+    # 32-row prefill chunks on the dense path (as on AVX2-only CPUs; with AVX-512 VNNI such chunks run the own kernel
+    # or the int8 prefill GEMM, whose rows do not depend on each other, and plain reuse then happens to compute the
+    # same numbers)
+    monkeypatch.setattr(paths, "OWN_KERNEL_MAX_TOKENS", 16)
+    monkeypatch.setattr(paths, "PREFILL_INT8_ROWS", (0, 0))
     _, ours = tiny_model
     q4 = copy.deepcopy(ours)
     quantize_model(q4, "q4f16_1")

@@ -11,6 +11,7 @@ import torch
 from pocketvlm.errors import ContextWindowError
 from pocketvlm.eval import evaluate_perplexity, perplexity, windows
 from pocketvlm.models import qwen2
+from pocketvlm.quant import cpu_kernel, paths
 
 
 def _tiny_qwen(seed: int = 0) -> torch.nn.Module:
@@ -154,17 +155,35 @@ def test_real_qwen_q4f16_1_within_10_percent(qwen_real, qwen_prose, qwen_fp32_pp
 
     window = torch.tensor([qwen_prose[:512]])
     logits, ppls = {}, {}
-    for dt in (torch.float32, torch.bfloat16):
-        for m in q.modules():
-            if isinstance(m, QuantLinear):
-                m.dense_dtype = dt
-        with torch.inference_mode():
-            logits[dt] = q(window).float()[0]
-        ppls[dt] = perplexity(q, qwen_prose, 512, progress=False, max_windows=1, bos_token_id=bos)
+    saved = paths.PREFILL_INT8_ROWS
+    try:
+        paths.PREFILL_INT8_ROWS = (0, 0)  # the dense path at any length
+        for dt in (torch.float32, torch.bfloat16):
+            for m in q.modules():
+                if isinstance(m, QuantLinear):
+                    m.dense_dtype = dt
+            with torch.inference_mode():
+                logits[dt] = q(window).float()[0]
+            ppls[dt] = perplexity(q, qwen_prose, 512, progress=False, max_windows=1, bos_token_id=bos)
+        if cpu_kernel.available() and cpu_kernel._ops.i8_vnni():
+            # the int8 prefill GEMM at any length (4-bit codes against x quantized per 32 values, as decode computes)
+            paths.PREFILL_INT8_ROWS = (paths.PREFILL_INT8_MIN_ROWS, 1 << 62)
+            with torch.inference_mode():
+                logits["int8"] = q(window).float()[0]
+            ppls["int8"] = perplexity(q, qwen_prose, 512, progress=False, max_windows=1, bos_token_id=bos)
+    finally:
+        paths.PREFILL_INT8_ROWS = saved
     a, b = logits[torch.float32], logits[torch.bfloat16]
     print(f"q4f16_1 bf16 prefill: PPL {ppls[torch.bfloat16]:.4f} (fp32 prefill {ppls[torch.float32]:.4f}), "
           f"logits rel err {float((a - b).norm() / a.norm()):.4f}")
     assert float((a - b).norm() / a.norm()) < 0.02
     assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) > 0.97
     assert ppls[torch.bfloat16] == pytest.approx(ppls[torch.float32], rel=0.01)
+    if "int8" in logits:  # issue 18: within 0.5% of the bf16 prefill's perplexity
+        c = logits["int8"]
+        print(f"q4f16_1 int8 prefill: PPL {ppls['int8']:.4f}, logits rel err vs fp32 prefill "
+              f"{float((a - c).norm() / a.norm()):.4f}")
+        assert float((a - c).norm() / a.norm()) < 0.02
+        assert float((a.argmax(-1) == c.argmax(-1)).float().mean()) > 0.97
+        assert ppls["int8"] == pytest.approx(ppls[torch.bfloat16], rel=0.005)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pocketvlm.errors import QuantizationError
-from pocketvlm.quant import formats, linear
+from pocketvlm.quant import formats, paths
 from pocketvlm.quant.apply import build_quantized, quantize_model
 from pocketvlm.quant.embedding import QuantEmbedding, TiedQuantHead
 from pocketvlm.quant.linear import Int3Linear, Int4Linear, Int8Linear, QuantLinear, quant_linear_from_float
@@ -50,7 +50,7 @@ def test_quant_linear_matches_dequantized_matmul(mode, shape, monkeypatch):
     assert torch.equal(q.dequantize(), w_hat)
     rows = torch.tensor([out_f - 1, 0, 3])
     assert torch.equal(q.dequantize(rows=rows), w_hat[rows])
-    monkeypatch.setattr(linear, "OWN_KERNEL_MAX_TOKENS", 4)
+    monkeypatch.setattr(paths, "OWN_KERNEL_MAX_TOKENS", 4)
     xd = torch.randn(5, in_f)  # prefill-sized input: the dense path
     assert _rel(q(xd), xd.bfloat16().float() @ w_hat.t() + lin.bias) < 1e-2
 
@@ -60,7 +60,7 @@ def test_kernel_path_and_dense_path_agree(monkeypatch):
     q = quant_linear_from_float(nn.Linear(128, 64, bias=False), "q4f16_1")
     x = torch.randn(8, 128)
     y_kernel = q(x)
-    monkeypatch.setattr(linear, "OWN_KERNEL_MAX_TOKENS", 1)
+    monkeypatch.setattr(paths, "OWN_KERNEL_MAX_TOKENS", 1)
     assert _rel(q(x), y_kernel) < 1e-2
 
 
@@ -248,7 +248,7 @@ def test_without_the_own_kernel_every_input_takes_the_dense_path(mode, monkeypat
     """Where the C++ kernel did not build, there is one other path (dense), even for a single token."""
     monkeypatch.setitem(cpu_kernel._state, "tried", True)
     monkeypatch.setitem(cpu_kernel._state, "ok", False)
-    assert linear.dense_from_tokens("cpu") == 0 and linear.dense_from_tokens("meta") == 0
+    assert paths.dense_from_tokens("cpu") == 0 and paths.dense_from_tokens("meta") == 0
     torch.manual_seed(3)
     lin = nn.Linear(96, 64)
     q = quant_linear_from_float(lin, mode)

@@ -14,7 +14,7 @@ All terms are bytes for batch 1, computed from the config and quantization mode 
   table (2 bytes per weight), and (b) one decoder layer at ``prefill_chunk_size`` tokens: the residual
   stream, q/k/v, the MLP intermediates, and for quantized layers the dense prefill path's transient
   dequantized weight (float32 codes, scaled copy, bf16 result: ~13 bytes/weight of the largest layer), counted
-  when the chunk reaches the dense path (``quant.linear.dense_from_tokens``: 64 rows with the own kernel on
+  when the chunk reaches the dense path (``quant.paths.dense_from_tokens``: 64 rows with the own kernel on
   AVX-512 VNNI, 16 on AVX2).
   Attention scores (``heads x chunk x context`` float32) are counted as PyTorch's math SDPA path
   would hold them. The logits are for the kept positions only (the engine keeps one).
@@ -159,7 +159,7 @@ def activation_bytes(model: nn.Module, cfg, dtype: torch.dtype, context: int, ch
             skip.add(id(m.table))
         elif isinstance(m, TiedQuantHead):
             skip.add(id(m._embedding.table))
-    from ..quant.linear import dense_from_tokens
+    from ..quant.paths import dense_from_tokens
 
     if P >= dense_from_tokens(device):
         # the LM head sees only the kept positions (one row: the GEMV kernel, no dequantized copy)

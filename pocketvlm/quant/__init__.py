@@ -27,7 +27,11 @@ Modules (``linear``), drop-ins with the ``nn.Linear`` / ``nn.Embedding`` call co
     QuantLinear (Int4Linear, Int8Linear, Int5Linear, Int3Linear): .dequantize(dtype, rows=None)
     quant_linear_from_float(linear, mode)
     QuantEmbedding(table).as_lm_head() -> TiedQuantHead (one quantized tensor, two uses)
+
+Which CPU code multiplies (``paths``)::
+
     own_kernel_max_tokens(), dense_from_tokens()  # from this many rows (CPU), dequantize + dense GEMM
+    prefill_int8_rows()                         # rows [lo, hi) that 4-bit layers run on the int8 prefill GEMM
 
 Whole models (``apply``)::
 
@@ -54,15 +58,14 @@ from .formats import (
 )
 from .gguf_blocks import dequantize_gguf, torch_shape
 from .embedding import QuantEmbedding, TiedQuantHead
-from .linear import (
-    Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, dense_from_tokens, own_kernel_max_tokens,
-    quant_linear_from_float,
-)
+from .linear import Int3Linear, Int4Linear, Int5Linear, Int8Linear, QuantLinear, quant_linear_from_float
+from .paths import dense_from_tokens, own_kernel_max_tokens, prefill_int8_rows
 
 __all__ = [
     "MODES", "QuantMode", "parse_mode", "quantize", "dequantize", "pack", "unpack", "pack_4bit", "unpack_4bit",
     "pack_3bit", "unpack_3bit", "dequantize_gguf", "torch_shape", "QuantLinear", "Int4Linear", "Int5Linear", "Int8Linear",
     "Int3Linear", "QuantEmbedding", "TiedQuantHead", "quant_linear_from_float", "own_kernel_max_tokens", "dense_from_tokens",
+    "prefill_int8_rows",
     "quantize_model", "module_mode", "quantize_module", "tied_head", "build_quantized", "gguf_linear", "gguf_embedding",
     "DEFAULT_SKIP", "GGUF_INT4", "GGUF_INT5",
 ]

@@ -93,7 +93,7 @@ def _decoder_layers(model: nn.Module, targets: Iterable[str]) -> tuple[str, nn.M
 def _fast_matmuls(device: torch.device):
     """The calibration forwards (not GPTQ itself) under bf16 autocast where the hardware multiplies bf16
     natively: ~5x faster on AMX/AVX-512-BF16 CPUs; the Hessians are still summed in float32."""
-    from .linear import cpu_dense_dtype
+    from .paths import cpu_dense_dtype
 
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_dense_dtype() == torch.bfloat16
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native)

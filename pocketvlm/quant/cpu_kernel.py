@@ -326,6 +326,17 @@ def q4_linear(x: torch.Tensor, w: Q4Weight, act: str = "int8", scalar: bool = Fa
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
+def q4_gemm(x: torch.Tensor, w: Q4Weight, scalar: bool = False) -> torch.Tensor:
+    """``x [M, K] @ W.T`` -> float32 ``[M, N]`` for many rows (prefill): a 4-bit rows8 weight against x quantized
+    per 32 values, the int8 arithmetic of :func:`q4_linear` (``csrc/gemm_q4.cpp``). No layer bias."""
+    n, k = q4_shape(w.packed)
+    if x.dim() != 2 or x.shape[-1] != k:
+        raise QuantizationError(f"q4_gemm: x must be [M, {k}], got {tuple(x.shape)}")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    return _ops.q4_gemm(x, w.packed, w.scales, w.biases, w.offset, 1 if scalar else 0)
+
+
 def _check_linear_args(x: torch.Tensor, k: int, act: str) -> None:
     if act not in ("int8", "fp32"):
         raise QuantizationError(f"q4_linear: act must be 'int8' or 'fp32', got {act!r}")

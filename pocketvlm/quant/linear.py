@@ -1,10 +1,10 @@
 """Quantized drop-ins for ``nn.Linear`` that keep weights low-bit at run time.
 
-Which code multiplies (:meth:`QuantLinear.forward`): on CPU, inputs of fewer than :func:`own_kernel_max_tokens`
-rows (decode, short prompts; 64 with AVX-512 VNNI, 16 with AVX2) run pocketvlm's own C++ kernel (:mod:`.cpu_kernel`, int8 activations as in
-llama.cpp); everything else - long prefills, other devices, a CPU where the kernel did not build - takes the
-dense path: the weight dequantized to ``dense_dtype`` and one ``F.linear`` GEMM. :func:`dense_from_tokens` is
-that one threshold, and the memory estimate counts the dense path's transient from it.
+Which code multiplies (:meth:`QuantLinear.forward`, chosen in :mod:`.paths`): on CPU, short inputs (decode, short
+prompts) run pocketvlm's own C++ kernel (:mod:`.cpu_kernel`, int8 activations as in llama.cpp), long ones on
+4-bit layers its int8 prefill GEMM where the CPU has AVX-512 VNNI; everything else - long prefills elsewhere,
+other devices, a CPU where the kernel did not build - takes the dense path: the weight dequantized to
+``dense_dtype`` and one ``F.linear`` GEMM.
 
 Kinds, each with its own stored (``state_dict``) form and the kernel layout it runs in:
 
@@ -38,23 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantizationError
-from . import cpu_kernel, formats
-
-#: Rows below which a CPU input runs the own kernel (its time grows with the row count, a GEMM's barely): from
-#: there the dense path is faster (benchmarks/kernels.py sweeps it, 4864 x 896 q4f16_1, 2 threads: with AVX-512 VNNI
-#: own/dense 0.72/1.42 ms at 32 rows, 1.45/1.60 at 64, 2.92/1.85 at 128; with AVX2 only the crossover is near 40).
-#: None: chosen for this CPU at first use (:func:`own_kernel_max_tokens`); set it to force one.
-OWN_KERNEL_MAX_TOKENS: int | None = None
-OWN_KERNEL_MAX_TOKENS_AVX2, OWN_KERNEL_MAX_TOKENS_VNNI = 16, 64
-
-
-def own_kernel_max_tokens() -> int:
-    """:data:`OWN_KERNEL_MAX_TOKENS`, chosen for this CPU the first time (64 with AVX-512 VNNI, else 16)."""
-    global OWN_KERNEL_MAX_TOKENS
-    if OWN_KERNEL_MAX_TOKENS is None:
-        vnni = cpu_kernel.available() and bool(cpu_kernel._ops.i8_vnni())
-        OWN_KERNEL_MAX_TOKENS = OWN_KERNEL_MAX_TOKENS_VNNI if vnni else OWN_KERNEL_MAX_TOKENS_AVX2
-    return OWN_KERNEL_MAX_TOKENS
+from . import cpu_kernel, formats, paths
+from .paths import cpu_dense_dtype
 
 #: The stored kernel layout's name and version (a package's ``quantization.kernel_layout``): every symmetric
 #: 4-bit ``qweight`` as the own kernel's packing, rows8 or rows (described in csrc/kernels.h).
@@ -70,23 +55,6 @@ def kernel_layout_state():
         yield
     finally:
         _SAVE_KERNEL_LAYOUT.reset(token)
-
-
-def dense_from_tokens(device: str | torch.device = "cpu") -> int:
-    """The row count from which a ``QuantLinear`` on ``device`` takes the dense path (dequantized weight + GEMM):
-    :func:`own_kernel_max_tokens` on a CPU where the own kernel built, else 0 (always dense)."""
-    if torch.device(device).type != "cpu" or not cpu_kernel.available():
-        return 0
-    return own_kernel_max_tokens()
-
-
-#: Activations in the own kernel: "int8" (quantized per 32 values, as llama.cpp does; fast) or "fp32" (exact).
-OWN_KERNEL_ACT = "int8"
-
-
-def cpu_dense_dtype() -> torch.dtype:
-    """bfloat16 where this CPU multiplies bf16 natively, else float32 (the dense prefill path on CPU)."""
-    return torch.bfloat16 if cpu_kernel.cpu_has_native_bf16() else torch.float32
 
 
 class QuantLinear(nn.Module):
@@ -150,7 +118,7 @@ class QuantLinear(nn.Module):
         self._own_direct = False
 
     def _own_ok(self, device: torch.device, m: int) -> bool:
-        return device.type == "cpu" and cpu_kernel.available() and m < own_kernel_max_tokens()
+        return device.type == "cpu" and cpu_kernel.available() and m < paths.own_kernel_max_tokens()
 
     def _prepare_own(self) -> None:
         """Weights for pocketvlm's own kernel: w = (c - 8) * S + Z per kernel group, as q * S + (Z - 8 S)."""
@@ -168,7 +136,18 @@ class QuantLinear(nn.Module):
         xk = self._to_kernel_x(x2.float()).contiguous()
         if isinstance(self._own, cpu_kernel.Q8Weight):
             return cpu_kernel.q8_linear(xk, self._own)
-        return self._fold_rows(cpu_kernel.q4_linear(xk, self._own, act=OWN_KERNEL_ACT))
+        return self._fold_rows(cpu_kernel.q4_linear(xk, self._own, act=paths.OWN_KERNEL_ACT))
+
+    def _gemm_ok(self, m: int) -> bool:
+        """Whether ``m`` input rows run the int8 prefill GEMM (:data:`.paths.PREFILL_INT8_ROWS`): 4-bit rows8 weights read as
+        they are (no padding, no row folding)."""
+        lo, hi = paths.PREFILL_INT8_ROWS or paths.prefill_int8_rows()
+        if not lo <= m < hi:
+            return False
+        self._prepare_own()
+        own = self._own
+        return self._own_direct and isinstance(own, cpu_kernel.Q4Weight) and own.packed.dim() == 3 \
+            and own.packed.size(2) == 128 and (own.biases is not None or float(own.offset).is_integer())
 
     def stored_kernel_shape(self) -> tuple | None:
         """The ``qweight`` shape of :data:`KERNEL_LAYOUT` when this layer can be stored in it, else None."""
@@ -265,13 +244,13 @@ class QuantLinear(nn.Module):
         if own is not None and self._own_direct and x.dtype == torch.float32 and x.shape[-1] == self.in_features:
             # decode fast path: straight to the op (the general path below costs ~90 us of Python per call)
             x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] < (OWN_KERNEL_MAX_TOKENS or own_kernel_max_tokens()) and x2.is_contiguous() \
+            if x2.shape[0] < (paths.OWN_KERNEL_MAX_TOKENS or paths.own_kernel_max_tokens()) and x2.is_contiguous() \
                     and x.device.type == "cpu":
                 if isinstance(own, cpu_kernel.Q8Weight):
                     y = cpu_kernel._ops.q8_linear(x2, own.qweight, own.scales, own.biases, 0)
                 else:
                     y = cpu_kernel._ops.q4_linear(x2, own.packed, own.scales, own.biases, own.offset,
-                                                  OWN_KERNEL_ACT == "int8", 0)
+                                                  paths.OWN_KERNEL_ACT == "int8", 0)
                 if self.bias is not None:
                     y += self.bias
                 return y.view(*x.shape[:-1], self.out_features)
@@ -281,7 +260,9 @@ class QuantLinear(nn.Module):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self._own_ok(x.device, x2.shape[0]):
+        if x.device.type == "cpu" and self._gemm_ok(x2.shape[0]):
+            y = cpu_kernel.q4_gemm(x2, self._own)
+        elif self._own_ok(x.device, x2.shape[0]):
             y = self._own_forward(x2)
         else:
             cd = self.dense_dtype if x.device.type == "cpu" else x.dtype
@@ -504,7 +485,7 @@ class Int5Linear(Int8Linear):
         self._prepare_own()
         if isinstance(self._own, cpu_kernel.Q8Weight):
             return super()._own_forward(x2)
-        return cpu_kernel.q4_linear(self._to_kernel_x(x2.float()).contiguous(), self._own, act=OWN_KERNEL_ACT)
+        return cpu_kernel.q4_linear(self._to_kernel_x(x2.float()).contiguous(), self._own, act=paths.OWN_KERNEL_ACT)
 
 
 class Int3Linear(QuantLinear):

@@ -6,6 +6,7 @@
 //   multi_linear.cpp   several layers sharing one input token (the decode step's matrix phases)
 //   decode_step.cpp    the fused single-token decode step (DecodePlan; its vector helpers and thread team in
 //                      decode_math.h)
+//   gemm_q4.cpp        q4 rows8 x int8 GEMM of the prefill path (AVX-512 VNNI; decode's int8 arithmetic)
 //   gemm_i8.cpp        int8 x int8 GEMM of the vision tower (AVX-512 VNNI), with its own packed layout
 //   attention_bf16.cpp the vision tower's bidirectional attention in bf16 (AVX-512 BF16)
 //   ops.cpp            every op's registration, in the torch.ops.pocketvlm namespace
@@ -133,6 +134,10 @@ at::Tensor q8_linear_meta(const at::Tensor& x, const at::Tensor& qw, const at::T
                           const c10::optional<at::Tensor>& biases, int64_t impl);
 at::Tensor q8_dequantize_meta(const at::Tensor& qw, const at::Tensor& scales, const c10::optional<at::Tensor>& biases);
 
+at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& biases, double offset, int64_t impl);
+at::Tensor q4_gemm_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& biases, double offset, int64_t impl);
 at::Tensor i8_pack(const at::Tensor& qw);
 at::Tensor i8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& wscale,
                      const c10::optional<at::Tensor>& bias, int64_t N, int64_t act, int64_t impl);
