@@ -159,11 +159,51 @@ def test_assemble_keeps_a_spare_row_and_resamples_positions(parts):
 def test_assemble_bad_parts(parts, tmp_path):
     with pytest.raises(ConfigError, match="not a multiple of the tower's patch size 14"):
         assemble_llava(parts.qwen, parts.vision, tmp_path / "a", image_size=30)
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text(json.dumps({"model_type": "vit", "patch_size": 14}))
+    with pytest.raises(ConfigError, match="'vit' tower is not supported"):
+        assemble_llava(parts.qwen, vit, tmp_path / "b", image_size=SIZE)
     clip = tmp_path / "clip"
     clip.mkdir()
-    (clip / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
-    with pytest.raises(ConfigError, match="takes a Dinov2Model folder"):
-        assemble_llava(parts.qwen, clip, tmp_path / "b", image_size=SIZE)
+    (clip / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "patch_size": 14,
+                                                  "image_size": 336}))
+    with pytest.raises(ConfigError, match=r"own image size \(336\), not 28: pass image_size=336"):
+        assemble_llava(parts.qwen, clip, tmp_path / "c", image_size=SIZE)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_assemble_clip_and_siglip_towers(parts, tmp_path, kind):
+    """Swapping the encoder: a CLIP or SigLIP tower makes a LLaVA that transformers and pocketvlm agree on."""
+    vision = tmp_path / kind
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
+                patch_size=PATCH)
+    torch.manual_seed(3)
+    if kind == "clip":
+        transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**dims, initializer_range=0.2)).save_pretrained(vision)
+    else:
+        transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**dims)).save_pretrained(vision)
+    out = assemble_llava(parts.qwen, vision, tmp_path / "llava", image_size=SIZE, feature_layers=(-2,))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_config"]["model_type"] == f"{kind}_vision_model"
+    assert cfg["vision_feature_select_strategy"] == ("default" if kind == "clip" else "full")
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["image_mean"][0] == (0.48145466 if kind == "clip" else 0.5)
+    from pocketvlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(out)
+    ours = _ours(out)
+    assert ours.num_image_tokens() == (SIZE // PATCH) ** 2
+    enc = Encoder(tok, tok.chat_template, cfg["image_token_index"], cfg["image_seq_length"])
+    ids = torch.tensor([enc._ids(enc._render([{"role": "user", "content": [{"type": "image"},
+                                                                          {"type": "text", "text": "What?"}]}], True))])
+    pv = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, ref = ours(ids, pixel_values=pv), _hf(out)(input_ids=ids, pixel_values=pv).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    proc = transformers.AutoProcessor.from_pretrained(out)
+    enc = proc(text="<image>\nWhat?", images=Image.new("RGB", (40, 30), (1, 2, 3)), return_tensors="pt")
+    assert int((enc["input_ids"] == cfg["image_token_index"]).sum()) == (SIZE // PATCH) ** 2
 
 
 # --- labels ---------------------------------------------------------------------------------------------

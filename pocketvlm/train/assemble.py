@@ -6,9 +6,10 @@ tokenizer with an added ``<image>`` token and an image-aware chat template, ``pr
 "swap in another LLM or encoder" step of LLaVA-style retraining: the projector is the only new part.
 
 Choices, stated once:
-- the tower runs at ``image_size`` (a multiple of the patch): a DINOv2 tower's position grid is resampled to
-  that size here (bicubic, exactly what Hugging Face's ``interpolate_pos_encoding`` computes on every call),
-  so the saved tower is native at the size it is trained and served at;
+- the tower (DINOv2, CLIP or SigLIP) runs at ``image_size`` (a multiple of the patch): a DINOv2 tower's position
+  grid is resampled to that size here (bicubic, exactly what Hugging Face's ``interpolate_pos_encoding`` computes
+  on every call), so the saved tower is native at the size it is trained and served at; CLIP and SigLIP towers
+  keep their own size (and their own image mean/std);
 - ``vision_feature_layer`` may be a list: those hidden states are concatenated on the feature axis (as HF);
 - the language model's weights are saved as they load (a GGUF source is dequantized to float32).
 """
@@ -63,19 +64,36 @@ def grow_vocab(weights: dict, new_id: int) -> None:
         weights["lm_head.weight"] = torch.cat([head, head.mean(0, keepdim=True)])
 
 
-def _vision_part(vision_folder: Path, image_size: int) -> tuple[dict, dict]:
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+TOWERS = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD), "clip_vision_model": (CLIP_MEAN, CLIP_STD),
+          "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def _vision_part(vision_folder: Path, image_size: int) -> tuple[dict, dict, tuple, tuple]:
+    """(vision config, tower weights, image mean, image std) of a Dinov2Model, CLIPVisionModel or SiglipVisionModel
+    folder. DINOv2's position grid is resampled to ``image_size``; CLIP and SigLIP towers run at their own size."""
     from ..loading import read_config, read_safetensors, safetensors_files
 
     cfg = read_config(vision_folder)
-    if cfg["model_type"] != "dinov2":
-        raise ConfigError(f"assembling a LLaVA from a {cfg['model_type']!r} tower is not supported here; "
-                          "this step takes a Dinov2Model folder")
+    kind = cfg.get("model_type")
+    if kind not in TOWERS:
+        raise ConfigError(f"assembling a LLaVA from a {kind!r} tower is not supported; this step takes a "
+                          f"{', '.join(TOWERS)} folder")
     patch = int(cfg["patch_size"])
     if image_size % patch:
         raise ConfigError(f"image_size {image_size} is not a multiple of the tower's patch size {patch}")
+    if kind != "dinov2" and image_size != int(cfg["image_size"]):
+        raise ConfigError(f"a {kind} tower runs at its own image size ({cfg['image_size']}), not {image_size}: "
+                          f"pass image_size={cfg['image_size']}")
     w = read_safetensors(safetensors_files(vision_folder))
-    w["embeddings.position_embeddings"] = resample_positions(w["embeddings.position_embeddings"], image_size // patch)
-    return {**cfg, "image_size": image_size}, w
+    if kind == "dinov2":
+        w["embeddings.position_embeddings"] = resample_positions(w["embeddings.position_embeddings"], image_size // patch)
+    mean, std = TOWERS[kind]
+    pre = vision_folder / "preprocessor_config.json"
+    if pre.is_file():  # the tower's own normalisation where it ships one
+        pc = json.loads(pre.read_text())
+        mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+    return {**cfg, "image_size": image_size}, w, mean, std
 
 
 def _tokenizer_files(tok, out: Path, template: str) -> int:
@@ -96,7 +114,7 @@ def _tokenizer_files(tok, out: Path, template: str) -> int:
 
 
 def processor_files(out: Path, image_size: int, patch_size: int, strategy: str,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, cls: bool = True) -> None:
     """``preprocessor_config.json`` (squash to image_size, no crop) and ``processor_config.json`` (LlavaProcessor)."""
     image_processor = {
         "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
@@ -106,15 +124,15 @@ def processor_files(out: Path, image_size: int, patch_size: int, strategy: str,
         "image_mean": list(mean), "image_std": list(std), "do_convert_rgb": True}
     (out / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
     processor = {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": patch_size,
-                 "vision_feature_select_strategy": strategy, "num_additional_image_tokens": 1}
+                 "vision_feature_select_strategy": strategy, "num_additional_image_tokens": int(cls)}
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
 
 
 def assemble_llava(llm_source, vision_folder, out, *, image_size: int = 168, feature_layers=(-1,),
                    strategy: str = "default", seed: int = 0, template: str = CHATML_VLM_TEMPLATE) -> Path:
     """Write a LLaVA folder made of ``llm_source`` (anything ``pocketvlm.loading.load`` reads: a GGUF file,
-    an HF folder, a built-in name), the Dinov2Model folder ``vision_folder`` and a freshly initialised
-    projector (``linear_1`` -> GELU -> ``linear_2``, nn.Linear's default init, seeded)."""
+    an HF folder, a built-in name), the vision tower folder ``vision_folder`` (Dinov2Model, CLIPVisionModel or
+    SiglipVisionModel) and a freshly initialised projector (``linear_1`` -> GELU -> ``linear_2``, nn.Linear's default init, seeded)."""
     from safetensors.torch import save_file
 
     from .. import loading
@@ -125,7 +143,9 @@ def assemble_llava(llm_source, vision_folder, out, *, image_size: int = 168, fea
     tcfg = dict(llm.config_dict)
     if tcfg.get("model_type") != "qwen2" and "<|im_start|>" in template:
         raise ConfigError(f"the default ChatML template fits Qwen2 models; pass a template for {tcfg.get('model_type')!r}")
-    vcfg, vw = _vision_part(Path(vision_folder), image_size)
+    vcfg, vw, mean, std = _vision_part(Path(vision_folder), image_size)
+    if vcfg["model_type"] == "siglip_vision_model" and strategy == "default":
+        strategy = "full"  # no class token to drop
     tok = loading.load_tokenizer(llm)
     image_id = _tokenizer_files(tok, out, template)
     if image_id > tcfg["vocab_size"]:
@@ -159,5 +179,6 @@ def assemble_llava(llm_source, vision_folder, out, *, image_size: int = 168, fea
               "tie_word_embeddings": tie, "image_seq_length": (image_size // vcfg["patch_size"]) ** 2,
               "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    processor_files(out, image_size, vcfg["patch_size"], strategy)
+    processor_files(out, image_size, vcfg["patch_size"], strategy, mean, std,
+                    cls=vcfg["model_type"] != "siglip_vision_model")
     return out
