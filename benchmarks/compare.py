@@ -63,29 +63,6 @@ def transformers_llm(path: Path, dtype, ids, gen_tokens, repeat):
     return r
 
 
-def vision_models(cache: Path):
-    """Full-size random-weight towers in HF layout, made once and cached."""
-    import transformers
-
-    specs = {
-        "clip-vit-l-14-336": transformers.CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-            patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
-        "siglip-so400m-384": transformers.SiglipVisionConfig(
-            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
-            patch_size=14),
-    }
-    out = {}
-    for name, cfg in specs.items():
-        d = cache / name
-        if not (d / "config.json").exists():
-            torch.manual_seed(0)
-            cls = transformers.CLIPVisionModel if "clip" in name else transformers.SiglipVisionModel
-            cls(cfg).save_pretrained(d)
-        out[name] = d
-    return out
-
-
 VISION_PATHS = ("fp32", "bf16", "int8")
 
 
@@ -141,10 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quantization", default="q4f16_1")
     ap.add_argument("--skip", action="append", default=[],
-                    help="llm-pocketvlm, pocketvlm-gguf, transformers, llamacpp, vision, image-question")
+                    help="llm-pocketvlm, pocketvlm-gguf, int8-prefill, transformers, llamacpp, vision, "
+                    "image-question, image-question-clip-l")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pocketvlm.bench import run_bench
+    from pocketvlm.quant import cpu_kernel, paths
     from pocketvlm.real_models import cache_dir, qwen_gguf_path
 
     path = qwen_gguf_path()
@@ -157,18 +136,28 @@ def main(argv=None) -> int:
         # the same q4 weights decoded by the eager PyTorch modules; fp32
         configs = [(a.quantization, None, f"pocketvlm {a.quantization}"), ("gguf", None, GGUF_ROW),
                    (a.quantization, False, f"pocketvlm {a.quantization} eager decode"), ("q0f32", None, "pocketvlm fp32")]
+        if "amx_bf16" in cpu_kernel.cpu_flags() and "int8-prefill" not in a.skip:
+            # where AMX runs 512-row prefill GEMMs in bf16, also time the int8 GEMM at every length: the prefill of
+            # CPUs with AVX-512 VNNI and without AMX (Zen 4, Ice Lake), measured on this core
+            configs.insert(1, (a.quantization, "int8-prefill", f"pocketvlm {a.quantization}, int8 prefill at any length"))
         for q, fused, name in configs:
             if q == "gguf" and "pocketvlm-gguf" in a.skip:
                 continue
-            r = run_bench(path, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat,
-                          threads=a.threads, quantization=q, fused=fused, progress=True)
+            saved = paths.PREFILL_INT8_ROWS
+            if fused == "int8-prefill":
+                fused, paths.PREFILL_INT8_ROWS = None, (paths.PREFILL_INT8_MIN_ROWS, 1 << 62)
+            try:
+                r = run_bench(path, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, repeat=a.repeat,
+                              threads=a.threads, quantization=q, fused=fused, progress=True)
+            finally:
+                paths.PREFILL_INT8_ROWS = saved
             rows[name] = {"prefill": (r.prefill_tok_s["mean"], r.prefill_tok_s["stdev"]),
                           "decode deep": (r.decode_tok_s["mean"], r.decode_tok_s["stdev"]),
                           "bandwidth share": r.bandwidth_share, "decode path": r.decode_path,
                           "MB/token": r.bytes_per_token / 1e6, "MB/token KV": r.kv_bytes_per_token / 1e6,
                           "load s": r.load_s,
                           "bandwidth GB/s": r.bandwidth_gb_s}
-            if fused is None and q:
+            if fused is None and q and "int8 prefill" not in name:
                 s = run_bench(path, prompt_tokens=16, gen_tokens=a.gen_tokens, repeat=a.repeat, threads=a.threads,
                               quantization=q, progress=True, measure_bw=False)
                 rows[name]["decode"] = (s.decode_tok_s["mean"], s.decode_tok_s["stdev"])
@@ -196,15 +185,20 @@ def main(argv=None) -> int:
             notes.append("llama.cpp build: " + llamacpp.build_info().get("cmake_flags", "(no BUILD-INFO.txt)"))
         except (FileNotFoundError, RuntimeError) as e:
             notes.append(f"llama.cpp skipped: {e}")
-    image_q = None
+    image_q = image_q_clip = None
     if "image-question" not in a.skip:  # pocketvlm-scenes vs llama-mtmd-cli on its GGUF export
         import image_question
 
         image_q = image_question.run(a.threads, a.repeat)
         gc.collect()
+        if "image-question-clip-l" not in a.skip:  # the LLaVA-1.5 shape: CLIP-L/336, 576 image tokens
+            image_q_clip = image_question.run(a.threads, a.repeat, model="clip-l")
+            gc.collect()
     vis = {}
     if "vision" not in a.skip:
-        for name, folder in vision_models(cache_dir() / "bench-models").items():
+        import image_question
+
+        for name, folder in image_question.vision_models(cache_dir() / "bench-models").items():
             vis[name] = bench_vision(folder, a.repeat)
             gc.collect()
 
@@ -239,6 +233,10 @@ def main(argv=None) -> int:
             g, lc = rows[GGUF_ROW], rows["llama.cpp Q4_K_M"]
             cells = [f"{g[k][0] / lc[k][0]:.2f}x" if k in g and k in lc else "-" for k in ("prefill", "decode", "decode deep")]
             lines.append(f"| pocketvlm gguf / llama.cpp, the same file | {' | '.join(cells)} |")
+        i8 = rows.get(f"pocketvlm {a.quantization}, int8 prefill at any length")
+        if i8 and LLAMACPP_PEER in rows:  # the prefill of VNNI CPUs without AMX, against the same-bits peer
+            lines.append(f"| pocketvlm {a.quantization} with the int8 prefill at any length / {LLAMACPP_PEER} | "
+                         f"{i8['prefill'][0] / rows[LLAMACPP_PEER]['prefill'][0]:.2f}x | - | - |")
         lines.append(f"\npocketvlm {a.quantization}: measured bandwidth {ours['bandwidth GB/s']:.1f} GB/s; decode after the "
                      f"prompt reads {ours['MB/token']:.0f} MB per token (of which {ours['MB/token KV']:.1f} MB KV cache) "
                      f"-> {100 * ours['bandwidth share']:.0f}% of the limit")
@@ -257,15 +255,17 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {base:.0f} ± {r['transformers fp32'][1]:.0f} | " + " | ".join(cells) + " |")
         lines.append("fp32 max abs diff vs transformers: "
                      + ", ".join(f"{n} {r['fp32 max abs diff']:.1e}" for n, r in vis.items()))
-    if image_q:
-        lines += [""] + image_question.table(image_q)
+    for r in (image_q, image_q_clip):
+        if r:
+            lines += [""] + image_question.table(r)
     lines += [""] + notes
     text = "\n".join(lines)
     print(text)
     out = HERE / "results" / f"compare-{datetime.datetime.now():%Y-%m-%d-%H%M}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text + "\n")
-    (out.with_suffix(".json")).write_text(json.dumps({"llm": rows, "vision": vis, "image_question": image_q}, indent=1,
+    (out.with_suffix(".json")).write_text(json.dumps({"llm": rows, "vision": vis, "image_question": image_q,
+                                                          "image_question_clip_l": image_q_clip}, indent=1,
                                                          default=str))
     return 0
 

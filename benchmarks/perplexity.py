@@ -183,8 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="llama-perplexity threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--prefill", choices=["auto", "int8", "dense"], default="auto",
+                    help="the windows' GEMMs on 4-bit layers: the CPU's default, the int8 GEMM at any length, or "
+                         "dequantized weights with a bf16/fp32 GEMM (pocketvlm.quant.paths.PREFILL_INT8_ROWS)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.prefill != "auto":
+        from pocketvlm.quant import paths
+        paths.PREFILL_INT8_ROWS = (paths.PREFILL_INT8_MIN_ROWS, 1 << 62) if args.prefill == "int8" else (0, 0)
 
     with tempfile.TemporaryDirectory() as tmp:
         texts = {}

@@ -2,9 +2,6 @@
 
     python -m benchmarks.vlm_agreement FOLDER --data QUESTIONS.jsonl [--limit N] [--json OUT]
 
-(as a module from the repository root: run as a script, benchmarks/kernels.py would shadow the `kernels`
-package that transformers imports)
-
 Both run float32 (pocketvlm with vision_precision fp32 and no quantization), the same chat template and
 greedy decoding; the share of identical answers is printed (the README's pocketvlm-vs-transformers figure).
 """

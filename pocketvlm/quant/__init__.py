@@ -46,7 +46,7 @@ Whole models (``apply``)::
 ``state_dict()`` of quantized modules holds plain tensors (packed ints + scales [+ zeros]) that
 safetensors can save; ``build_quantized(model, record)`` then ``load_state_dict`` restores them.
 Which code multiplies (own kernel or dense GEMM) is told in :mod:`pocketvlm.quant.linear`; the weight
-layouts the kernels read in ``csrc/kernels.h``; measurements in ``benchmarks/kernels.py`` and
+layouts the kernels read in ``csrc/kernels.h``; measurements in ``benchmarks/quant_kernels.py`` and
 ``benchmarks/cpu_kernel.py``.
 """
 from .apply import (

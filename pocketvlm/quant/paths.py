@@ -14,7 +14,7 @@ import torch
 from . import cpu_kernel
 
 #: Rows below which a CPU input runs the own kernel (its time grows with the row count, a GEMM's barely): from
-#: there the dense path is faster (benchmarks/kernels.py sweeps it, 4864 x 896 q4f16_1, 2 threads: with AVX-512 VNNI
+#: there the dense path is faster (benchmarks/quant_kernels.py sweeps it, 4864 x 896 q4f16_1, 2 threads: with AVX-512 VNNI
 #: own/dense 0.72/1.42 ms at 32 rows, 1.45/1.60 at 64, 2.92/1.85 at 128; with AVX2 only the crossover is near 40).
 #: None: chosen for this CPU at first use (:func:`own_kernel_max_tokens`); set it to force one.
 OWN_KERNEL_MAX_TOKENS: int | None = None

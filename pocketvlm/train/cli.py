@@ -13,8 +13,10 @@ def register_cli(sub) -> None:
                                    "is first assembled from those parts (a fresh projector) into OUT/base.")
     p.add_argument("base", nargs="?", default=None, help="LLaVA folder to train (or use --llm/--vision)")
     p.add_argument("--llm", default=None, help="language model to assemble with (GGUF, HF folder or built-in name)")
-    p.add_argument("--vision", default=None, help="Dinov2Model folder, or 'dinov2-vits14' for the real ViT-S/14")
-    p.add_argument("--image-size", type=int, default=168)
+    p.add_argument("--vision", default=None, help="vision tower folder (Dinov2Model, CLIPVisionModel or SiglipVisionModel), "
+                   "or 'dinov2-vits14' for the real ViT-S/14")
+    p.add_argument("--image-size", type=int, default=168,
+                   help="input size (default 168; a CLIP or SigLIP tower needs its own, e.g. 336)")
     p.add_argument("--feature-layers", default="-1", help="comma-separated tower layers, concatenated (default -1)")
     p.add_argument("--data", required=True, help="LLaVA-format JSON (list of {id, image, conversations})")
     p.add_argument("--image-folder", default=None, help="where relative image paths point (default: the JSON's folder)")

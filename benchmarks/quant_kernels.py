@@ -12,7 +12,7 @@ Paths:
 Then a sweep of M for the 4864x896 weight comparing the own kernel with the dense path, which
 sets ``pocketvlm.quant.paths.OWN_KERNEL_MAX_TOKENS_AVX2`` / ``_VNNI``.
 
-Run:  .venv/bin/python benchmarks/kernels.py [--threads 2] [--quick]
+Run:  .venv/bin/python benchmarks/quant_kernels.py [--threads 2] [--quick]
 Several distinct copies of small weights are cycled so they are read from memory, not cache.
 """
 from __future__ import annotations
