@@ -218,21 +218,31 @@ def _pack_rows8_nibbles(codes: torch.Tensor, n: int, g: int) -> torch.Tensor:
     return (v[..., 0, :] | (v[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 8, g, 128)
 
 
-def pack_q5(codes: torch.Tensor, scales: torch.Tensor, offset: float = 16.0, dtype: torch.dtype = torch.float16
-            ) -> Q4Weight:
-    """5-bit codes ``[N, K]`` (ints 0..31, ``N % 8 == 0``), scales ``[N, K/32]`` -> :class:`Q4Weight` in the
-    5-bit rows8 layout, ``W = (q - offset) * scale`` (GGUF Q5_0: offset 16). Runs on the q4 functions."""
-    _check_codes("pack_q5", codes, 0, 31)
+def pack_q5(codes: torch.Tensor, scales: torch.Tensor, offset: float = 16.0, dtype: torch.dtype = torch.float16,
+            code_offset: int = 0) -> Q4Weight:
+    """5-bit codes ``[N, K]`` (ints 0..31 after adding ``code_offset``, ``N % 8 == 0``), scales ``[N, K/32]`` ->
+    :class:`Q4Weight` in the 5-bit rows8 layout, ``W = (q - offset) * scale`` (GGUF Q5_0: offset 16). Runs on
+    the q4 functions. Packed a slice of rows at a time, so a 151936 x 896 table needs no full-size temporaries."""
+    if codes.dim() != 2 or codes.shape[1] % GROUP or codes.is_floating_point() or codes.is_complex():
+        _check_codes("pack_q5", codes, 0, 31)  # raises the shape / dtype error
     n, k = codes.shape
     if n % 8:
         raise QuantizationError(f"pack_q5: the 5-bit layout is rows8, which needs N % 8 == 0, got N = {n}")
     g = k // GROUP
     s, _ = _pack_scales("pack_q5", scales, None, n, g, dtype)
-    c = codes.to(device="cpu", dtype=torch.uint8)
-    bits = ((c >> 4) & 1).view(n // 8, 8, g, 8, 4)  # block, row, group, t (= i // 4), j (= i % 4)
+    packed = torch.empty(n // 8, g, 160, dtype=torch.uint8)
     weights = (1 << torch.arange(8, dtype=torch.uint8)).view(1, 1, 1, 8, 1)
-    plane = (bits * weights).sum(3, dtype=torch.uint8).permute(0, 2, 1, 3).reshape(n // 8, g, 32)
-    packed = torch.cat([_pack_rows8_nibbles(c & 15, n, g), plane], 2).contiguous()
+    step = max(8, (1 << 21) // max(1, k) // 8 * 8)  # ~2M codes per slice
+    for r0 in range(0, n, step):
+        part = codes[r0:r0 + step].to(device="cpu", dtype=torch.int16)
+        if code_offset:
+            part += code_offset
+        _check_codes("pack_q5", part, 0, 31)
+        c, m = part.to(torch.uint8), part.shape[0]
+        bits = ((c >> 4) & 1).view(m // 8, 8, g, 8, 4)  # block, row, group, t (= i // 4), j (= i % 4)
+        out = packed[r0 // 8:(r0 + m) // 8]
+        out[..., 128:] = (bits * weights).sum(3, dtype=torch.uint8).permute(0, 2, 1, 3).reshape(m // 8, g, 32)
+        out[..., :128] = _pack_rows8_nibbles(c & 15, m, g)
     return Q4Weight(packed, s.view(n // 8, 8, g).transpose(1, 2).contiguous(), None, float(offset))
 
 

@@ -22,6 +22,7 @@ import torch
 
 HUGE = 2 << 20
 ALIGN = 64  # every tensor starts on a cache line (and any dtype's alignment)
+TRIM_EVERY = 64 << 20
 
 
 def hugepages_possible() -> bool:
@@ -51,10 +52,12 @@ def move_to_hugepages(tensors: list[torch.Tensor]) -> int:
         offsets.append(total)
         total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     size = -(-(total + HUGE) // HUGE) * HUGE
+    release_freed_heap()  # what loading freed (codes repacked into the kernel layouts) goes back first
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mm.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so the pages are faulted in as 2 MB ones
     buf = torch.frombuffer(mm, dtype=torch.uint8)  # the storage keeps mm alive
     base = (-buf.data_ptr()) % HUGE
+    freed = 0
     for t, off in zip(todo, offsets):
         n = t.numel() * t.element_size()
         dst = buf[base + off: base + off + n].view(t.dtype).view(t.shape)
@@ -63,6 +66,10 @@ def move_to_hugepages(tensors: list[torch.Tensor]) -> int:
         with torch.inference_mode() if t.is_inference() else torch.no_grad():
             dst.copy_(t)
             t.set_(dst)
+        freed += n
+        if freed >= TRIM_EVERY:  # give the old copies back as we go: else the peak holds the weights twice
+            release_freed_heap()
+            freed = 0
     release_freed_heap()
     return total
 

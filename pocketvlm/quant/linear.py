@@ -448,11 +448,11 @@ class Int5Linear(Int8Linear):
         if self.out_features % 8 or self.k_padded != self.in_features:
             super()._prepare_own()  # the 8-bit kernel (any N, padded K)
             return
-        codes = self.qweight.to(torch.int16) + 16
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 31):
-            raise QuantizationError(f"{self.mode} layer holds codes outside -16..15")
-        self._own = cpu_kernel.pack_q5(codes, self.scales.float(), offset=16.0,
-                                       dtype=torch.float16 if self.scales.dtype == torch.float16 else torch.float32)
+        try:  # the int8 codes c = q - 16, packed a slice at a time (no wide copy of a 136M-weight table)
+            self._own = cpu_kernel.pack_q5(self.qweight, self.scales, offset=16.0, code_offset=16,
+                                           dtype=torch.float16 if self.scales.dtype == torch.float16 else torch.float32)
+        except QuantizationError as e:
+            raise QuantizationError(f"{self.mode} layer holds codes outside -16..15") from e
         self.qweight = self._own.packed
         self._layout = "own"
         self._own_direct = True
