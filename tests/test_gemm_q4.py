@@ -90,3 +90,14 @@ def test_quant_linear_long_inputs_take_the_int8_gemm(monkeypatch, affine):
     ref = ref_int8(x.view(80, 896), q._own).view(2, 40, 136) + q.bias.detach()
     assert rel_err(y.view(80, -1), ref.view(80, -1)) < 1e-4
     assert ((y - dense).norm() / dense.norm()).item() < 1e-2  # activation rounding only
+
+
+def test_rows_take_the_same_path_on_every_call(monkeypatch):
+    """A layer's first call (kernel weights not yet prepared) and later ones (the decode fast path) must pick the
+    same code for the same row count: a package loaded lazily equals the in-memory model bit for bit."""
+    monkeypatch.setattr(paths, "PREFILL_INT8_ROWS", (16, 1 << 62))
+    q = ql.quant_linear_from_float(torch.nn.Linear(96, 40), "q4f16_1")
+    x = torch.randn(30, 96, generator=torch.Generator().manual_seed(5))
+    first, second = q(x), q(x)
+    assert torch.equal(first, second)
+    assert torch.equal(first, ck.q4_gemm(x, q._own) + q.bias.detach())

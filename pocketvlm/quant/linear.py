@@ -244,8 +244,9 @@ class QuantLinear(nn.Module):
         if own is not None and self._own_direct and x.dtype == torch.float32 and x.shape[-1] == self.in_features:
             # decode fast path: straight to the op (the general path below costs ~90 us of Python per call)
             x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] < (paths.OWN_KERNEL_MAX_TOKENS or paths.own_kernel_max_tokens()) and x2.is_contiguous() \
-                    and x.device.type == "cpu":
+            m = x2.shape[0]  # (rows the general path gives the int8 prefill GEMM go there: same path every call)
+            if m < (paths.OWN_KERNEL_MAX_TOKENS or paths.own_kernel_max_tokens()) and x2.is_contiguous() \
+                    and x.device.type == "cpu" and not self._gemm_ok(m):
                 if isinstance(own, cpu_kernel.Q8Weight):
                     y = cpu_kernel._ops.q8_linear(x2, own.qweight, own.scales, own.biases, 0)
                 else:
