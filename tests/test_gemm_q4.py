@@ -8,7 +8,7 @@ from pocketvlm.quant import cpu_kernel as ck
 from pocketvlm.quant import linear as ql
 from pocketvlm.quant import paths
 
-from test_cpu_kernel import FORMS, make, ref_fp32, ref_int8, rel_err
+from test_cpu_kernel import FORMS, make, make_q8, ref_int8, rel_err
 
 pytestmark = pytest.mark.usefixtures("kernel")   # conftest: fails (not skips) when a compiler is here
 
@@ -16,21 +16,38 @@ pytestmark = pytest.mark.usefixtures("kernel")   # conftest: fails (not skips) w
 SHAPES = [(8, 32, 1), (24, 96, 5), (40, 160, 6), (72, 64, 7), (32, 896, 13), (136, 4864, 3), (256, 896, 70)]
 
 
+KINDS = [*FORMS, "q5", "q8_sym", "q8_affine"]  # 4-bit forms (MLC, Q4_0, affine), GGUF Q5_0's 5-bit, 8-bit
+
+
+def make_kind(n, k, kind):
+    if kind.startswith("q8"):
+        return make_q8(n, k, kind == "q8_affine", layout="rows8")
+    return make(n, k, "mlc_sym7_f16" if kind == "q5" else kind, layout="q5" if kind == "q5" else "rows8")
+
+
+def dense(w):
+    return ck.dequantize_q8_reference(w) if isinstance(w, ck.Q8Weight) else ck.dequantize_reference(w)
+
+
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
-@pytest.mark.parametrize("form", FORMS)
-def test_gemm_matches_activation_quantized_reference(n, k, m, form, scalar):
-    w = make(n, k, form, layout="rows8")
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemm_matches_activation_quantized_reference(n, k, m, kind, scalar):
+    w = make_kind(n, k, kind)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
     x[:, 5] *= 30  # an outlier channel: its group gets a coarser step, the others do not
     y = ck.q4_gemm(x, w, scalar=scalar)
     assert y.shape == (m, n) and y.dtype == torch.float32
-    assert rel_err(y, ref_int8(x, w)) < 1e-4  # exactly the activation-quantized product
+    wf = dense(w).double()
+    xg = x.view(m, -1, 32)
+    d = xg.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(d > 0, torch.round(xg / torch.where(d > 0, d, 1)), 0) * d
+    assert rel_err(y, (xq.view(m, k).double() @ wf.t()).float()) < 1e-4  # exactly the activation-quantized product
     # decode's int8 path computes the same thing, so a prompt reads the same whichever path runs it
-    assert rel_err(y, ck.q4_linear(x, w, act="int8", scalar=True)) < 1e-5
-    d = x.view(m, -1, 32).abs().amax(-1) / 127  # stated tolerance vs the unquantized product
-    bound = 0.5 * d @ ck.dequantize_reference(w).abs().view(n, -1, 32).sum(-1).t()
-    assert ((y - ref_fp32(x, w)).abs() <= bound * 1.001 + 1e-6).all()
+    own = ck.q8_linear(x, w, scalar=True) if isinstance(w, ck.Q8Weight) else ck.q4_linear(x, w, act="int8", scalar=True)
+    assert rel_err(y, own) < 1e-5
+    bound = 0.5 * d.squeeze(-1).double() @ wf.abs().view(n, -1, 32).sum(-1).t()  # stated tolerance vs exact
+    assert ((y.double() - x.double() @ wf.t()).abs() <= bound * 1.001 + 1e-6).all()
 
 
 def test_gemm_zero_input_and_threads():
@@ -55,7 +72,7 @@ def test_gemm_rejects_bad_input():
     with pytest.raises(RuntimeError, match="rows8"):
         ck.q4_gemm(torch.randn(3, 64), make(16, 64, "mlc_sym7_f16", layout="rows"))
     with pytest.raises(RuntimeError, match="rows8"):
-        ck.q4_gemm(torch.randn(3, 64), make(16, 64, "mlc_sym7_f16", layout="q5"))
+        ck.q4_gemm(torch.randn(3, 64), make_q8(16, 64, False, layout="rows"))
     with pytest.raises(RuntimeError, match="integer offset"):
         ck.q4_gemm(torch.randn(3, 64), w._replace(offset=7.5))
 
@@ -101,3 +118,17 @@ def test_rows_take_the_same_path_on_every_call(monkeypatch):
     first, second = q(x), q(x)
     assert torch.equal(first, second)
     assert torch.equal(first, ck.q4_gemm(x, q._own) + q.bias.detach())
+
+
+@pytest.mark.parametrize("mode", ["q8f16_1", "q4f16_1"])
+def test_quant_linear_8bit_and_4bit_layers_share_the_gemm(monkeypatch, mode):
+    monkeypatch.setattr(paths, "PREFILL_INT8_ROWS", (16, 1 << 62))
+    q = ql.quant_linear_from_float(torch.nn.Linear(128, 48), mode)
+    x = torch.randn(20, 128, generator=torch.Generator().manual_seed(6))
+    calls = []
+    real = ck.q4_gemm
+    monkeypatch.setattr(ck, "q4_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    y = q(x)
+    assert calls and torch.equal(y, real(x, q._own) + q.bias.detach())
+    monkeypatch.setattr(paths, "PREFILL_INT8_ROWS", (0, 0))
+    assert ((y - q(x)).norm() / y.norm()).item() < 1e-2  # the own kernel / dense path: activation rounding apart

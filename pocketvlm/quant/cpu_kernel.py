@@ -336,15 +336,26 @@ def q4_linear(x: torch.Tensor, w: Q4Weight, act: str = "int8", scalar: bool = Fa
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
-def q4_gemm(x: torch.Tensor, w: Q4Weight, scalar: bool = False) -> torch.Tensor:
-    """``x [M, K] @ W.T`` -> float32 ``[M, N]`` for many rows (prefill): a 4-bit rows8 weight against x quantized
-    per 32 values, the int8 arithmetic of :func:`q4_linear` (``csrc/gemm_q4.cpp``). No layer bias."""
-    n, k = q4_shape(w.packed)
+def q4_gemm(x: torch.Tensor, w: "Q4Weight | Q8Weight", scalar: bool = False) -> torch.Tensor:
+    """``x [M, K] @ W.T`` -> float32 ``[M, N]`` for many rows (prefill): a rows8 weight (4-bit, 5-bit or 8-bit
+    codes) against x quantized per 32 values, the int8 arithmetic of :func:`q4_linear` / :func:`q8_linear`
+    (``csrc/gemm_q4.cpp``). No layer bias."""
+    q8 = isinstance(w, Q8Weight)
+    packed = w.qweight if q8 else w.packed
+    n, k = (q8_shape if q8 else q4_shape)(packed)
     if x.dim() != 2 or x.shape[-1] != k:
         raise QuantizationError(f"q4_gemm: x must be [M, {k}], got {tuple(x.shape)}")
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
-    return _ops.q4_gemm(x, w.packed, w.scales, w.biases, w.offset, 1 if scalar else 0)
+    return _ops.q4_gemm(x, packed, w.scales, w.biases, 0.0 if q8 else w.offset, 1 if scalar else 0)
+
+
+def gemm_layout(w) -> bool:
+    """Whether :func:`q4_gemm` reads this kernel weight: a rows8 layout (4-bit with an integer offset or biases,
+    5-bit, 8-bit)."""
+    if isinstance(w, Q8Weight):
+        return w.qweight.dim() == 3
+    return isinstance(w, Q4Weight) and w.packed.dim() == 3 and (w.biases is not None or float(w.offset).is_integer())
 
 
 def _check_linear_args(x: torch.Tensor, k: int, act: str) -> None:

@@ -139,15 +139,13 @@ class QuantLinear(nn.Module):
         return self._fold_rows(cpu_kernel.q4_linear(xk, self._own, act=paths.OWN_KERNEL_ACT))
 
     def _gemm_ok(self, m: int) -> bool:
-        """Whether ``m`` input rows run the int8 prefill GEMM (:data:`.paths.PREFILL_INT8_ROWS`): 4-bit rows8 weights read as
-        they are (no padding, no row folding)."""
+        """Whether ``m`` input rows run the int8 prefill GEMM (:data:`.paths.PREFILL_INT8_ROWS`): rows8 weights (4-, 5-
+        or 8-bit) read as they are (no padding, no row folding)."""
         lo, hi = paths.PREFILL_INT8_ROWS or paths.prefill_int8_rows()
         if not lo <= m < hi:
             return False
         self._prepare_own()
-        own = self._own
-        return self._own_direct and isinstance(own, cpu_kernel.Q4Weight) and own.packed.dim() == 3 \
-            and own.packed.size(2) == 128 and (own.biases is not None or float(own.offset).is_integer())
+        return self._own_direct and cpu_kernel.gemm_layout(self._own)
 
     def stored_kernel_shape(self) -> tuple | None:
         """The ``qweight`` shape of :data:`KERNEL_LAYOUT` when this layer can be stored in it, else None."""

@@ -1,8 +1,10 @@
-// 4-bit weight x int8 activation GEMM for prefill (many rows of x against a q4 rows8 weight), AVX-512 VNNI.
+// Low-bit weight x int8 activation GEMM for prefill (many rows of x against a rows8 weight: 4-bit, 5-bit or
+// 8-bit codes, kernels.h), AVX-512 VNNI.
 //
-//   y[m, n] = sum_g dx[m, g] * ( s[n, g] * sum_i q[n, 32g + i] xq[m, 32g + i]  +  c[n, g] * sum_i xq[m, 32g + i] )
+//   y[m, n] = sum_g dx[m, g] * ( s[n, g] * sum_i (q[n, 32g + i] - off) xq[m, 32g + i]  +  b[n, g] * sum_i xq[m, 32g + i] )
 //
-// with c = -offset * s (symmetric: MLC offset 7, Q4_0 offset 8) or c = biases / dx-scaled (affine: Q4_K, Q4_1).
+// with the unsigned code q and an integer offset off (MLC 4-bit: 7; Q4_0: 8; Q5_0: 16; 8-bit: the signed code
+// plus 128, off = 128) and the affine biases b where the weight has them (Q4_K, Q4_1; else 0).
 // That is the arithmetic of the decode kernels' int8 path (matvec_q4.cpp, kernels.h): x quantized per group of
 // 32 (dx = max|x| / 127, round to nearest even), exact int32 sums per group, one float multiply-add per group.
 // So the only error against the exact product is the activation rounding, the same as decode's, and the same
@@ -13,7 +15,7 @@
 // times fp32's (benchmarks/isa_peak.py), and the weights stay 4-bit until they sit in L2.
 //
 // How: the output columns go in panels of 32 (four rows8 blocks). A thread unpacks its panel once into a
-// buffer (codes as bytes 0..15 in vpdpbusd's order, scales as float), then walks the rows of x kMR at a time:
+// buffer (codes as unsigned bytes in vpdpbusd's order, scales as float), then walks the rows of x kMR at a time:
 // per group, 8 steps of one 64-byte code load per 16 columns and one 4-byte x broadcast per row, 2 x kMR
 // vpdpbusd; then per row and 16 columns one int->float, one multiply and one fused multiply-add (affine: one
 // more). The codes are the unsigned side of vpdpbusd, x the signed side, so no +128 correction is needed; the
@@ -96,12 +98,25 @@ void quantize(const float* x, int64_t M, int64_t K, bool fast, QX& q) {
   });
 }
 
+enum Bits : int { kQ4 = 4, kQ5 = 5, kQ8 = 8 };
+
 struct Args {
   int64_t M, N, K, G;
-  const uint8_t* w;  // rows8 [N/8, G, 128]
-  int32_t off;       // symmetric offset (affine: 0)
+  const uint8_t* w;  // rows8 [N/8, G, 128 | 160 | 256]
+  int bits;          // 4, 5 or 8
+  int32_t off;       // subtracted from the unsigned code (affine 4-bit: 0)
   bool affine;
+  int64_t stride() const { return bits == kQ4 ? 128 : bits == kQ5 ? 160 : 256; }
 };
+
+// unsigned code of row r (0..7) of a rows8 block, column k (0..31) of the group (kernels.h's layouts)
+inline int code_at(const Args& a, const uint8_t* blk, int r, int k) {
+  if (a.bits == kQ8) return int(blk[32 * (k / 4) + 4 * r + k % 4] ^ 0x80);  // int8 c -> c + 128
+  const int c = k / 8, h = (k / 4) % 2, j = k % 4;
+  int q = h ? blk[32 * c + 4 * r + j] >> 4 : blk[32 * c + 4 * r + j] & 15;
+  if (a.bits == kQ5) q |= ((blk[128 + 4 * r + j] >> (2 * c + h)) & 1) << 4;
+  return q;
+}
 
 // ---- portable path (and the reference) --------------------------------------------------------------------
 template <typename S>
@@ -112,14 +127,10 @@ void gemm_scalar(const QX& q, const Args& a, const S* sc, const S* bi, float* y)
       for (int64_t m = 0; m < a.M; ++m) {
         float acc = 0.f;
         for (int64_t g = 0; g < a.G; ++g) {
-          const uint8_t* blk = a.w + (b * a.G + g) * 128;
+          const uint8_t* blk = a.w + (b * a.G + g) * a.stride();
           const int8_t* xg = q.xq.data() + m * a.K + g * kG;
-          int32_t dot = a.affine ? 0 : -a.off * q.xs[m * a.G + g];
-          for (int c = 0; c < 4; ++c)
-            for (int j = 0; j < 4; ++j) {
-              const uint8_t byte = blk[32 * c + 4 * r + j];
-              dot += int32_t(byte & 15) * xg[8 * c + j] + int32_t(byte >> 4) * xg[8 * c + 4 + j];
-            }
+          int32_t dot = -a.off * q.xs[m * a.G + g];
+          for (int k = 0; k < kG; ++k) dot += code_at(a, blk, int(r), k) * int32_t(xg[k]);
           const int64_t si = (b * a.G + g) * 8 + r;
           const float d = q.dx[m * a.G + g];
           acc += float(dot) * (static_cast<float>(sc[si]) * d);
@@ -132,13 +143,16 @@ void gemm_scalar(const QX& q, const Args& a, const S* sc, const S* bi, float* y)
 }
 
 #if PVLM_X86 && defined(__GNUC__)
-// A panel's codes as bytes: [G][step s = 0..7][half h = 0..1][64]; step s holds k = 32g + 4s .. 4s+3 of the 16
-// columns 16h .. 16h+15 (lane c = column, 4 bytes each); scales (and affine biases) float [G][32].
+// A panel's codes as unsigned bytes: [G][step s = 0..7][half h = 0..1][64]; step s holds k = 32g + 4s .. 4s+3 of
+// the 16 columns 16h .. 16h+15 (lane c = column, 4 bytes each); scales (and affine biases) float [G][32]. In every
+// rows8 layout one 32-byte chunk of a block is "4 consecutive codes of each of the 8 rows", so a step is two
+// such chunks side by side: 4-bit chunk c gives steps 2c (low nibbles) and 2c + 1 (high nibbles), with 5-bit
+// codes bit t of the plane bytes adding bit 4 to step t; 8-bit chunk c is step c.
 template <typename S>
 PVLM_VNNI void unpack_panel(const Args& a, const S* sc, const S* bi, int64_t p, uint8_t* codes, float* fs,
                             float* fb) {
   const int64_t nb = a.N / 8;
-  const __m256i m4 = _mm256_set1_epi8(15);
+  const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1), sign = _mm256_set1_epi8(char(0x80));
   for (int64_t g = 0; g < a.G; ++g) {
     for (int64_t sub = 0; sub < 4; ++sub) {  // block 4p + sub: columns 8 sub .. 8 sub + 7
       const int64_t b = 4 * p + sub;
@@ -150,13 +164,26 @@ PVLM_VNNI void unpack_panel(const Args& a, const S* sc, const S* bi, int64_t p, 
         for (int r = 0; r < 8; ++r) fsd[r] = fbd[r] = 0.f;
         continue;
       }
-      const uint8_t* blk = a.w + (b * a.G + g) * 128;
-      for (int c = 0; c < 4; ++c) {  // chunk c: low nibbles k = 8c + j, high nibbles k = 8c + 4 + j
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + ((g * 8 + 2 * c) * 2 + h) * 64 + lane0),
-                            _mm256_and_si256(v, m4));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + ((g * 8 + 2 * c + 1) * 2 + h) * 64 + lane0),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+      const uint8_t* blk = a.w + (b * a.G + g) * a.stride();
+      auto put = [&](int step, __m256i v) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + ((g * 8 + step) * 2 + h) * 64 + lane0), v);
+      };
+      if (a.bits == kQ8) {
+        for (int c = 0; c < 8; ++c)
+          put(c, _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * c)), sign));
+      } else {
+        const __m256i plane = a.bits == kQ5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128))
+                                            : _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {  // chunk c: low nibbles k = 8c + j, high nibbles k = 8c + 4 + j
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * c));
+          for (int hn = 0; hn < 2; ++hn) {
+            const int t = 2 * c + hn;
+            __m256i q = _mm256_and_si256(hn ? _mm256_srli_epi16(v, 4) : v, m4);
+            if (a.bits == kQ5)  // bit t of each plane byte -> bit 4 of the same byte
+              q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(plane, t), one), 4));
+            put(t, q);
+          }
+        }
       }
       const int64_t si = (b * a.G + g) * 8;
       for (int r = 0; r < 8; ++r) {
@@ -185,7 +212,7 @@ PVLM_VNNI void micro(const QX& q, const Args& a, int64_t m0, const uint8_t* code
 #define PVLM_INIT(r)                                                                                   \
     __m512i c##r##a, c##r##b;                                                                          \
     if constexpr (MR > r) {                                                                            \
-      c##r##a = AFFINE ? _mm512_setzero_si512() : _mm512_set1_epi32(-a.off * xs[r * G + g]);          \
+      c##r##a = _mm512_set1_epi32(-a.off * xs[r * G + g]);                                            \
       c##r##b = c##r##a;                                                                               \
     }
     PVLM_ROWS(PVLM_INIT)
@@ -280,14 +307,19 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
                    const c10::optional<at::Tensor>& biases, double offset, int64_t impl) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "q4_gemm: x must be a CPU float32 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 128 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "q4_gemm: the weight must be 4-bit rows8 (uint8 [N/8, K/32, 128], kernels.h), got ", packed.sizes());
+  const bool i8 = packed.scalar_type() == at::kChar;
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() &&
+                  ((packed.scalar_type() == at::kByte && (packed.size(2) == 128 || packed.size(2) == 160)) ||
+                   (i8 && packed.size(2) == 256)),
+              "q4_gemm: the weight must be rows8 (uint8 [N/8, K/32, 128] 4-bit or 160 5-bit, int8 [N/8, K/32, 256] "
+              "8-bit; kernels.h), got ", packed.scalar_type(), " ", packed.sizes());
   Args a;
   a.N = packed.size(0) * 8;
   a.G = packed.size(1);
   a.K = a.G * kG;
   a.M = x.size(0);
-  a.w = packed.data_ptr<uint8_t>();
+  a.w = static_cast<const uint8_t*>(packed.data_ptr());
+  a.bits = i8 ? kQ8 : packed.size(2) == 160 ? kQ5 : kQ4;
   TORCH_CHECK(x.size(1) == a.K, "q4_gemm: x has K = ", x.size(1), " but the weight has ", a.K);
   TORCH_CHECK(scales.is_contiguous() && scales.numel() == a.N * a.G &&
                   (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat),
@@ -300,7 +332,8 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     TORCH_CHECK(offset == std::nearbyint(offset) && std::fabs(offset) <= 16,
                 "q4_gemm: a symmetric weight needs an integer offset, got ", offset);
   }
-  a.off = a.affine ? 0 : static_cast<int32_t>(offset);
+  // 8-bit: signed codes read as code + 128; 4/5-bit affine: W = q * s + b (the offset is in b)
+  a.off = a.bits == kQ8 ? 128 : a.affine ? 0 : static_cast<int32_t>(offset);
   at::Tensor y = at::empty({a.M, a.N}, x.options());
   if (a.M == 0) return y;
   const bool fast = impl != 1 && vnni_cpu();

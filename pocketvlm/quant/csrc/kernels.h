@@ -6,7 +6,7 @@
 //   multi_linear.cpp   several layers sharing one input token (the decode step's matrix phases)
 //   decode_step.cpp    the fused single-token decode step (DecodePlan; its vector helpers and thread team in
 //                      decode_math.h)
-//   gemm_q4.cpp        q4 rows8 x int8 GEMM of the prefill path (AVX-512 VNNI; decode's int8 arithmetic)
+//   gemm_q4.cpp        rows8 (4-, 5-, 8-bit) x int8 GEMM of the prefill path (AVX-512 VNNI; decode's arithmetic)
 //   gemm_i8.cpp        int8 x int8 GEMM of the vision tower (AVX-512 VNNI), with its own packed layout
 //   attention_bf16.cpp the vision tower's bidirectional attention in bf16 (AVX-512 BF16)
 //   ops.cpp            every op's registration, in the torch.ops.pocketvlm namespace
