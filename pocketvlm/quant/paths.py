@@ -4,7 +4,8 @@ value forces one (tests and benchmarks do).
 
 * fewer than :func:`own_kernel_max_tokens` rows (decode, short prompts): the own matrix-vector kernel
   (``csrc/matvec_q4.cpp``...), activations quantized per 32 values to int8 (:data:`OWN_KERNEL_ACT`);
-* rows in :func:`prefill_int8_rows` (4-bit rows8 layers only): the int8 prefill GEMM (``csrc/gemm_q4.cpp``);
+* rows in :func:`prefill_int8_rows` (rows8 layers: 4-, 5- and 8-bit codes): the int8 prefill GEMM
+  (``csrc/gemm_q4.cpp``);
 * otherwise the dense path: the weight dequantized to :func:`cpu_dense_dtype` and one ``F.linear`` GEMM.
 """
 from __future__ import annotations
@@ -41,8 +42,8 @@ def dense_from_tokens(device: str | torch.device = "cpu") -> int:
 #: Activations in the own kernel: "int8" (quantized per 32 values, as llama.cpp does; fast) or "fp32" (exact).
 OWN_KERNEL_ACT = "int8"
 
-#: Rows [lo, hi) of an input that a 4-bit rows8 layer on CPU multiplies with the int8 prefill GEMM
-#: (``csrc/gemm_q4.cpp``: the 4-bit codes against x quantized per 32 values, decode's own arithmetic, AVX-512 VNNI)
+#: Rows [lo, hi) of an input that a rows8 layer (4-, 5-, 8-bit) on CPU multiplies with the int8 prefill GEMM
+#: (``csrc/gemm_q4.cpp``: the codes against x quantized per 32 values, decode's own arithmetic, AVX-512 VNNI)
 #: instead of the own kernel (fewer rows) or the dense path (more). Measured on the 2-core Xeon of 2026-12-04 (2
 #: threads, 4864 x 896): the GEMM beats the own kernel from ~12 rows (16: 0.26 vs 0.35 ms, 64: 0.79 vs 1.43) and
 #: oneDNN's bf16 GEMM on AMX up to ~192 rows (128: 1.46 vs 1.98 ms; 512: 6.1 vs 3.2); without AMX nothing beats
