@@ -165,12 +165,12 @@ PVLM_VNNI void unpack_panel(const Args& a, const S* sc, const S* bi, int64_t p, 
         continue;
       }
       const uint8_t* blk = a.w + (b * a.G + g) * a.stride();
-      auto put = [&](int step, __m256i v) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + ((g * 8 + step) * 2 + h) * 64 + lane0), v);
-      };
+      // (a macro, not a lambda: a lambda does not inherit PVLM_VNNI's target, and a build without -mavx2 fails)
+#define PVLM_PUT(step, v) \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + ((g * 8 + (step)) * 2 + h) * 64 + lane0), (v))
       if (a.bits == kQ8) {
         for (int c = 0; c < 8; ++c)
-          put(c, _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * c)), sign));
+          PVLM_PUT(c, _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * c)), sign));
       } else {
         const __m256i plane = a.bits == kQ5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128))
                                             : _mm256_setzero_si256();
@@ -181,10 +181,11 @@ PVLM_VNNI void unpack_panel(const Args& a, const S* sc, const S* bi, int64_t p, 
             __m256i q = _mm256_and_si256(hn ? _mm256_srli_epi16(v, 4) : v, m4);
             if (a.bits == kQ5)  // bit t of each plane byte -> bit 4 of the same byte
               q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(plane, t), one), 4));
-            put(t, q);
+            PVLM_PUT(t, q);
           }
         }
       }
+#undef PVLM_PUT
       const int64_t si = (b * a.G + g) * 8;
       for (int r = 0; r < 8; ++r) {
         fsd[r] = static_cast<float>(sc[si + r]);
