@@ -98,17 +98,23 @@ def test_leading_dims_and_zero_input():
     assert torch.equal(z, torch.zeros(1, 11))
 
 
+def at_1_and_2_threads(fn):
+    """``fn()`` run with 1 and with 2 intra-op threads (the thread count restored after)."""
+    old = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(fn())
+        return out
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_threads_do_not_change_result():
     w = make(1000, 896, "mlc_sym7_f16")
     x = torch.randn(1, 896)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1 = ck.q4_linear(x, w)
-        torch.set_num_threads(2)
-        y2 = ck.q4_linear(x, w)
-    finally:
-        torch.set_num_threads(old)
+    y1, y2 = at_1_and_2_threads(lambda: ck.q4_linear(x, w))
     assert torch.equal(y1, y2)
 
 

@@ -8,7 +8,7 @@ from pocketvlm.quant import cpu_kernel as ck
 from pocketvlm.quant import linear as ql
 from pocketvlm.quant import paths
 
-from test_cpu_kernel import FORMS, make, make_q8, ref_int8, rel_err
+from test_cpu_kernel import FORMS, at_1_and_2_threads, make, make_q8, ref_int8, rel_err
 
 pytestmark = pytest.mark.usefixtures("kernel")   # conftest: fails (not skips) when a compiler is here
 
@@ -54,14 +54,7 @@ def test_gemm_zero_input_and_threads():
     w = make(64, 896, "mlc_sym7_f16", layout="rows8")
     assert torch.equal(ck.q4_gemm(torch.zeros(9, 896), w), torch.zeros(9, 64))  # dx = 0: no NaN
     x = torch.randn(50, 896, generator=torch.Generator().manual_seed(4))
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1 = ck.q4_gemm(x, w)
-        torch.set_num_threads(2)
-        y2 = ck.q4_gemm(x, w)
-    finally:
-        torch.set_num_threads(old)
+    y1, y2 = at_1_and_2_threads(lambda: ck.q4_gemm(x, w))
     assert torch.equal(y1, y2)  # each output element is summed in one fixed order
 
 

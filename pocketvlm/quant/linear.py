@@ -243,8 +243,9 @@ class QuantLinear(nn.Module):
             # decode fast path: straight to the op (the general path below costs ~90 us of Python per call)
             x2 = x.reshape(-1, self.in_features)
             m = x2.shape[0]  # (rows the general path gives the int8 prefill GEMM go there: same path every call)
+            gemm_from = (paths.PREFILL_INT8_ROWS or paths.prefill_int8_rows())[0]
             if m < (paths.OWN_KERNEL_MAX_TOKENS or paths.own_kernel_max_tokens()) and x2.is_contiguous() \
-                    and x.device.type == "cpu" and not self._gemm_ok(m):
+                    and x.device.type == "cpu" and (m < gemm_from or not self._gemm_ok(m)):
                 if isinstance(own, cpu_kernel.Q8Weight):
                     y = cpu_kernel._ops.q8_linear(x2, own.qweight, own.scales, own.biases, 0)
                 else:

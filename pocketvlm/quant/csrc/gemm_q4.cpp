@@ -37,66 +37,13 @@
 
 #include "avx512.h"
 #include "kernels.h"
+#include "matvec.h"
 
 namespace pvlm {
 namespace {
 
-constexpr int64_t kG = 32;      // codes per group
 constexpr int64_t kPanel = 32;  // output columns per panel (four rows8 blocks, two zmm of int32)
 constexpr int kMR = 6;          // rows of x per micro-kernel call: 12 int32 + 12 float accumulators
-
-// x quantized per group of 32 in natural order: xq [M, K], dx [M, G], xs [M, G] = sum of the group's codes
-struct QX {
-  std::vector<int8_t> xq;
-  std::vector<float> dx;
-  std::vector<int32_t> xs;
-};
-
-inline int8_t q8(float v, float id) { return static_cast<int8_t>(std::clamp<int32_t>(std::nearbyint(v * id), -127, 127)); }
-
-void quantize_group_scalar(const float* xg, int8_t* q, float* dx, int32_t* xs) {
-  float mx = 0.f;
-  for (int i = 0; i < kG; ++i) mx = std::max(mx, std::fabs(xg[i]));
-  const float d = mx / 127.f;
-  const float id = d > 0.f ? 1.f / d : 0.f;  // as quantize_x (matvec_common.cpp): multiply by the inverse
-  int32_t s = 0;
-  for (int i = 0; i < kG; ++i) s += (q[i] = q8(xg[i], id));
-  *dx = d;
-  *xs = s;
-}
-
-#if PVLM_X86 && defined(__GNUC__)
-PVLM_VNNI void quantize_group_vnni(const float* xg, int8_t* q, float* dx, int32_t* xs) {
-  const __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
-  const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.f;
-  const __m512 id = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  const __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, id)), ib = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(ia));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(ib));
-  *dx = d;
-  *xs = _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
-}
-#endif
-
-void quantize(const float* x, int64_t M, int64_t K, bool fast, QX& q) {
-  const int64_t G = K / kG;
-  q.xq.resize(M * K);
-  q.dx.resize(M * G);
-  q.xs.resize(M * G);
-  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t i = m * G + g;
-#if PVLM_X86 && defined(__GNUC__)
-        if (fast) {
-          quantize_group_vnni(x + m * K + g * kG, q.xq.data() + m * K + g * kG, &q.dx[i], &q.xs[i]);
-          continue;
-        }
-#endif
-        quantize_group_scalar(x + m * K + g * kG, q.xq.data() + m * K + g * kG, &q.dx[i], &q.xs[i]);
-      }
-  });
-}
 
 enum Bits : int { kQ4 = 4, kQ5 = 5, kQ8 = 8 };
 
@@ -120,7 +67,7 @@ inline int code_at(const Args& a, const uint8_t* blk, int r, int k) {
 
 // ---- portable path (and the reference) --------------------------------------------------------------------
 template <typename S>
-void gemm_scalar(const QX& q, const Args& a, const S* sc, const S* bi, float* y) {
+void gemm_scalar(const QuantX& q, const Args& a, const S* sc, const S* bi, float* y) {
   at::parallel_for(0, a.N, 8, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t b = n / 8, r = n % 8;
@@ -128,13 +75,13 @@ void gemm_scalar(const QX& q, const Args& a, const S* sc, const S* bi, float* y)
         float acc = 0.f;
         for (int64_t g = 0; g < a.G; ++g) {
           const uint8_t* blk = a.w + (b * a.G + g) * a.stride();
-          const int8_t* xg = q.xq.data() + m * a.K + g * kG;
+          const int8_t* xg = q.xq.data() + m * a.K + g * kGroup;
           int32_t dot = -a.off * q.xs[m * a.G + g];
-          for (int k = 0; k < kG; ++k) dot += code_at(a, blk, int(r), k) * int32_t(xg[k]);
+          for (int k = 0; k < kGroup; ++k) dot += code_at(a, blk, int(r), k) * int32_t(xg[k]);
           const int64_t si = (b * a.G + g) * 8 + r;
           const float d = q.dx[m * a.G + g];
           acc += float(dot) * (static_cast<float>(sc[si]) * d);
-          if (a.affine) acc += static_cast<float>(bi[si]) * (d * float(q.xs[m * a.G + g]));
+          if (a.affine) acc += static_cast<float>(bi[si]) * q.qs[m * a.G + g];
         }
         y[m * a.N + n] = acc;
       }
@@ -199,13 +146,14 @@ PVLM_VNNI void unpack_panel(const Args& a, const S* sc, const S* bi, int64_t p, 
 // GCC spill inside the loops, as in gemm_i8.cpp).
 #define PVLM_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 template <int MR, bool AFFINE>
-PVLM_VNNI void micro(const QX& q, const Args& a, int64_t m0, const uint8_t* codes, const float* fs, const float* fb,
+PVLM_VNNI void micro(const QuantX& q, const Args& a, int64_t m0, const uint8_t* codes, const float* fs, const float* fb,
                      float* y, int64_t ncols) {
   static_assert(MR >= 1 && MR <= kMR);
   const int64_t G = a.G, lda = a.K / 4;
   const int32_t* x32 = reinterpret_cast<const int32_t*>(q.xq.data() + m0 * a.K);
   const float* dx = q.dx.data() + m0 * G;
   const int32_t* xs = q.xs.data() + m0 * G;
+  const float* qsum = q.qs.data() + m0 * G;  // dx * xs
 #define PVLM_DECL(r) __m512 f##r##a = _mm512_setzero_ps(), f##r##b = _mm512_setzero_ps();
   PVLM_ROWS(PVLM_DECL)
 #undef PVLM_DECL
@@ -243,7 +191,7 @@ PVLM_VNNI void micro(const QX& q, const Args& a, int64_t m0, const uint8_t* code
       f##r##a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##r##a), _mm512_mul_ps(s0, d), f##r##a);   \
       f##r##b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##r##b), _mm512_mul_ps(s1, d), f##r##b);   \
       if constexpr (AFFINE) {                                                                  \
-        const __m512 qs = _mm512_set1_ps(dx[r * G + g] * float(xs[r * G + g]));                \
+        const __m512 qs = _mm512_set1_ps(qsum[r * G + g]);                                     \
         f##r##a = _mm512_fmadd_ps(z0, qs, f##r##a);                                            \
         f##r##b = _mm512_fmadd_ps(z1, qs, f##r##b);                                            \
       }                                                                                        \
@@ -263,7 +211,7 @@ PVLM_VNNI void micro(const QX& q, const Args& a, int64_t m0, const uint8_t* code
 }
 #undef PVLM_ROWS
 
-using MicroFn = void (*)(const QX&, const Args&, int64_t, const uint8_t*, const float*, const float*, float*, int64_t);
+using MicroFn = void (*)(const QuantX&, const Args&, int64_t, const uint8_t*, const float*, const float*, float*, int64_t);
 
 template <bool AFFINE, int... I>
 constexpr auto micro_table(std::integer_sequence<int, I...>) {
@@ -271,7 +219,7 @@ constexpr auto micro_table(std::integer_sequence<int, I...>) {
 }
 
 template <typename S, bool AFFINE>
-PVLM_VNNI void gemm_vnni(const QX& q, const Args& a, const S* sc, const S* bi, float* y) {
+PVLM_VNNI void gemm_vnni(const QuantX& q, const Args& a, const S* sc, const S* bi, float* y) {
   static constexpr auto table = micro_table<AFFINE>(std::make_integer_sequence<int, kMR>{});
   const int64_t panels = (a.N + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -291,7 +239,7 @@ PVLM_VNNI void gemm_vnni(const QX& q, const Args& a, const S* sc, const S* bi, f
 #endif
 
 template <typename S>
-void run(const QX& q, const Args& a, const S* sc, const S* bi, float* y, bool fast) {
+void run(const QuantX& q, const Args& a, const S* sc, const S* bi, float* y, bool fast) {
 #if PVLM_X86 && defined(__GNUC__)
   if (fast) {
     if (a.affine) gemm_vnni<S, true>(q, a, sc, bi, y);
@@ -317,7 +265,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   Args a;
   a.N = packed.size(0) * 8;
   a.G = packed.size(1);
-  a.K = a.G * kG;
+  a.K = a.G * kGroup;
   a.M = x.size(0);
   a.w = static_cast<const uint8_t*>(packed.data_ptr());
   a.bits = i8 ? kQ8 : packed.size(2) == 160 ? kQ5 : kQ4;
@@ -339,8 +287,8 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   if (a.M == 0) return y;
   const bool fast = impl != 1 && vnni_cpu();
   const at::Tensor xc = x.contiguous();
-  QX q;
-  quantize(xc.data_ptr<float>(), a.M, a.K, fast, q);
+  QuantX q;
+  quantize_x(xc.data_ptr<float>(), a.M, a.K, q, /*paired=*/false);  // decode's activation rounding, exactly
   if (scales.scalar_type() == at::kHalf)
     run(q, a, scales.data_ptr<c10::Half>(), a.affine ? biases->data_ptr<c10::Half>() : nullptr, y.data_ptr<float>(),
         fast);

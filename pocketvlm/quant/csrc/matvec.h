@@ -51,9 +51,11 @@ struct QuantX {
   std::vector<int8_t> xq;        // [M, P, 64] pair layout
   std::vector<float> dx;         // [M, G]
   std::vector<float> qs;         // [M, G]
+  std::vector<int32_t> xs;       // [M, G] sum of the group's int8 codes (qs = dx * xs), for the prefill GEMM
 };
 
-// paired: the q4 pair layout above; otherwise natural order, 32 bytes per group (the q8 kernel).
+// paired: the q4 pair layout above; otherwise natural order, 32 bytes per group (the q8 kernel, the prefill
+// GEMM). Rows run in parallel once there are enough of them (prefill).
 void quantize_x(const float* x, int64_t M, int64_t K, QuantX& q, bool paired = true);
 
 inline int8_t xq_at(const QuantX& q, int64_t m, int64_t g, int i) {
