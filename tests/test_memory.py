@@ -188,8 +188,6 @@ def onevision_source(qwen_package) -> Path:
             onevision_tokenizer(d, qwen_package)
         return d
     transformers = pytest.importorskip("transformers")
-    import shutil
-
     cfg = transformers.LlavaOnevisionConfig(**{k: v for k, v in onevision_config().items() if k != "model_type"})
     torch.manual_seed(0)
     with torch.device("cpu"):
