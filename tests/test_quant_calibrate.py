@@ -122,6 +122,26 @@ def test_gptq_lowers_the_output_error(name):
     assert out_err(*gptq_quantize(w, H, mode, search=True)) < 0.9 * rtn
 
 
+@pytest.mark.parametrize("how", ["search", "gptq"])
+def test_8bit_codes_fit_int8(how):
+    """8-bit codes are held as signed int8 (code - 127): a searched (smaller) scale or GPTQ's compensation must not
+    push a code to 255 (+128), which wrapped to -128 and made a calibrated q8f16_1 model 1,500x further off."""
+    from pocketvlm.quant.linear import quant_linear_from_codes
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 256, generator=g)
+    w[:, ::32] = 6.0  # each group's largest weight positive: the search clips it, GPTQ pushes error onto it
+    if how == "search":
+        codes, scales = formats.quantize(w, "q8f16_1", search=True)
+    else:
+        x = torch.randn(512, 256, generator=g)
+        codes, scales = gptq_quantize(w, x.t() @ x, "q8f16_1")
+    assert int(codes.max()) <= 254 and int(codes.min()) >= 0
+    lin = quant_linear_from_codes(torch.nn.Linear(256, 16, bias=False), "q8f16_1", codes, scales)
+    torch.testing.assert_close(lin.dequantize(), formats.dequantize(codes, scales, "q8f16_1", 256))
+    assert (lin.dequantize() - w).abs().max() < 0.1
+
+
 def test_gptq_handles_dead_inputs_and_bad_shapes():
     w, X = _layer(2)
     X[:, 5] = 0  # an input that is always zero in the calibration data
@@ -156,15 +176,16 @@ def _kl(ref, model, ids):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def test_calibrated_model_is_the_same_format_and_closer(tiny_lm):
+@pytest.mark.parametrize("mode", ["q4f16_1", "q8f16_1"])
+def test_calibrated_model_is_the_same_format_and_closer(tiny_lm, mode):
     import copy
 
     ids = torch.tensor([tiny_lm.tokenizer.encode(default_text()[:20000])])
     calib, held = ids[:, :2048], ids[:, 2048:2048 + 256]
     windows = calibration_windows(calib[0], context=128, windows=16)
     rtn, cal = copy.deepcopy(tiny_lm.model), copy.deepcopy(tiny_lm.model)
-    rec_rtn = quantize_model(rtn, "q4f16_1", embeddings=True)
-    rec_cal = calibrate_model(cal, "q4f16_1", windows, progress=False)
+    rec_rtn = quantize_model(rtn, mode, embeddings=True)
+    rec_cal = calibrate_model(cal, mode, windows, progress=False)
     assert rec_cal == rec_rtn  # same modules, same modes, tied head included
     assert {k: (v.shape, v.dtype) for k, v in cal.state_dict().items()} == \
            {k: (v.shape, v.dtype) for k, v in rtn.state_dict().items()}

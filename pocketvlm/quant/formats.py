@@ -4,7 +4,8 @@ Every quantized mode is symmetric group quantization without a zero point (MLC's
 
     per group of ``group_size`` consecutive weights along the input dim (a row of ``W [out, in]``):
         scale = max|w| / (2^(bits-1) - 1)              (stored in ``scale_dtype``)
-        q     = clamp(round(w / scale) + offset, 0, 2^bits - 1),   offset = 2^(bits-1) - 1
+        q     = clamp(round(w / scale) + offset, 0, max_code),   offset = 2^(bits-1) - 1,
+                max_code = 2^bits - 1 (8-bit: 254, so that ``q - offset`` fits a signed int8)
         w_hat = (q - offset) * scale
 
 ``scale`` is rounded to ``scale_dtype`` *before* dividing, so dequantizing with the stored scale
@@ -53,7 +54,9 @@ class QuantMode:
 
     @property
     def max_code(self) -> int:
-        return (1 << self.bits) - 1
+        """The largest code: ``2^bits - 1`` (4-bit: +8 steps), except 8-bit's ``254`` (+127 steps): 8-bit codes
+        are held as signed int8 ``code - 127`` (and exported as GGUF Q8_0), where 255 would wrap to -128."""
+        return 254 if self.bits == 8 else (1 << self.bits) - 1
 
     @property
     def bytes_per_weight(self) -> float:
