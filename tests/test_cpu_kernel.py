@@ -37,8 +37,13 @@ def make(n, k, form, seed=0, layout="auto"):
     return ck.pack_q4(codes, s, biases=-8 * s + torch.randn(n, k // 32, generator=g) * 0.01, layout=layout)
 
 
+def dequantized(w):
+    """The exact float weight of a kernel weight, 4/5-bit or 8-bit."""
+    return ck.dequantize_q8_reference(w) if isinstance(w, ck.Q8Weight) else ck.dequantize_reference(w)
+
+
 def ref_fp32(x, w):
-    return (x.double() @ ck.dequantize_reference(w).double().t()).float()
+    return (x.double() @ dequantized(w).double().t()).float()
 
 
 def ref_int8(x, w):
