@@ -36,7 +36,8 @@ from pocketvlm.real_models import gemma3_gguf_path, qwen_gguf_path  # noqa: E402
 
 MODELS = {"qwen": ("Qwen2.5-Coder-0.5B-Instruct Q4_K_M", qwen_gguf_path),
           "gemma3": ("Gemma 3 270M Q4_K_M", gemma3_gguf_path)}
-MODES = ["q8f16_1", "q4f16_1", "q4f16_1+search", "q4f16_1+gptq", "q3f16_1", "q3f16_1+search", "q3f16_1+gptq"]
+MODES = ["q8f16_1", "q4f16_1", "q4f16_1+search", "q4f16_1+gptq", "q4f16_1+tune", "q3f16_1", "q3f16_1+search",
+         "q3f16_1+gptq", "q3f16_1+tune"]
 RESULTS = Path(__file__).resolve().parent / "results" / "perplexity.md"
 
 
@@ -89,8 +90,10 @@ def cpu_name() -> str:
 
 def quantized_copy(fp32: torch.nn.Module, mode: str, tok, bos) -> torch.nn.Module:
     """``MODE`` (RTN, what ``pocketvlm.load(path, quantization=MODE)`` does), ``MODE+search`` (error-minimising
-    scales: ``convert``'s default), ``MODE+gptq`` (``convert --calibrate`` with the default text) or
+    scales: ``convert``'s default), ``MODE+gptq`` (``convert --calibrate --tune-steps 0`` with the default text),
+    ``MODE+tune`` (``convert --calibrate``: GPTQ, then block-wise tuning) or
     ``MODE:decoder`` (diagnostic: decoder linears only, RTN)."""
+    from pocketvlm.quant.blocktune import STEPS
     from pocketvlm.quant.calibrate import calibrate_model, calibration_windows, default_text
 
     qm = copy.deepcopy(fp32)  # as if loaded again, without re-reading the GGUF
@@ -98,8 +101,9 @@ def quantized_copy(fp32: torch.nn.Module, mode: str, tok, bos) -> torch.nn.Modul
     base, _, how = base.partition("+")
     if scope == "decoder":
         quantize_model(qm, base, skip=["lm_head"], embeddings=False)
-    elif how == "gptq":
-        calibrate_model(qm, base, calibration_windows(tok.encode(default_text()), bos_token_id=bos))
+    elif how in ("gptq", "tune"):
+        calibrate_model(qm, base, calibration_windows(tok.encode(default_text()), bos_token_id=bos),
+                        tune_steps=STEPS if how == "tune" else 0)
     else:
         quantize_model(qm, base, embeddings=True, search=how == "search")
     return qm
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--modes", nargs="+", default=["none", *MODES],
-                    help="'none' = unquantized fp32; MODE (RTN), MODE+search, MODE+gptq; MODE:decoder = decoder "
+                    help="'none' = unquantized fp32; MODE (RTN), MODE+search, MODE+gptq, MODE+tune; MODE:decoder = decoder "
                          "linears only (embedding, LM head fp32)")
     ap.add_argument("--texts", nargs="+", default=list(llamacpp.TEXTS), choices=list(llamacpp.TEXTS))
     ap.add_argument("--windows", type=int, default=4)
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 * pocketvlm rows quantize every linear and the embedding (tied LM head included):
   * `MODE`: MLC's round-to-nearest, `scale = max|w| / offset` (what `pocketvlm.load(path, quantization=MODE)` does);
   * `MODE+search`: error-minimising group scales (`pocketvlm convert`'s default);
-  * `MODE+gptq`: GPTQ rounding calibrated on the default text (`pocketvlm convert --calibrate`), 64 windows of 512;
+  * `MODE+gptq`: GPTQ rounding calibrated on the default text (`pocketvlm convert --calibrate --tune-steps 0`),
+    64 windows of 512; `MODE+tune`: the same, then 50 steps of block-wise tuning per layer (`convert --calibrate`);
   * `MODE:decoder` (diagnostic): RTN on the decoder's linears only; embedding and LM head fp32.
   All of them write the same format (codes + one fp16 scale per group), so size and speed do not change.
 * llama.cpp rows: `llama-perplexity` on the Q4_K_M file itself and on a Q4_0 file of the same bits

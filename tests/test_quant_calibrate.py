@@ -122,6 +122,17 @@ def test_gptq_lowers_the_output_error(name):
     assert out_err(*gptq_quantize(w, H, mode, search=True)) < 0.9 * rtn
 
 
+def test_gptq_runs_in_float32_inside_a_bf16_forward():
+    """Calibration runs its forwards under bf16 autocast; GPTQ's own updates (``E @ U``) must stay float32
+    (they ran in bf16 before 2026-12-05)."""
+    w, X = _layer(5, out_f=64, in_f=256)
+    H = X.t() @ X
+    ref = gptq_quantize(w, H, "q4f16_1")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gptq_quantize(w, H, "q4f16_1")
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
 @pytest.mark.parametrize("how", ["search", "gptq"])
 def test_8bit_codes_fit_int8(how):
     """8-bit codes are held as signed int8 (code - 127): a searched (smaller) scale or GPTQ's compensation must not
@@ -229,20 +240,27 @@ def test_convert_calibrated_package(tiny_hf, tmp_path):
 
     text = tmp_path / "calib.txt"
     text.write_text(default_text()[:30000])
-    out = convert(tiny_hf, "q4f16_1", tmp_path / "cal", progress=False, calibrate=str(text), calibration_windows=4)
+    out = convert(tiny_hf, "q4f16_1", tmp_path / "cal", progress=False, calibrate=str(text), calibration_windows=4,
+                  tune_steps=2)
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert q["calibration"]["windows"] == 4 and q["calibration"]["text"] == str(text)
+    assert q["calibration"]["tune_steps"] == 2 and "2 steps of block-wise tuning" in q["calibration"]["method"]
     assert q["scales"] == "search" and len(q["calibration"]["text_sha256"]) == 64
-    again = convert(tiny_hf, "q4f16_1", tmp_path / "cal2", progress=False, calibrate=str(text), calibration_windows=4)
+    again = convert(tiny_hf, "q4f16_1", tmp_path / "cal2", progress=False, calibrate=str(text), calibration_windows=4,
+                    tune_steps=2)
     a, b = load_package(out, verify=True).model, load_package(again).model
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)  # deterministic
+    gptq = convert(tiny_hf, "q4f16_1", tmp_path / "gptq", progress=False, calibrate=str(text), calibration_windows=4,
+                   tune_steps=0)
+    g = json.loads((gptq / "config.json").read_text())["quantization"]["calibration"]
+    assert g["tune_steps"] == 0 and "tuning" not in g["method"]
     plain = load_package(convert(tiny_hf, "q4f16_1", tmp_path / "plain", progress=False)).model
     assert a.state_dict().keys() == plain.state_dict().keys()  # the same format as an uncalibrated package
     assert any(not torch.equal(a.state_dict()[k], plain.state_dict()[k]) for k in a.state_dict())
 
 
-@pytest.mark.parametrize("case", ["empty", "short", "missing", "binary", "q0", "windows"])
+@pytest.mark.parametrize("case", ["empty", "short", "missing", "binary", "q0", "windows", "tune"])
 def test_convert_calibration_bad_input_fails_before_loading(tiny_hf, tmp_path, monkeypatch, case):
     from pocketvlm import loading
     from pocketvlm.errors import PackageError
@@ -266,9 +284,12 @@ def test_convert_calibration_bad_input_fails_before_loading(tiny_hf, tmp_path, m
     elif case == "q0":
         f.write_text("x " * 1000)
         mode, match = "q0f16", "nothing to calibrate"
-    else:
+    elif case == "windows":
         f.write_text("x " * 1000)
         kw, match = {"calibration_windows": 0}, "at least 1"
+    else:
+        f.write_text("x " * 1000)
+        kw, match = {"tune_steps": -1}, "--tune-steps must be 0"
     with pytest.raises((PackageError, QuantizationError), match=match):
         convert(tiny_hf, mode, tmp_path / "out", progress=False, calibrate=str(f), **kw)
     assert not (tmp_path / "out").exists()
@@ -308,7 +329,7 @@ def test_convert_calibrated_vlm(tmp_path):
     from pocketvlm.package import convert, load_package
 
     src = make_tiny_llava(tmp_path / "llava")
-    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=True, calibration_windows=1)
+    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=True, calibration_windows=1, tune_steps=0)
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert q["calibration"]["windows"] == 1
     assert not any("vision_tower" in n or "projector" in n for n in q["modules"])
@@ -337,7 +358,8 @@ def test_convert_vlm_calibrated_on_conversations_with_images(tmp_path, monkeypat
     seen = []
     real = calibration.image_windows
     monkeypatch.setattr(calibration, "image_windows", lambda loaded, d: seen.append(real(loaded, d)) or seen[-1])
-    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=str(data), calibration_windows=3)
+    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=str(data), calibration_windows=3,
+                  tune_steps=3)  # the tuning on image conversations: their windows are dicts of inputs
     assert len(seen[0]) == 3 and all(w["pixel_values"].shape[-1] == 32 for w in seen[0])
     image_id = json.loads((src / "config.json").read_text())["image_token_index"]
     assert all(int((w["input_ids"] == image_id).sum()) == 16 for w in seen[0])   # (32 / 8)^2 slots
@@ -359,3 +381,78 @@ def test_convert_vlm_calibrated_on_conversations_with_images(tmp_path, monkeypat
     with pytest.raises(PocketVLMError, match="is a text model"):
         convert(text_model, "q4f16_1", tmp_path / "x", progress=False, calibrate=str(data))
     assert not (tmp_path / "x").exists()
+
+
+# ----- block-wise tuning (AutoRound-style) ------------------------------------------------------------
+
+class _Block(torch.nn.Module):
+    """A decoder layer's shape in miniature: two linears around a non-linearity, a residual, extra arguments."""
+
+    def __init__(self, d=64, h=96):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, h, bias=False), torch.nn.Linear(h, d, bias=False)
+
+    def forward(self, x, gate, *, scale=1.0):
+        return x + scale * self.down(torch.nn.functional.silu(self.up(x)) * gate)
+
+
+def test_block_tuning_lowers_the_layer_error_and_keeps_the_format():
+    from pocketvlm.quant.blocktune import Rounded, tune_layer
+
+    torch.manual_seed(0)
+    block = _Block()
+    xs = [torch.randn(2, 32, 64) * torch.linspace(0.2, 3, 64) for _ in range(8)]
+    args = [((torch.rand(96) + 0.5,), {"scale": 0.7}) for _ in xs]
+    with torch.no_grad():
+        ys = [block(x, *a[0], **a[1]) for x, a in zip(xs, args)]
+    mode = formats.parse_mode("q4f16_1")
+    rounded = {}
+    for n in ("up", "down"):
+        lin = getattr(block, n)
+        X = torch.cat([x.reshape(-1, 64) for x in xs]) if n == "up" else torch.randn(512, 96)
+        rounded[n] = Rounded(lin.weight.detach(), *gptq_quantize(lin.weight.detach(), X.t() @ X, mode), mode)
+    start = {n: r.result() for n, r in rounded.items()}
+    for n, r in rounded.items():  # untuned: exactly GPTQ's codes and scales
+        assert torch.equal(r.weight(), formats.dequantize(*start[n], mode, getattr(block, n).in_features))
+    before, after = tune_layer(block, rounded, xs, args, ys, steps=40)
+    assert after < 0.95 * before
+    for n, r in rounded.items():
+        codes, scales = r.result()
+        c0, s0 = start[n]
+        assert codes.dtype == torch.uint8 and scales.dtype == mode.torch_scale_dtype and codes.shape == c0.shape
+        assert (codes.long() - c0.long()).abs().max() <= 1 and int(codes.max()) <= mode.max_code
+        assert ((scales.float() / s0.float() - 1).abs() <= 0.2 + 1e-3).all()
+        # what is stored is exactly what was tuned (a float level just under an integer must not truncate)
+        assert torch.equal(formats.dequantize(codes, scales, mode, getattr(block, n).in_features), r.weight())
+    # measured independently: the block with the tuned weights, over all windows
+    def err(weights):
+        with torch.no_grad():
+            for n, (c, s) in weights.items():
+                getattr(block, n).weight.copy_(formats.dequantize(c, s, mode, getattr(block, n).in_features))
+            return sum(float((block(x, *a[0], **a[1]) - y).square().mean()) for x, a, y in zip(xs, args, ys)) / len(xs)
+    orig = {n: getattr(block, n).weight.detach().clone() for n in rounded}
+    assert err({n: r.result() for n, r in rounded.items()}) == pytest.approx(after, rel=1e-4)
+    assert err(start) == pytest.approx(before, rel=1e-4)
+    for n, w in orig.items():
+        getattr(block, n).weight.data.copy_(w)
+
+
+def test_block_tuning_never_makes_a_layer_worse():
+    """With a learning rate far too high the tuned rounding is worse: the layer keeps GPTQ's."""
+    from pocketvlm.quant.blocktune import Rounded, tune_layer
+
+    torch.manual_seed(1)
+    block = _Block()
+    xs = [torch.randn(1, 16, 64) for _ in range(4)]
+    args = [((torch.ones(96),), {}) for _ in xs]
+    with torch.no_grad():
+        ys = [block(x, *a[0]) for x, a in zip(xs, args)]
+    mode = formats.parse_mode("q4f16_1")
+    rounded = {n: Rounded(getattr(block, n).weight.detach(),
+                          *formats.quantize(getattr(block, n).weight.detach(), mode, search=True), mode)
+               for n in ("up", "down")}
+    start = {n: r.result() for n, r in rounded.items()}
+    before, after = tune_layer(block, rounded, xs, args, ys, steps=3, lr=5.0)
+    assert after == before
+    for n, r in rounded.items():
+        assert all(torch.equal(a, b) for a, b in zip(r.result(), start[n]))

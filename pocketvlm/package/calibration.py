@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import PackageError
+from ..quant.blocktune import STEPS
 from ..quant.calibrate import CONTEXT, WINDOWS, check_mode, default_text
 
 
@@ -17,13 +18,19 @@ class CalibrationText:
     text: str
     name: str  # the file, or "default" (Python's pydoc_data topics)
     windows: int
+    tune_steps: int = STEPS
     context: int = CONTEXT
 
     def record(self) -> dict:
         """What config.json keeps about the calibration (enough to redo it)."""
-        return {"method": "gptq (act-order, static groups, error-minimising scales)", "text": self.name,
+        return {"method": _method(self.tune_steps), "text": self.name, "tune_steps": self.tune_steps,
                 "text_sha256": hashlib.sha256(self.text.encode()).hexdigest(), "windows": self.windows,
                 "context": self.context}
+
+
+def _method(tune_steps: int) -> str:
+    gptq = "gptq (act-order, static groups, error-minimising scales)"
+    return gptq + (f", then {tune_steps} steps of block-wise tuning per layer" if tune_steps else "")
 
 
 #: conversations taken from a LLaVA-format calibration file by default (each is one window)
@@ -38,21 +45,31 @@ class CalibrationImages:
     path: Path
     windows: int      # conversations used, at most
     sha256: str
+    tune_steps: int = STEPS
     context: int = CONTEXT  # for the memory estimate: a conversation with its image slots, at most about this
 
     def record(self) -> dict:
-        return {"method": "gptq (act-order, static groups, error-minimising scales)", "data": str(self.path),
+        return {"method": _method(self.tune_steps), "data": str(self.path), "tune_steps": self.tune_steps,
                 "data_sha256": self.sha256, "windows": self.windows, "images": True}
 
 
-def prepare(mode, calibrate, windows: int | None = None) -> CalibrationText | CalibrationImages:
+def prepare(mode, calibrate, windows: int | None = None,
+            tune_steps: int | None = None) -> CalibrationText | CalibrationImages:
     """Check the mode and read the calibration text, before anything slow happens. ``calibrate`` is
     ``True``/``"default"`` for the default text, a text file's path, or a LLaVA-format ``.json``/``.jsonl``
-    file of conversations with images (vision-language models)."""
+    file of conversations with images (vision-language models). ``tune_steps``: block-wise tuning steps
+    per layer after GPTQ (default :data:`pocketvlm.quant.blocktune.STEPS`; 0: GPTQ alone)."""
     check_mode(mode)
     n = None if windows is None else int(windows)
     if n is not None and n < 1:
         raise PackageError(f"--calibration-windows must be at least 1, got {windows}")
+    steps = STEPS if tune_steps is None else int(tune_steps)
+    if steps < 0:
+        raise PackageError(f"--tune-steps must be 0 (GPTQ alone) or more, got {tune_steps}")
+    return replace(_read(calibrate, n), tune_steps=steps)
+
+
+def _read(calibrate, n: int | None) -> CalibrationText | CalibrationImages:
     if calibrate is True or calibrate == "default":
         return CalibrationText(default_text(), "default", WINDOWS if n is None else n)
     path = Path(calibrate).expanduser()
@@ -90,8 +107,8 @@ def available_memory() -> int:
 
 def calibration_bytes(source, mode, text: CalibrationText) -> int:
     """Peak bytes of a calibrated conversion: the float32 model, the quantized copies made as it goes, one
-    forward window (its activations and float32 logits), the recorded layer inputs, and GPTQ's working set
-    (a float32 copy of the largest weight and its Hessian)."""
+    forward window (its activations and float32 logits), the recorded layer inputs, GPTQ's working set
+    (a float32 copy of the largest weight and its Hessian) and the block-wise tuning's."""
     from ..quant import parse_mode
     from .memory import _text_cfg, estimate_memory, meta_model, source_config
 
@@ -110,7 +127,13 @@ def calibration_bytes(source, mode, text: CalibrationText) -> int:
     # padded and the permuted weight, the per-column scales, and the scale search's temporaries (measured
     # on Gemma 3 270M, 262k x 640 table: peak RSS 7.5 GiB, of which ~4.4 GiB above the rest of this sum)
     gptq = 7 * largest * 4 + max(hidden, inter) ** 2 * 4 * 3
-    return fp["total"] + q["weights"] + logits + states + gptq
+    tune = 0
+    if text.tune_steps:  # the float model's stream and its targets; one layer's tunable copies and activations
+        from ..quant.blocktune import BATCH
+
+        states *= 2
+        tune = 6 * (4 * hidden * hidden + 3 * hidden * inter) * 4 + BATCH * text.context * inter * 4 * 8
+    return fp["total"] + q["weights"] + logits + states + gptq + tune
 
 
 def check_memory(source, mode, text: CalibrationText) -> None:
@@ -168,7 +191,8 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
 
     if isinstance(text, CalibrationImages):
         inputs = image_windows(loaded, text)
-        record = calibrate_model(loaded.model, mode, inputs, search=search, progress=progress)
+        record = calibrate_model(loaded.model, mode, inputs, search=search, tune_steps=text.tune_steps,
+                                 progress=progress)
         return record, {**text.record(), "windows": len(inputs)}
     tok = loading.load_tokenizer(loaded)
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
@@ -178,5 +202,6 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
 
         warnings.warn(f"the calibration text gives {windows.shape[0]} windows of {text.context} tokens, "
                       f"fewer than the {text.windows} asked for; calibrating on those", stacklevel=2)
-    record = calibrate_model(loaded.model, mode, windows, search=search, progress=progress)
+    record = calibrate_model(loaded.model, mode, windows, search=search, tune_steps=text.tune_steps,
+                             progress=progress)
     return record, {**text.record(), "windows": int(windows.shape[0])}

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import QuantizationError
 from . import formats
 from .apply import TIED_PREFIX, Skip, _set, module_mode, quantize_module, tied_head
+from .blocktune import Rounded, tune_layer
 from .gptq import gptq_quantize
 from .embedding import QuantEmbedding
 from .linear import quant_linear_from_codes
@@ -168,10 +169,12 @@ def _gptq_linear(lin: nn.Linear, H: torch.Tensor, mode: str, search: bool) -> nn
 
 def calibrate_model(model: nn.Module, mode: str, windows: Windows, *, skip: Skip = None,
                     overrides: Mapping[str, str | None] | None = None, embeddings: bool = True, search: bool = True,
-                    progress: bool = True) -> dict[str, str]:
+                    tune_steps: int = 0, progress: bool = True) -> dict[str, str]:
     """Quantize ``model`` in place like ``quantize_model(model, mode, embeddings=embeddings, search=search)``,
     with GPTQ rounding calibrated on ``windows`` (``[n, context]`` token ids, :func:`calibration_windows`, or
-    a list of the model's inputs per window, e.g. ``{"input_ids", "pixel_values"}``). Returns the same record."""
+    a list of the model's inputs per window, e.g. ``{"input_ids", "pixel_values"}``). Returns the same record.
+    ``tune_steps``: after GPTQ, tune each decoder layer's rounding and scales against the float layer's output
+    for that many steps (:mod:`pocketvlm.quant.blocktune`); 0: GPTQ alone."""
     from tqdm.auto import tqdm
 
     mm = check_mode(mode)
@@ -205,6 +208,7 @@ def calibrate_model(model: nn.Module, mode: str, windows: Windows, *, skip: Skip
     tail = {n: m for n, m in linears.items() if not n.startswith(prefix + ".")}
     with tqdm(total=len(layers) + bool(tail), desc=f"calibrating {mm.name}", unit="layer",
               disable=not progress) as bar, torch.no_grad(), _fast_matmuls(device):
+        xs_fp = list(xs) if tune_steps else None  # the float model's own stream, for the tuning targets
         for i, layer in enumerate(layers):
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
             hs, handles = _hessian_hooks(mine)
@@ -214,8 +218,19 @@ def calibrate_model(model: nn.Module, mode: str, windows: Windows, *, skip: Skip
             finally:
                 for h in handles:
                     h.remove()
+            ys = [layer(x, *args[i][0], **args[i][1]) for x, args in zip(xs_fp, rest)] if tune_steps else None
+            done = {n: gptq_quantize(lin.weight.detach(), hs[n], plan[n], search=search) for n, lin in mine.items()}
+            del hs
+            if tune_steps:
+                cut = len(f"{prefix}.{i}.")
+                tuned = {n[cut:]: Rounded(lin.weight.detach(), *done[n], formats.parse_mode(plan[n]))
+                         for n, lin in mine.items()}
+                before, after = tune_layer(layer, tuned, xs, [args[i] for args in rest], ys, tune_steps, seed=i)
+                bar.set_postfix_str(f"layer {i} error {before:.3g} -> {after:.3g}")
+                done = {n: tuned[n[cut:]].result() for n in mine}
+                xs_fp = ys
             for n, lin in mine.items():
-                _set(model, n, _gptq_linear(lin, hs[n], plan[n], search))
+                _set(model, n, quant_linear_from_codes(lin, plan[n], *done[n]))
                 record[n] = plan[n]
             xs = [layer(x, *args[i][0], **args[i][1]) for x, args in zip(xs, rest)]
             bar.update(1)

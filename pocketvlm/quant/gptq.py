@@ -28,22 +28,27 @@ from .scales import magnitude_weights, search_scales
 DAMP = 0.01
 
 
-def _prepare(W: torch.Tensor, Hp: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ set-up in float32 for padded ``W [out, kp]`` and ``Hp [kp, kp]``: ``W`` (a copy), and the upper
-    Cholesky factor of ``(Hp + damp)^-1``."""
-    W, Hp = W.float().clone(), Hp.float().clone()
-    dead = Hp.diagonal() <= 0  # padding, and inputs that were zero on all calibration tokens: plain rounding
-    Hp[dead, dead] = 1.0
-    Hp.diagonal().add_(damp * Hp.diagonal().mean())
+def _damped(Hp: torch.Tensor, damp: float) -> torch.Tensor:
+    """``Hp`` as GPTQ sees it (float32 copy): inputs that were zero on every calibration token (and the
+    padding) get 1 on the diagonal, so they round plainly; plus the damping."""
+    Hd = Hp.float().clone()
+    dead = Hd.diagonal() <= 0
+    Hd[dead, dead] = 1.0
+    Hd.diagonal().add_(damp * Hd.diagonal().mean())
+    return Hd
+
+
+def _inverse_factor(Hd: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of ``Hd^-1`` (GPTQ's stand-in for the sequence of inverses)."""
+    Hd = Hd.clone()
     for extra in (0.0, 0.1, 1.0):  # more damping if H is too ill-conditioned for float32 Cholesky
         if extra:
-            Hp.diagonal().add_(extra * Hp.diagonal().mean())
-        L, info = torch.linalg.cholesky_ex(Hp)
+            Hd.diagonal().add_(extra * Hd.diagonal().mean())
+        L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info) == 0:
-                return W, U
+                return U
     raise QuantizationError("GPTQ: the calibration Hessian is not positive definite even after damping; "
                             "calibrate on more (or more varied) text")
 
@@ -57,41 +62,14 @@ def _group_scales(W: torch.Tensor, mode: formats.QuantMode, search: bool, hdiag:
     return (wg.abs().amax(-1) / mode.offset).to(mode.torch_scale_dtype)
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, mode: str | formats.QuantMode, *, search: bool = True,
-                  act_order: bool = True, damp: float = DAMP, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ-quantize ``w [out, in]`` with the input Hessian ``H [in, in]`` (``sum x x^T`` over calibration
-    tokens; its scale does not matter). Returns ``(codes uint8 [out, in_padded], scales [out, groups])``
-    exactly as :func:`pocketvlm.quant.formats.quantize` does, for :func:`~pocketvlm.quant.linear.quant_linear_from_codes`.
-
-    ``act_order``: quantize the columns with the largest input energy first (GPTQ's "act-order"), so
-    their errors are the ones compensated by the most other columns. Group scales are then fixed up front
-    from the original weights ("static groups", the file keeps consecutive groups); without it each
-    group's scale is taken when its first column is reached, from the weights updated so far."""
-    mode = formats.parse_mode(mode)
-    if not mode.quantized:
-        raise QuantizationError(f"GPTQ needs a quantized mode; {mode.name} keeps weights in {mode.dtype}")
-    if w.dim() != 2 or H.shape != (w.shape[1], w.shape[1]):
-        raise QuantizationError(f"GPTQ: weight {tuple(w.shape)} and Hessian {tuple(H.shape)} do not match")
+def _round_columns(W: torch.Tensor, U: torch.Tensor, mode: formats.QuantMode, block: int, col_scale=None,
+                   scales=None, search: bool = False, hdiag=None) -> torch.Tensor:
+    """One GPTQ pass over ``W [out, kp]`` (consumed) in its column order: codes ``[out, kp]`` (uint8). With
+    ``col_scale [out, kp]`` each column's step is given; otherwise a group's scale is chosen (and written to
+    ``scales``) when its first column is reached."""
     g = mode.group_size
-    out_f, in_f = w.shape
-    kp = formats.padded_in_features(in_f, g)
-    hdiag = torch.zeros(kp, device=w.device)
-    hdiag[:in_f] = H.diagonal().float().clamp(min=0)
-    W0 = torch.zeros(out_f, kp, device=w.device)
-    W0[:, :in_f] = w.float()
-    Hp = torch.zeros(kp, kp, device=w.device)
-    Hp[:in_f, :in_f] = H.float()
-    perm = None
-    if act_order:
-        perm = torch.argsort(hdiag, descending=True, stable=True)
-        fixed = _group_scales(W0, mode, search, hdiag)  # [out, groups], in file order
-        col_scale = fixed.float().repeat_interleave(g, 1)[:, perm]  # [out, kp], in GPTQ's order
-        W, U = _prepare(W0[:, perm], Hp[perm][:, perm], damp)
-    else:
-        W, U = _prepare(W0, Hp, damp)
-        block = max(g, block // g * g)  # whole groups per block: a group's scale is set from its own columns
-    codes = torch.empty(out_f, kp, dtype=torch.uint8, device=w.device)
-    scales = torch.empty(out_f, kp // g, dtype=mode.torch_scale_dtype, device=w.device)
+    out_f, kp = W.shape
+    codes = torch.empty(out_f, kp, dtype=torch.uint8, device=W.device)
     lo, hi = -mode.offset, mode.max_code - mode.offset
     for b0 in range(0, kp, block):
         b1 = min(b0 + block, kp)
@@ -100,7 +78,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, mode: str | formats.QuantMod
         s = None
         for j in range(b1 - b0):
             col = b0 + j
-            if perm is not None:
+            if col_scale is not None:
                 s = col_scale[:, col]
             elif col % g == 0:  # the group starting here: its scale from its current (updated) weights
                 s16 = _group_scales(W1[:, j:j + g], mode, search, hdiag[col:col + g])
@@ -114,7 +92,47 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, mode: str | formats.QuantMod
             W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
             E1[:, j] = err
         W[:, b1:] -= E1 @ U[b0:b1, b1:]
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-        scales = fixed
-    return codes, scales
+    return codes
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, mode: str | formats.QuantMode, *, search: bool = True,
+                  act_order: bool = True, damp: float = DAMP, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ-quantize ``w [out, in]`` with the input Hessian ``H [in, in]`` (``sum x x^T`` over calibration
+    tokens; its scale does not matter). Returns ``(codes uint8 [out, in_padded], scales [out, groups])``
+    exactly as :func:`pocketvlm.quant.formats.quantize` does, for :func:`~pocketvlm.quant.linear.quant_linear_from_codes`.
+
+    ``act_order``: quantize the columns with the largest input energy first (GPTQ's "act-order"), so
+    their errors are the ones compensated by the most other columns. Group scales are then fixed up front
+    from the original weights ("static groups", the file keeps consecutive groups); without it each
+    group's scale is taken when its first column is reached, from the weights updated so far.
+    Runs in float32 even inside a bf16 autocast forward (calibration's), where its updates ran in bf16
+    before 2026-12-05."""
+    with torch.autocast(w.device.type, enabled=False):  # float32 throughout, even inside a bf16 forward
+        return _gptq(w, H, formats.parse_mode(mode), search, act_order, damp, block)
+
+
+def _gptq(w, H, mode: formats.QuantMode, search: bool, act_order: bool, damp: float, block: int):
+    if not mode.quantized:
+        raise QuantizationError(f"GPTQ needs a quantized mode; {mode.name} keeps weights in {mode.dtype}")
+    if w.dim() != 2 or H.shape != (w.shape[1], w.shape[1]):
+        raise QuantizationError(f"GPTQ: weight {tuple(w.shape)} and Hessian {tuple(H.shape)} do not match")
+    g = mode.group_size
+    out_f, in_f = w.shape
+    kp = formats.padded_in_features(in_f, g)
+    hdiag = torch.zeros(kp, device=w.device)
+    hdiag[:in_f] = H.diagonal().float().clamp(min=0)
+    W0 = torch.zeros(out_f, kp, device=w.device)
+    W0[:, :in_f] = w.float()
+    Hp = torch.zeros(kp, kp, device=w.device)
+    Hp[:in_f, :in_f] = H.float()
+    Hd = _damped(Hp, damp)
+    if not act_order:
+        W, U = W0.clone(), _inverse_factor(Hd)
+        scales = torch.empty(out_f, kp // g, dtype=mode.torch_scale_dtype, device=w.device)
+        codes = _round_columns(W, U, mode, max(g, block // g * g), scales=scales, search=search, hdiag=hdiag)
+        return codes, scales
+    perm = torch.argsort(hdiag, descending=True, stable=True)
+    scales = _group_scales(W0, mode, search, hdiag)  # [out, groups], in file order
+    col_scale = scales.float().repeat_interleave(g, 1)[:, perm]  # [out, kp], in GPTQ's order
+    codes = _round_columns(W0[:, perm], _inverse_factor(Hd[perm][:, perm]), mode, block, col_scale=col_scale)
+    return codes[:, torch.argsort(perm)], scales
