@@ -4,7 +4,7 @@ Weight Rounding via Signed Gradient Descent for the Quantization of LLMs").
 GPTQ rounds each linear for its own output error. After it has rounded the linears of one decoder layer,
 :func:`tune_layer` lets every weight move one level up or down from GPTQ's code and every group's scale
 by up to ``SCALE_SPAN``, chosen by signed gradient descent (straight-through rounding) on the error of the
-*whole layer's* output against the float model's output of that layer on the float model's own inputs So
+*whole layer's* output against the float model's output of that layer on the float model's own inputs. So
 a layer also corrects the drift of the quantized layers before it, and the attention and MLP non-linearities
 are in the loss. The result is the same format: codes and one scale per group.
 """
@@ -82,12 +82,12 @@ def tune_layer(layer: nn.Module, rounded: Mapping[str, Rounded], xs: Sequence[to
     order = random.Random(seed)
     idx = list(range(len(xs)))
 
-    def total(tuned: bool) -> float:
+    def total() -> float:
         with torch.no_grad():
-            params = {f"{n}.weight": (r.weight() if tuned else _gptq_weight(r)) for n, r in rounded.items()}
+            params = {f"{n}.weight": r.weight() for n, r in rounded.items()}
             return sum(float(_loss(layer, params, x, a, y)) for x, a, y in zip(xs, args, ys))
 
-    before = total(False)
+    before = total()  # v = a = 0: GPTQ's rounding
     with torch.enable_grad():
         for t in range(steps):
             order.shuffle(idx)
@@ -96,7 +96,7 @@ def tune_layer(layer: nn.Module, rounded: Mapping[str, Rounded], xs: Sequence[to
                 (_loss(layer, params, xs[k], args[k], ys[k]) / BATCH).backward()
             for r in rounded.values():
                 r.step(lr * (1 - t / steps))
-    after = total(True)
+    after = total()
     if after < before:
         return before / len(xs), after / len(xs)
     for r in rounded.values():  # not better over all windows: back to GPTQ's rounding
@@ -105,8 +105,3 @@ def tune_layer(layer: nn.Module, rounded: Mapping[str, Rounded], xs: Sequence[to
             r.a.zero_()
     return before / len(xs), before / len(xs)
 
-
-def _gptq_weight(r: Rounded) -> torch.Tensor:
-    g = r.mode.group_size
-    q = r.levels(torch.zeros_like(r.v))
-    return (q.view(q.shape[0], -1, g) * r.s0.unsqueeze(-1)).view_as(q)[:, :r.in_f].to(r.dtype)
