@@ -23,7 +23,7 @@ SCALE_SPAN = 0.2
 #: windows per step
 BATCH = 4
 #: steps per layer that ``convert --calibrate`` tunes by default
-STEPS = 50
+STEPS = 100
 
 
 class Rounded:
@@ -91,9 +91,8 @@ def tune_layer(layer: nn.Module, rounded: Mapping[str, Rounded], xs: Sequence[to
     with torch.enable_grad():
         for t in range(steps):
             order.shuffle(idx)
-            for k in idx[:BATCH]:
-                params = {f"{n}.weight": r.weight() for n, r in rounded.items()}
-                (_loss(layer, params, xs[k], args[k], ys[k]) / BATCH).backward()
+            params = {f"{n}.weight": r.weight() for n, r in rounded.items()}  # once per step: it costs a window
+            sum(_loss(layer, params, xs[k], args[k], ys[k]) for k in idx[:BATCH]).backward()
             for r in rounded.values():
                 r.step(lr * (1 - t / steps))
     after = total()
