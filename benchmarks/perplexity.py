@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                          "dequantized weights with a bf16/fp32 GEMM (pocketvlm.quant.paths.PREFILL_INT8_ROWS)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    from pocketvlm.quant.blocktune import STEPS  # for the report
     if args.prefill != "auto":
         from pocketvlm.quant import paths
         paths.PREFILL_INT8_ROWS = (paths.PREFILL_INT8_MIN_ROWS, 1 << 62) if args.prefill == "int8" else (0, 0)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
   * `MODE`: MLC's round-to-nearest, `scale = max|w| / offset` (what `pocketvlm.load(path, quantization=MODE)` does);
   * `MODE+search`: error-minimising group scales (`pocketvlm convert`'s default);
   * `MODE+gptq`: GPTQ rounding calibrated on the default text (`pocketvlm convert --calibrate --tune-steps 0`),
-    64 windows of 512; `MODE+tune`: the same, then 50 steps of block-wise tuning per layer (`convert --calibrate`);
+    64 windows of 512; `MODE+tune`: the same, then {STEPS} steps of block-wise tuning per layer (`convert --calibrate`);
   * `MODE:decoder` (diagnostic): RTN on the decoder's linears only; embedding and LM head fp32.
   All of them write the same format (codes + one fp16 scale per group), so size and speed do not change.
 * llama.cpp rows: `llama-perplexity` on the Q4_K_M file itself and on a Q4_0 file of the same bits

@@ -160,7 +160,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     Python; ``calibration_windows`` windows of 512 tokens from its start (default 64). For a vision-language
     model, ``calibrate`` may be a LLaVA-format ``.json``/``.jsonl`` of conversations with images
     (``calibration_windows``: conversations, default 128). ``tune_steps``: after GPTQ, steps of block-wise
-    tuning of each decoder layer (:mod:`pocketvlm.quant.blocktune`; default 50, 0 for GPTQ alone). ``mmproj``: with a
+    tuning of each decoder layer (:mod:`pocketvlm.quant.blocktune`; default its ``STEPS``, 0 for GPTQ alone). ``mmproj``: with a
     ``.gguf`` source, llama.cpp's vision file that makes it a VLM (:mod:`pocketvlm.loading.mmproj`)."""
     mode = _mode(quantization)  # unknown names fail here, before anything is loaded or written
     if scales not in ("search", "rtn"):
