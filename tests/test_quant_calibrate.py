@@ -133,6 +133,20 @@ def test_gptq_runs_in_float32_inside_a_bf16_forward():
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_in_row_slices_equals_all_rows_at_once(act_order, monkeypatch):
+    """A tall weight (an LM head) is rounded a slice of rows at a time to bound GPTQ's memory: the codes and
+    scales are exactly those of one pass over all rows (rows are independent given the Hessian)."""
+    from pocketvlm.quant import gptq
+
+    w, X = _layer(6, out_f=100, in_f=80)
+    H = X.t() @ X
+    whole = gptq_quantize(w, H, "q4f16_1", act_order=act_order)
+    monkeypatch.setattr(gptq, "ROWS", 7)  # 15 slices, the last one short
+    sliced = gptq_quantize(w, H, "q4f16_1", act_order=act_order)
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
+
+
 @pytest.mark.parametrize("how", ["search", "gptq"])
 def test_8bit_codes_fit_int8(how):
     """8-bit codes are held as signed int8 (code - 127): a searched (smaller) scale or GPTQ's compensation must not

@@ -108,7 +108,7 @@ def available_memory() -> int:
 def calibration_bytes(source, mode, text: CalibrationText) -> int:
     """Peak bytes of a calibrated conversion: the float32 model, the quantized copies made as it goes, one
     forward window (its activations and float32 logits), the recorded layer inputs, GPTQ's working set
-    (a float32 copy of the largest weight and its Hessian) and the block-wise tuning's."""
+    (on the largest weight, a slice of rows at a time) and the block-wise tuning's."""
     from ..quant import parse_mode
     from .memory import _text_cfg, estimate_memory, meta_model, source_config
 
@@ -120,13 +120,17 @@ def calibration_bytes(source, mode, text: CalibrationText) -> int:
     t = _text_cfg(cfg)
     hidden, vocab = t.hidden_size, t.vocab_size
     inter = getattr(t, "intermediate_size", 4 * hidden) or 4 * hidden
-    largest = max(vocab * hidden, inter * hidden)
     logits = 3 * text.context * vocab * 4
     states = 2 * text.windows * text.context * hidden * 4
-    # GPTQ on the largest weight (the LM head / tied table) holds ~7 float32 copies of it at once: the
-    # padded and the permuted weight, the per-column scales, and the scale search's temporaries (measured
-    # on Gemma 3 270M, 262k x 640 table: peak RSS 7.5 GiB, of which ~4.4 GiB above the rest of this sum)
-    gptq = 7 * largest * 4 + max(hidden, inter) ** 2 * 4 * 3
+    # GPTQ on the largest weight (the LM head / tied table): its uint8 codes, and ~12 float32 copies of the
+    # slice of rows it rounds at once (padded and permuted weight, column scales, the scale search's
+    # temporaries; measured 2026-12-05 on Qwen's 151937 x 896 head: 0.74 GiB above the weight itself, where
+    # the whole table at once took 4.36 GiB), plus copies of the Hessian
+    from ..quant.gptq import ROWS
+
+    shapes = [(vocab, hidden), (inter, hidden), (hidden, inter)]
+    gptq = (max(r * c for r, c in shapes) + 12 * max(min(r, ROWS) * c for r, c in shapes) * 4
+            + max(hidden, inter) ** 2 * 4 * 5)
     tune = 0
     if text.tune_steps:  # the float model's stream and its targets; one layer's tunable copies and activations
         from ..quant.blocktune import BATCH
