@@ -10,15 +10,12 @@ index (A-E). Charts from training seed 4 (not the eval seed 1); trained on the f
 import argparse
 import time
 
-import numpy as np
 import torch
-from transformers import Dinov2Model
 
-from pocketvlm.real_models import dinov2_vits14_path
+from pocketvlm.image import preprocess
+from pocketvlm.real_models import scenes_vlm_path
 from pocketvlm.scenes import make_scene
-
-SIZE, LAYERS = 168, (-7, -1)
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+from pocketvlm.train.loop import load_base
 
 
 def charts(n, seed=4):
@@ -33,13 +30,12 @@ def charts(n, seed=4):
 
 @torch.no_grad()
 def features(scenes, batch=32):
-    tower = Dinov2Model.from_pretrained(str(dinov2_vits14_path())).eval()
+    """What the projector of pocketvlm-scenes receives: its own preprocessing and selected tower layers."""
+    loaded, _, proc = load_base(scenes_vlm_path())
     feats = []
     for b in range(0, len(scenes), batch):
-        x = torch.stack([torch.from_numpy(np.asarray(s.image.convert("RGB").resize((SIZE, SIZE), 3), np.float32)
-                                          / 255).permute(2, 0, 1) for s in scenes[b:b + batch]])
-        hs = tower(pixel_values=(x - MEAN) / STD, output_hidden_states=True).hidden_states
-        feats.append(torch.cat([hs[i][:, 1:] for i in LAYERS], -1))
+        pix = torch.cat([preprocess(s.image, proc).pixel_values for s in scenes[b:b + batch]])
+        feats.append(loaded.model.image_hidden_states(pix).float())
     f = torch.cat(feats)
     return (f - f.mean((0, 1))) / (f.std((0, 1)) + 1e-5)
 
