@@ -168,6 +168,38 @@ def test_charts_answer_what_is_drawn(scenes):
         assert answers["count"] == str(len(s.bars)) and 3 <= len(s.bars) <= 5
 
 
+def test_bars_drill_names_bars_by_letter_and_leaves_the_scene_alone(scenes, tmp_path):
+    from pocketvlm.scenes.dataset import _keep
+    charts = of_kind(scenes, "chart")[:40]
+    kinds = Counter()
+    for s in charts:
+        kept = _keep(s, {"chart": 1.0, "bars": 1.0})
+        assert [q.question for q in kept.qa[:3]] == [q.question for q in s.qa]   # the scene's own questions
+        drill = [q for q in kept.qa if q.type == "bars"]
+        by = {b.label: b for b in s.bars}
+        heights = sorted(s.bars, key=lambda b: -b.height)
+        assert Counter(q.answer for q in drill if q.answer_kind == "yesno") == {"yes": 1, "no": 1}
+        for q in drill:
+            kinds[q.meta["asks"]] += 1
+            if q.meta["asks"] == "second":
+                assert q.answer == heights[1].label
+            elif q.meta["asks"] == "which":
+                assert by[q.answer].colour == q.meta["colour"] and q.meta["colour"] in q.question
+            elif q.meta["asks"] == "colour":
+                assert q.answer == by[q.meta["label"]].colour and f"bar {q.meta['label']}" in q.question
+            else:
+                a, b = by[q.meta["a"]], by[q.meta["b"]]
+                truth = a.height > b.height if q.meta["asks"] == "taller" else a.height < b.height
+                assert (q.answer == "yes") == truth and f"bar {a.label}" in q.question
+    assert set(kinds) == {"second", "which", "colour", "taller", "shorter"}
+    assert all(q.type != "bars" for s in scenes for q in s.qa)   # never in the scenes themselves (eval)
+    plain = write_dataset(tmp_path / "plain", 30, seed=2, types="chart", progress=False)
+    drill = write_dataset(tmp_path / "drill", 30, seed=2, types="chart,bars:0.5", progress=False)
+    assert drill["types"]["chart"] == plain["types"]["chart"] and 0 < drill["types"]["bars"]
+    with pytest.raises(PocketVLMError, match="unknown question type"):
+        write_eval(tmp_path / "ev", per_type=1, types=["bars"], progress=False)
+
+
 def check_conversation(sample, out: Path):
     assert set(sample) == {"id", "image", "conversations"}
     assert (out / sample["image"]).is_file()

@@ -11,7 +11,8 @@ def register_cli(sub) -> None:
     p.add_argument("--count", type=int, default=6000, help="training scenes to write (default 6000)")
     p.add_argument("--per-type", type=int, default=200, help="--eval: questions per question type (default 200)")
     p.add_argument("--types", default=None, help="comma-separated question types (default: all); for training "
-                   "data a type may keep a fraction of its questions, e.g. count,chart,shape:0.25")
+                   "data a type may keep a fraction of its questions, e.g. count,chart,shape:0.25; training data may add "
+                   "bars, questions naming bars by letter (is bar B taller than bar D?), never evaluated")
     p.add_argument("--seed", type=int, default=None, help="scene seed (default: 0 for training, 1 for --eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_scenes)

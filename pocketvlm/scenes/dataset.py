@@ -187,8 +187,9 @@ def type_fractions(spec) -> dict[str, float]:
             f = float(frac) if frac else 1.0
         except ValueError:
             f = -1.0
-        if name not in Q.QUESTION_TYPES:
-            raise PocketVLMError(f"unknown question type {name!r}; choose from {', '.join(Q.QUESTION_TYPES)}")
+        if name not in Q.QUESTION_TYPES + Q.DRILL_TYPES:
+            raise PocketVLMError(f"unknown question type {name!r}; choose from "
+                                 f"{', '.join(Q.QUESTION_TYPES + Q.DRILL_TYPES)}")
         if not 0.0 < f <= 1.0:
             raise PocketVLMError(f"question type {item!r}: the fraction after ':' must be in (0, 1]")
         out[name] = f
@@ -202,6 +203,9 @@ def _keep(scene: Scene, fractions: dict[str, float] | None) -> Scene:
         return scene
     rng = random.Random(f"{scene.seed}:{scene.index}:keep")
     qa = [q for q in scene.qa if rng.random() < fractions.get(q.type, 0.0)]
+    if "bars" in fractions and scene.kind == "chart":   # drawn from their own stream: the scene stays the same
+        drill = Q.bar_questions(random.Random(f"{scene.seed}:{scene.index}:bars"), scene.bars)
+        qa += [q for q in drill if rng.random() < fractions["bars"]]
     return replace(scene, qa=qa)
 
 
@@ -210,7 +214,7 @@ def write_dataset(out_dir, count: int, seed: int = 0, *, types=None, progress: b
 
     ``types`` (see ``type_fractions``) keeps only those question types in ``instruct.json``, each a
     fraction of the time (chosen per question from the scene's seed); scenes left without a question
-    have a caption only."""
+    have a caption only. Only a ``types`` that names it adds the training-only ``bars`` drill."""
     if count < 1:
         raise PocketVLMError(f"count must be at least 1, got {count}")
     fractions = None if types is None else type_fractions(types)

@@ -14,6 +14,10 @@ chart       tallest / shortest bar (capital letter), bar count     word/number
 yesno       is there a <colour> <shape>? (balanced)                yesno
 ==========  =====================================================  ===========
 
+Training data may add ``bars`` (:data:`DRILL_TYPES`; never evaluated): questions that name a bar by its
+letter (which bar is red, what colour is bar C, is bar B taller than bar D, which bar is the second
+tallest), so the letter under each bar is tied to the bar's position and height.
+
 ``QA.answer`` is the canonical answer used by evaluation: lowercase ("red", "left", "yes", "apple"),
 digits ("3", "42"), except bar labels which stay capital letters ("C") as written in the chart
 (compare case-insensitively). Training conversations show :func:`chat_answer`: the same with its
@@ -29,6 +33,7 @@ from .render import COLOURS, SHAPES, Bar, Background, Obj, TextItem
 
 ANSWER_SUFFIX = "\nAnswer with a single word or number."
 QUESTION_TYPES = ("colour", "shape", "count", "relation", "word", "chart", "yesno")
+DRILL_TYPES = ("bars",)
 COUNT_CHOICES = [str(i) for i in range(1, 7)]
 NUMBER_CHOICES = [str(i) for i in range(100)]
 
@@ -66,6 +71,11 @@ TALLEST_Q = ("Which bar is the tallest?", "Which bar is the highest?", "Which la
              "Which bar has the largest value?")
 SHORTEST_Q = ("Which bar is the shortest?", "Which bar is the lowest?", "Which label has the shortest bar?",
               "Which bar has the smallest value?")
+WHICH_BAR_Q = ("Which bar is {colour}?", "Which label has the {colour} bar?", "What is the label of the {colour} bar?")
+BAR_COLOUR_Q = ("What colour is bar {a}?", "What is the colour of bar {a}?", "Which colour does bar {a} have?")
+TALLER_Q = ("Is bar {a} taller than bar {b}?", "Is bar {a} higher than bar {b}?")
+SHORTER_Q = ("Is bar {a} shorter than bar {b}?", "Is bar {a} lower than bar {b}?")
+SECOND_Q = ("Which bar is the second tallest?", "Which bar has the second largest value?")
 BARS_Q = ("How many bars are in the chart?", "How many bars does the chart have?", "Count the bars in the chart.")
 YESNO_Q = ("Is there a {colour} {shape} in the picture?", "Does the image contain a {colour} {shape}?",
            "Can you see a {colour} {shape}?")
@@ -194,6 +204,28 @@ def chart_questions(rng: random.Random, bars: list[Bar]) -> list[QA]:
     return [QA(rng.choice(TALLEST_Q), tall.label, "chart", "word", labels, {"asks": "tallest"}),
             QA(rng.choice(SHORTEST_Q), short.label, "chart", "word", labels, {"asks": "shortest"}),
             QA(rng.choice(BARS_Q), str(len(bars)), "chart", "number", list(COUNT_CHOICES), {"asks": "count"})]
+
+
+def bar_questions(rng: random.Random, bars: list[Bar]) -> list[QA]:
+    """The ``bars`` drill: questions that name bars by letter (for training only, see DRILL_TYPES)."""
+    labels = [b.label for b in bars]
+    by_height = sorted(bars, key=lambda b: -b.height)
+    out = [QA(rng.choice(SECOND_Q), by_height[1].label, "bars", "word", labels, {"asks": "second"})]
+    if len({b.colour for b in bars}) == len(bars):          # one colour per bar: name a bar by its colour
+        a, b = rng.sample(bars, 2)
+        out.append(QA(rng.choice(WHICH_BAR_Q).format(colour=a.colour), a.label, "bars", "word", labels,
+                      {"asks": "which", "colour": a.colour}))
+        out.append(QA(rng.choice(BAR_COLOUR_Q).format(a=b.label), b.colour, "bars", "word", list(COLOURS),
+                      {"asks": "colour", "label": b.label}))
+    for want in rng.sample(("yes", "no"), 2):                # one yes and one no comparison
+        a, b = rng.sample(bars, 2)
+        taller = rng.random() < 0.5
+        if (want == "yes") != ((a.height > b.height) == taller):
+            a, b = b, a
+        q = rng.choice(TALLER_Q if taller else SHORTER_Q).format(a=a.label, b=b.label)
+        out.append(QA(q, want, "bars", "yesno", ["yes", "no"], {"asks": "taller" if taller else "shorter",
+                                                                   "a": a.label, "b": b.label}))
+    return out
 
 
 # --- captions -----------------------------------------------------------------------------------------
