@@ -1,12 +1,15 @@
 """Do the frozen DINOv2 features of pocketvlm-scenes (ViT-S/14 at 168 px, layers -7 and -1) hold which bar of a
-generated chart is the tallest / shortest? The trained model names that bar at prior level (README), so this
+generated chart is the tallest / shortest (``--task chart``), or which word or number a text scene shows
+(``--task word``)? The trained model names that bar at prior level and reads at blind level (README), so this
 asks whether the tower or the training is the limit.
 
     python benchmarks/chart_probe.py [--charts 1600] [--test 300]
+    python benchmarks/chart_probe.py --task word [--charts 4000] [--test 500]
 
 The probe is one attention pooling: a learned score per patch (its features plus a learned position bias),
 softmax over the 144 patches, then a linear map of the pooled features and the attention map to the bar
-index (A-E). Charts from training seed 4 (not the eval seed 1); trained on the first ones, scored on the rest."""
+index (A-E), or to the word (one class per word or number seen). Scenes from training seed 4 (not the eval seed 1);
+trained on the first ones, scored on the rest."""
 import argparse
 import time
 
@@ -18,12 +21,12 @@ from pocketvlm.scenes import make_scene
 from pocketvlm.train.loop import load_base
 
 
-def charts(n, seed=4):
+def charts(n, seed=4, kind="chart"):
     out, i = [], 0
     while len(out) < n:
         s = make_scene(seed, i)
         i += 1
-        if s.kind == "chart":
+        if s.kind == kind:
             out.append(s)
     return out
 
@@ -40,10 +43,10 @@ def features(scenes, batch=32):
     return (f - f.mean((0, 1))) / (f.std((0, 1)) + 1e-5)
 
 
-def probe(f, y, n_train, steps=400):
+def probe(f, y, n_train, steps=400, classes=5):
     torch.manual_seed(0)
     p, d = f.shape[1:]
-    pos, score, head = torch.nn.Parameter(torch.zeros(p)), torch.nn.Linear(d, 1), torch.nn.Linear(d + p, 5)
+    pos, score, head = torch.nn.Parameter(torch.zeros(p)), torch.nn.Linear(d, 1), torch.nn.Linear(d + p, classes)
     opt = torch.optim.Adam([pos, *score.parameters(), *head.parameters()], lr=3e-3, weight_decay=1e-4)
 
     def forward(x):
@@ -62,19 +65,29 @@ def probe(f, y, n_train, steps=400):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--charts", type=int, default=1600)
-    ap.add_argument("--test", type=int, default=300)
+    ap.add_argument("--task", choices=("chart", "word"), default="chart")
+    ap.add_argument("--charts", type=int, default=None, help="scenes (default 1600 charts, 4000 text scenes)")
+    ap.add_argument("--test", type=int, default=None, help="held-out scenes (default 300 charts, 500 text scenes)")
     a = ap.parse_args()
     t0 = time.time()
-    scenes = charts(a.charts)
+    n = a.charts or (1600 if a.task == "chart" else 4000)
+    n_train = n - (a.test or (300 if a.task == "chart" else 500))
+    scenes = charts(n, kind="chart" if a.task == "chart" else "text")
     f = features(scenes)
-    n_train = a.charts - a.test
+    if a.task == "word":
+        vocab = sorted({s.text.answer for s in scenes})
+        y = torch.tensor([vocab.index(s.text.answer) for s in scenes])
+        prior = (y[n_train:] == torch.bincount(y[:n_train], minlength=len(vocab)).argmax()).float().mean().item()
+        print(f"word: probe {100 * probe(f, y, n_train, steps=1500, classes=len(vocab)):.1f}% of {n - n_train} "
+              f"held-out text scenes, {len(vocab)} words and numbers (most frequent {100 * prior:.1f}%)")
+        print(f"{n} text scenes, {time.time() - t0:.0f} s")
+        return
     for name, pick in (("tallest", max), ("shortest", min)):
         y = torch.tensor([pick(range(len(s.bars)), key=lambda k, s=s: s.bars[k].height) for s in scenes])
         prior = (y[n_train:] == torch.bincount(y[:n_train], minlength=5).argmax()).float().mean().item()
-        print(f"{name}: probe {100 * probe(f, y, n_train):.1f}% of {a.test} held-out charts "
+        print(f"{name}: probe {100 * probe(f, y, n_train):.1f}% of {n - n_train} held-out charts "
               f"(most frequent letter {100 * prior:.1f}%)")
-    print(f"{a.charts} charts, {time.time() - t0:.0f} s")
+    print(f"{n} charts, {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -269,12 +269,17 @@ def test_convert_calibrated_package(tiny_hf, tmp_path):
                    tune_steps=0)
     g = json.loads((gptq / "config.json").read_text())["quantization"]["calibration"]
     assert g["tune_steps"] == 0 and "tuning" not in g["method"]
+    e2e = convert(tiny_hf, "q4f16_1", tmp_path / "e2e", progress=False, calibrate=str(text), calibration_windows=4,
+                  tune_steps=0, e2e_steps=3)
+    e = json.loads((e2e / "config.json").read_text())["quantization"]["calibration"]
+    assert e["e2e_steps"] == 3 and e["method"].endswith("then 3 steps of end-to-end scale tuning")
+    assert load_package(e2e, verify=True).model.state_dict().keys() == a.state_dict().keys()
     plain = load_package(convert(tiny_hf, "q4f16_1", tmp_path / "plain", progress=False)).model
     assert a.state_dict().keys() == plain.state_dict().keys()  # the same format as an uncalibrated package
     assert any(not torch.equal(a.state_dict()[k], plain.state_dict()[k]) for k in a.state_dict())
 
 
-@pytest.mark.parametrize("case", ["empty", "short", "missing", "binary", "q0", "windows", "tune"])
+@pytest.mark.parametrize("case", ["empty", "short", "missing", "binary", "q0", "windows", "tune", "e2e"])
 def test_convert_calibration_bad_input_fails_before_loading(tiny_hf, tmp_path, monkeypatch, case):
     from pocketvlm import loading
     from pocketvlm.errors import PackageError
@@ -301,9 +306,12 @@ def test_convert_calibration_bad_input_fails_before_loading(tiny_hf, tmp_path, m
     elif case == "windows":
         f.write_text("x " * 1000)
         kw, match = {"calibration_windows": 0}, "at least 1"
-    else:
+    elif case == "tune":
         f.write_text("x " * 1000)
         kw, match = {"tune_steps": -1}, "--tune-steps must be 0"
+    else:
+        f.write_text("x " * 1000)
+        kw, match = {"e2e_steps": -2}, "--e2e-steps must be 0"
     with pytest.raises((PackageError, QuantizationError), match=match):
         convert(tiny_hf, mode, tmp_path / "out", progress=False, calibrate=str(f), **kw)
     assert not (tmp_path / "out").exists()
@@ -316,6 +324,7 @@ def test_convert_calibration_too_big_for_memory(tiny_hf, tmp_path, monkeypatch):
 
     need = calibration.calibration_bytes(tiny_hf, "q4f16_1", calibration.prepare("q4f16_1", True))
     assert need > 0
+    assert calibration.calibration_bytes(tiny_hf, "q4f16_1", calibration.prepare("q4f16_1", True, e2e_steps=8)) >= need
     monkeypatch.setattr(calibration, "available_memory", lambda: need - 1)
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model before checking"))
     with pytest.raises(PackageError, match=r"needs about .* GiB .* available"):
@@ -467,3 +476,70 @@ def test_block_tuning_never_makes_a_layer_worse():
     assert after == before
     for n, r in rounded.items():
         assert all(torch.equal(a, b) for a, b in zip(r.result(), start[n]))
+
+
+@pytest.fixture(scope="module")
+def e2e_case(tiny_lm):
+    """The tiny model quantized with searched scales, its calibration windows and the float teacher."""
+    import copy
+
+    from pocketvlm.quant.calibrate import _inputs
+    from pocketvlm.quant.e2etune import teacher_targets
+
+    ids = torch.tensor(tiny_lm.tokenizer.encode(default_text()[:20000]))
+    windows = _inputs(calibration_windows(ids[:1536], context=96, windows=16))
+    targets = teacher_targets(tiny_lm.model, windows)
+    q = copy.deepcopy(tiny_lm.model)
+    quantize_model(q, "q4f16_1", embeddings=True, search=True)
+    return q, windows, targets, ids[1536:1536 + 256][None]
+
+
+def test_end_to_end_scale_tuning_lowers_the_kl_and_keeps_codes_and_format(tiny_lm, e2e_case):
+    import copy
+
+    from pocketvlm.quant.e2etune import HOLD_OUT, SPAN, _tunable, kl_topk, teacher_targets, tune_scales
+
+    q0, windows, targets, held_text = e2e_case
+    q = copy.deepcopy(q0)
+    tuned = _tunable(q)
+    assert set(tuned) == {n for n, m in q.named_modules() if n.startswith("model.layers.") and hasattr(m, "scales")}
+    start = {n: (m._codes_now().clone(), m.scales.clone()) for n, m in tuned.items()}
+    sd0 = {k: (v.shape, v.dtype) for k, v in q.state_dict().items()}
+    with torch.no_grad():  # the sparse KL against the full one: exact with every token, a lower bound with the top k
+        lq, lp = torch.log_softmax(q(**windows[0])[0], -1), torch.log_softmax(tiny_lm.model(**windows[0])[0], -1)
+        full = float((lp.exp() * (lp - lq)).sum(-1).mean())
+        every = teacher_targets(tiny_lm.model, windows[:1], topk=lp.shape[-1])[0]
+        assert float(kl_topk(q(**windows[0])[0], lp, every[1].new_tensor(range(lp.shape[-1])).expand_as(lp))) \
+            == pytest.approx(full, rel=1e-4)
+        assert float(kl_topk(q(**windows[0])[0], *every)) == pytest.approx(full, rel=1e-3)
+        assert 0.3 * full < float(kl_topk(q(**windows[0])[0], *targets[0])) <= full * 1.001
+    before, after = tune_scales(q, windows, targets, steps=28, lr=5e-3, progress=False)
+    assert after < 0.9 * before
+    for n, m in _tunable(q).items():
+        codes, scales = m._codes_now(), m.scales
+        assert torch.equal(codes, start[n][0]) and scales.dtype == start[n][1].dtype
+        assert ((scales.float() / start[n][1].float() - 1).abs() <= SPAN + 1e-3).all()
+    assert {k: (v.shape, v.dtype) for k, v in q.state_dict().items()} == sd0
+    assert q.lm_head._embedding is q.model.embed_tokens  # the tied head is left as it was, still one table
+    # measured independently, on text neither trained on nor held out
+    assert _kl(tiny_lm.model, q, held_text) < 0.9 * _kl(tiny_lm.model, q0, held_text)
+    # the held-out windows are every HOLD_OUT-th: measured again with the model as it now is (its own kernels,
+    # int8 activations in the prefill GEMM, where the tuning multiplied dense float weights)
+    held = [k for k in range(len(windows)) if k % HOLD_OUT == HOLD_OUT - 1]
+    with torch.no_grad():
+        again = sum(float(kl_topk(q(**windows[k])[0], *targets[k])) for k in held) / len(held)
+        was = sum(float(kl_topk(q0(**windows[k])[0], *targets[k])) for k in held) / len(held)
+    assert again == pytest.approx(after, rel=0.03) and was == pytest.approx(before, rel=0.03) and again < 0.9 * was
+
+
+def test_end_to_end_scale_tuning_never_makes_the_model_worse(e2e_case):
+    """A learning rate far too high: the held-out windows say no, and every scale stays as it was."""
+    import copy
+
+    from pocketvlm.quant.e2etune import _tunable, tune_scales
+
+    q = copy.deepcopy(e2e_case[0])
+    start = {n: m.scales.clone() for n, m in _tunable(q).items()}
+    before, after = tune_scales(q, e2e_case[1], e2e_case[2], steps=4, lr=1.0, progress=False)
+    assert after == before
+    assert all(torch.equal(m.scales, start[n]) for n, m in _tunable(q).items())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import PackageError
 from ..quant.blocktune import STEPS
+from ..quant.e2etune import STEPS as E2E_STEPS
 from ..quant.calibrate import CONTEXT, WINDOWS, check_mode, default_text
 
 
@@ -19,18 +20,20 @@ class CalibrationText:
     name: str  # the file, or "default" (Python's pydoc_data topics)
     windows: int
     tune_steps: int = STEPS
+    e2e_steps: int = E2E_STEPS
     context: int = CONTEXT
 
     def record(self) -> dict:
         """What config.json keeps about the calibration (enough to redo it)."""
-        return {"method": _method(self.tune_steps), "text": self.name, "tune_steps": self.tune_steps,
-                "text_sha256": hashlib.sha256(self.text.encode()).hexdigest(), "windows": self.windows,
+        return {"method": _method(self.tune_steps, self.e2e_steps), "text": self.name, "tune_steps": self.tune_steps,
+                "e2e_steps": self.e2e_steps, "text_sha256": hashlib.sha256(self.text.encode()).hexdigest(), "windows": self.windows,
                 "context": self.context}
 
 
-def _method(tune_steps: int) -> str:
+def _method(tune_steps: int, e2e_steps: int = 0) -> str:
     gptq = "gptq (act-order, static groups, error-minimising scales)"
-    return gptq + (f", then {tune_steps} steps of block-wise tuning per layer" if tune_steps else "")
+    return (gptq + (f", then {tune_steps} steps of block-wise tuning per layer" if tune_steps else "")
+            + (f", then {e2e_steps} steps of end-to-end scale tuning" if e2e_steps else ""))
 
 
 #: conversations taken from a LLaVA-format calibration file by default (each is one window)
@@ -46,19 +49,22 @@ class CalibrationImages:
     windows: int      # conversations used, at most
     sha256: str
     tune_steps: int = STEPS
+    e2e_steps: int = E2E_STEPS
     context: int = CONTEXT  # for the memory estimate: a conversation with its image slots, at most about this
 
     def record(self) -> dict:
-        return {"method": _method(self.tune_steps), "data": str(self.path), "tune_steps": self.tune_steps,
+        return {"method": _method(self.tune_steps, self.e2e_steps), "data": str(self.path),
+                "tune_steps": self.tune_steps, "e2e_steps": self.e2e_steps,
                 "data_sha256": self.sha256, "windows": self.windows, "images": True}
 
 
-def prepare(mode, calibrate, windows: int | None = None,
-            tune_steps: int | None = None) -> CalibrationText | CalibrationImages:
+def prepare(mode, calibrate, windows: int | None = None, tune_steps: int | None = None,
+            e2e_steps: int | None = None) -> CalibrationText | CalibrationImages:
     """Check the mode and read the calibration text, before anything slow happens. ``calibrate`` is
     ``True``/``"default"`` for the default text, a text file's path, or a LLaVA-format ``.json``/``.jsonl``
     file of conversations with images (vision-language models). ``tune_steps``: block-wise tuning steps
-    per layer after GPTQ (default :data:`pocketvlm.quant.blocktune.STEPS`; 0: GPTQ alone)."""
+    per layer after GPTQ (default :data:`pocketvlm.quant.blocktune.STEPS`; 0: GPTQ alone); ``e2e_steps``: then
+    steps of end-to-end scale tuning (default :data:`pocketvlm.quant.e2etune.STEPS`; 0: none)."""
     check_mode(mode)
     n = None if windows is None else int(windows)
     if n is not None and n < 1:
@@ -66,7 +72,10 @@ def prepare(mode, calibrate, windows: int | None = None,
     steps = STEPS if tune_steps is None else int(tune_steps)
     if steps < 0:
         raise PackageError(f"--tune-steps must be 0 (GPTQ alone) or more, got {tune_steps}")
-    return replace(_read(calibrate, n), tune_steps=steps)
+    e2e = E2E_STEPS if e2e_steps is None else int(e2e_steps)
+    if e2e < 0:
+        raise PackageError(f"--e2e-steps must be 0 (none) or more, got {e2e_steps}")
+    return replace(_read(calibrate, n), tune_steps=steps, e2e_steps=e2e)
 
 
 def _read(calibrate, n: int | None) -> CalibrationText | CalibrationImages:
@@ -108,7 +117,8 @@ def available_memory() -> int:
 def calibration_bytes(source, mode, text: CalibrationText) -> int:
     """Peak bytes of a calibrated conversion: the float32 model, the quantized copies made as it goes, one
     forward window (its activations and float32 logits), the recorded layer inputs, GPTQ's working set
-    (on the largest weight, a slice of rows at a time) and the block-wise tuning's."""
+    (on the largest weight, a slice of rows at a time) and the block-wise tuning's; with end-to-end tuning,
+    whichever is larger of that and its working set (every weight dense, with the logits' gradients)."""
     from ..quant import parse_mode
     from .memory import _text_cfg, estimate_memory, meta_model, source_config
 
@@ -137,7 +147,10 @@ def calibration_bytes(source, mode, text: CalibrationText) -> int:
 
         states *= 2
         tune = 6 * (4 * hidden * hidden + 3 * hidden * inter) * 4 + BATCH * text.context * inter * 4 * 8
-    return fp["total"] + q["weights"] + logits + states + gptq + tune
+    e2e = 0
+    if text.e2e_steps:  # every linear as levels, a float32 and a bf16 weight kept for the backward; the logits' grads
+        e2e = fp["weights"] // 4 * 7 + 4 * text.context * vocab * 4
+    return fp["total"] + q["weights"] + max(logits + states + gptq + tune, e2e)
 
 
 def check_memory(source, mode, text: CalibrationText) -> None:
@@ -196,7 +209,7 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
     if isinstance(text, CalibrationImages):
         inputs = image_windows(loaded, text)
         record = calibrate_model(loaded.model, mode, inputs, search=search, tune_steps=text.tune_steps,
-                                 progress=progress)
+                                 e2e_steps=text.e2e_steps, progress=progress)
         return record, {**text.record(), "windows": len(inputs)}
     tok = loading.load_tokenizer(loaded)
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
@@ -207,5 +220,5 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
         warnings.warn(f"the calibration text gives {windows.shape[0]} windows of {text.context} tokens, "
                       f"fewer than the {text.windows} asked for; calibrating on those", stacklevel=2)
     record = calibrate_model(loaded.model, mode, windows, search=search, tune_steps=text.tune_steps,
-                             progress=progress)
+                             e2e_steps=text.e2e_steps, progress=progress)
     return record, {**text.record(), "windows": int(windows.shape[0])}

@@ -32,6 +32,9 @@ def register_cli(sub) -> None:
     p.add_argument("--tune-steps", type=int, default=None,
                    help="with --calibrate: steps of block-wise tuning of each layer's rounding after GPTQ "
                         "(default 100; 0 = GPTQ alone, about 4x faster)")
+    p.add_argument("--e2e-steps", type=int, default=None,
+                   help="with --calibrate: then steps (one window each) of tuning every group scale against the "
+                        "float model's next-token distribution (0 = none)")
     p.add_argument("--mmproj", default=None, help="llama.cpp mmproj file that makes a .gguf source a VLM")
     p.set_defaults(fn=cmd_convert)
 
@@ -62,7 +65,7 @@ def cmd_convert(a) -> int:
     out = convert(a.source, a.quantization, a.output, overwrite=a.overwrite, dtype=a.dtype,
                   context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
                   scales=a.scales, calibrate=a.calibrate, calibration_windows=a.calibration_windows,
-                  tune_steps=a.tune_steps, mmproj=a.mmproj)
+                  tune_steps=a.tune_steps, e2e_steps=a.e2e_steps, mmproj=a.mmproj)
     m = read_manifest(out)
     p = m["parameters"]
     print(f"wrote {out}: {m['quantization']}, {p['total'] / 1e6:.1f}M parameters ({p['quantized'] / 1e6:.1f}M quantized, "

@@ -150,7 +150,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
             shard_bytes: int = files.SHARD_BYTES, context_window_size: int | None = None,
             prefill_chunk_size: int = 512, progress: bool = True, scales: str = "search",
             calibrate: str | Path | bool | None = None, calibration_windows: int | None = None,
-            tune_steps: int | None = None, mmproj: str | Path | None = None) -> Path:
+            tune_steps: int | None = None, e2e_steps: int | None = None, mmproj: str | Path | None = None) -> Path:
     """Convert ``source`` to a package folder ``output`` quantized with MLC mode ``quantization``.
     Returns the folder. ``dtype``: the dtype of tensors kept in float (default: the mode's).
 
@@ -160,7 +160,8 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     Python; ``calibration_windows`` windows of 512 tokens from its start (default 64). For a vision-language
     model, ``calibrate`` may be a LLaVA-format ``.json``/``.jsonl`` of conversations with images
     (``calibration_windows``: conversations, default 128). ``tune_steps``: after GPTQ, steps of block-wise
-    tuning of each decoder layer (:mod:`pocketvlm.quant.blocktune`; default its ``STEPS``, 0 for GPTQ alone). ``mmproj``: with a
+    tuning of each decoder layer (:mod:`pocketvlm.quant.blocktune`; default its ``STEPS``, 0 for GPTQ alone);
+    ``e2e_steps``: then steps of end-to-end tuning of the group scales (:mod:`pocketvlm.quant.e2etune`). ``mmproj``: with a
     ``.gguf`` source, llama.cpp's vision file that makes it a VLM (:mod:`pocketvlm.loading.mmproj`)."""
     mode = _mode(quantization)  # unknown names fail here, before anything is loaded or written
     if scales not in ("search", "rtn"):
@@ -169,7 +170,7 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     if calibrate:
         from . import calibration
 
-        text = calibration.prepare(mode, calibrate, calibration_windows, tune_steps)
+        text = calibration.prepare(mode, calibrate, calibration_windows, tune_steps, e2e_steps)
     store_dtype = loading.parse_dtype(dtype or mode.dtype)
     out = Path(output).expanduser()
     if is_package(source):

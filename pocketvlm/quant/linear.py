@@ -117,6 +117,12 @@ class QuantLinear(nn.Module):
         self._own = None
         self._own_direct = False
 
+    def set_scales(self, scales: torch.Tensor) -> None:
+        """Replace the stored group scales (same codes); a kernel copy made from the old ones is dropped."""
+        self._to_plain()
+        with torch.no_grad():
+            self.scales.copy_(scales.to(self.scales.dtype))
+
     def _own_ok(self, device: torch.device, m: int) -> bool:
         return device.type == "cpu" and cpu_kernel.available() and m < paths.own_kernel_max_tokens()
 
