@@ -38,6 +38,8 @@ MODELS = {"qwen": ("Qwen2.5-Coder-0.5B-Instruct Q4_K_M", qwen_gguf_path),
           "gemma3": ("Gemma 3 270M Q4_K_M", gemma3_gguf_path)}
 MODES = ["q8f16_1", "q4f16_1", "q4f16_1+search", "q4f16_1+gptq", "q4f16_1+tune", "q3f16_1", "q3f16_1+search",
          "q3f16_1+gptq", "q3f16_1+tune"]
+#: ``MODE+e2e``: ``convert --calibrate --e2e-steps E2E_STEPS`` (not in the default list: 15 more minutes on 2 cores)
+E2E_STEPS = 112
 RESULTS = Path(__file__).resolve().parent / "results" / "perplexity.md"
 
 
@@ -91,7 +93,8 @@ def cpu_name() -> str:
 def quantized_copy(fp32: torch.nn.Module, mode: str, tok, bos) -> torch.nn.Module:
     """``MODE`` (RTN, what ``pocketvlm.load(path, quantization=MODE)`` does), ``MODE+search`` (error-minimising
     scales: ``convert``'s default), ``MODE+gptq`` (``convert --calibrate --tune-steps 0`` with the default text),
-    ``MODE+tune`` (``convert --calibrate``: GPTQ, then block-wise tuning) or
+    ``MODE+tune`` (``convert --calibrate``: GPTQ, then block-wise tuning), ``MODE+e2e`` (the same, then
+    end-to-end scale tuning: ``convert --calibrate --e2e-steps E2E_STEPS``) or
     ``MODE:decoder`` (diagnostic: decoder linears only, RTN)."""
     from pocketvlm.quant.blocktune import STEPS
     from pocketvlm.quant.calibrate import calibrate_model, calibration_windows, default_text
@@ -101,9 +104,9 @@ def quantized_copy(fp32: torch.nn.Module, mode: str, tok, bos) -> torch.nn.Modul
     base, _, how = base.partition("+")
     if scope == "decoder":
         quantize_model(qm, base, skip=["lm_head"], embeddings=False)
-    elif how in ("gptq", "tune"):
+    elif how in ("gptq", "tune", "e2e"):
         calibrate_model(qm, base, calibration_windows(tok.encode(default_text()), bos_token_id=bos),
-                        tune_steps=STEPS if how == "tune" else 0)
+                        tune_steps=STEPS if how in ("tune", "e2e") else 0, e2e_steps=E2E_STEPS if how == "e2e" else 0)
     else:
         quantize_model(qm, base, embeddings=True, search=how == "search")
     return qm
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--modes", nargs="+", default=["none", *MODES],
-                    help="'none' = unquantized fp32; MODE (RTN), MODE+search, MODE+gptq, MODE+tune; MODE:decoder = decoder "
+                    help="'none' = unquantized fp32; MODE (RTN), MODE+search, MODE+gptq, MODE+tune, MODE+e2e; MODE:decoder = decoder "
                          "linears only (embedding, LM head fp32)")
     ap.add_argument("--texts", nargs="+", default=list(llamacpp.TEXTS), choices=list(llamacpp.TEXTS))
     ap.add_argument("--windows", type=int, default=4)

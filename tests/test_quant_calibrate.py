@@ -541,5 +541,5 @@ def test_end_to_end_scale_tuning_never_makes_the_model_worse(e2e_case):
     q = copy.deepcopy(e2e_case[0])
     start = {n: m.scales.clone() for n, m in _tunable(q).items()}
     before, after = tune_scales(q, e2e_case[1], e2e_case[2], steps=4, lr=1.0, progress=False)
-    assert after == before
+    assert after > before
     assert all(torch.equal(m.scales, start[n]) for n, m in _tunable(q).items())

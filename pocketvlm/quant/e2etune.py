@@ -26,7 +26,7 @@ TOPK = 64
 STEPS = 0
 #: how far a group's scale may move (relative)
 SPAN = 0.2
-LR = 1e-3
+LR = 3e-4
 #: every HOLD_OUT-th window is held out to decide whether the tuning is kept
 HOLD_OUT = 8
 
@@ -125,7 +125,7 @@ def tune_scales(model: nn.Module, windows: Sequence[Mapping[str, torch.Tensor]],
                 lr: float = LR, seed: int = 0, autocast=None, progress: bool = True) -> tuple[float, float]:
     """Tune the group scales of ``model``'s quantized linears for ``steps`` steps (one window each) towards
     ``targets`` (:func:`teacher_targets` of the float model on the same ``windows``). Returns the held-out
-    KL before and after (after <= before: the scales are kept only if they lower it)."""
+    KL before and with the tuned scales; those are kept only if they lower it (else the model is as it was)."""
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
@@ -179,5 +179,4 @@ def tune_scales(model: nn.Module, windows: Sequence[Mapping[str, torch.Tensor]],
         with torch.no_grad():
             for n, q in quant.items():
                 q.set_scales(scaled[n].scales())
-        return before, after
-    return before, before
+    return before, after

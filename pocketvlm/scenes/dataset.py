@@ -187,9 +187,9 @@ def type_fractions(spec) -> dict[str, float]:
             f = float(frac) if frac else 1.0
         except ValueError:
             f = -1.0
-        if name not in Q.QUESTION_TYPES + Q.DRILL_TYPES:
+        if name not in Q.TRAINING_TYPES:
             raise PocketVLMError(f"unknown question type {name!r}; choose from "
-                                 f"{', '.join(Q.QUESTION_TYPES + Q.DRILL_TYPES)}")
+                                 f"{', '.join(Q.TRAINING_TYPES)}")
         if not 0.0 < f <= 1.0:
             raise PocketVLMError(f"question type {item!r}: the fraction after ':' must be in (0, 1]")
         out[name] = f

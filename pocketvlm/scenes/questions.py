@@ -34,6 +34,8 @@ from .render import COLOURS, SHAPES, Bar, Background, Obj, TextItem
 ANSWER_SUFFIX = "\nAnswer with a single word or number."
 QUESTION_TYPES = ("colour", "shape", "count", "relation", "word", "chart", "yesno")
 DRILL_TYPES = ("bars",)
+#: what ``pocketvlm scenes --types`` accepts
+TRAINING_TYPES = QUESTION_TYPES + DRILL_TYPES
 COUNT_CHOICES = [str(i) for i in range(1, 7)]
 NUMBER_CHOICES = [str(i) for i in range(100)]
 
