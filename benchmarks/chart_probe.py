@@ -21,7 +21,8 @@ from pocketvlm.scenes import make_scene
 from pocketvlm.train.loop import load_base
 
 
-def charts(n, seed=4, kind="chart"):
+def of_kind(n, kind, seed=4):
+    """The first ``n`` scenes of ``kind`` ("chart" or "text") of ``seed``."""
     out, i = [], 0
     while len(out) < n:
         s = make_scene(seed, i)
@@ -72,7 +73,7 @@ def main():
     t0 = time.time()
     n = a.charts or (1600 if a.task == "chart" else 4000)
     n_train = n - (a.test or (300 if a.task == "chart" else 500))
-    scenes = charts(n, kind="chart" if a.task == "chart" else "text")
+    scenes = of_kind(n, "chart" if a.task == "chart" else "text")
     f = features(scenes)
     if a.task == "word":
         vocab = sorted({s.text.answer for s in scenes})

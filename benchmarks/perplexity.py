@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--modes", nargs="+", default=["none", *MODES],
-                    help="'none' = unquantized fp32; MODE (RTN), MODE+search, MODE+gptq, MODE+tune, MODE+e2e; MODE:decoder = decoder "
-                         "linears only (embedding, LM head fp32)")
+                    help="'none' = unquantized fp32; MODE (RTN), MODE+search, MODE+gptq, MODE+tune, MODE+e2e; "
+                         "MODE:decoder = decoder linears only (embedding, LM head fp32)")
     ap.add_argument("--texts", nargs="+", default=list(llamacpp.TEXTS), choices=list(llamacpp.TEXTS))
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--context", type=int, default=512)

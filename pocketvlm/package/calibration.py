@@ -26,8 +26,8 @@ class CalibrationText:
     def record(self) -> dict:
         """What config.json keeps about the calibration (enough to redo it)."""
         return {"method": _method(self.tune_steps, self.e2e_steps), "text": self.name, "tune_steps": self.tune_steps,
-                "e2e_steps": self.e2e_steps, "text_sha256": hashlib.sha256(self.text.encode()).hexdigest(), "windows": self.windows,
-                "context": self.context}
+                "e2e_steps": self.e2e_steps, "text_sha256": hashlib.sha256(self.text.encode()).hexdigest(),
+                "windows": self.windows, "context": self.context}
 
 
 def _method(tune_steps: int, e2e_steps: int = 0) -> str:

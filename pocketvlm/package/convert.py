@@ -161,8 +161,9 @@ def convert(source, quantization: str, output, *, overwrite: bool = False, dtype
     model, ``calibrate`` may be a LLaVA-format ``.json``/``.jsonl`` of conversations with images
     (``calibration_windows``: conversations, default 128). ``tune_steps``: after GPTQ, steps of block-wise
     tuning of each decoder layer (:mod:`pocketvlm.quant.blocktune`; default its ``STEPS``, 0 for GPTQ alone);
-    ``e2e_steps``: then steps of end-to-end tuning of the group scales (:mod:`pocketvlm.quant.e2etune`). ``mmproj``: with a
-    ``.gguf`` source, llama.cpp's vision file that makes it a VLM (:mod:`pocketvlm.loading.mmproj`)."""
+    ``e2e_steps``: then steps of end-to-end tuning of the group scales (:mod:`pocketvlm.quant.e2etune`).
+    ``mmproj``: with a ``.gguf`` source, llama.cpp's vision file that makes it a VLM
+    (:mod:`pocketvlm.loading.mmproj`)."""
     mode = _mode(quantization)  # unknown names fail here, before anything is loaded or written
     if scales not in ("search", "rtn"):
         raise PackageError(f"scales must be 'search' or 'rtn', got {scales!r}")

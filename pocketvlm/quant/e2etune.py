@@ -60,6 +60,11 @@ def kl_topk(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> torc
     return ((p * (lp - lqk)).sum(-1) + rest_p * (rest_p.log() - rest_q.log())).mean()
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+    """``F.linear`` with a float32 weight: autocast casts it, else it follows the input's dtype."""
+    return F.linear(x, w if torch.is_autocast_enabled() else w.to(x.dtype), bias)
+
+
 class _Scaled(nn.Module):
     """A symmetric :class:`QuantLinear` as its fixed levels times tunable group scales (dense, differentiable)."""
 
@@ -84,7 +89,7 @@ class _Scaled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = (self.levels.float() * self.scales().unsqueeze(-1)).view(self.s0.shape[0], -1)[:, :self.in_f]
-        return F.linear(x, w if torch.is_autocast_enabled() else w.to(x.dtype), self.bias)
+        return _linear(x, w, self.bias)
 
 
 def _tunable(model: nn.Module) -> dict[str, QuantLinear]:
@@ -108,7 +113,7 @@ class _Frozen(nn.Module):
         self.bias = getattr(table, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight if torch.is_autocast_enabled() else self.weight.to(x.dtype), self.bias)
+        return _linear(x, self.weight, self.bias)
 
 
 def _others(model: nn.Module, tuned: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
@@ -143,8 +148,8 @@ def tune_scales(model: nn.Module, windows: Sequence[Mapping[str, torch.Tensor]],
         with torch.no_grad(), autocast():
             return sum(float(kl_topk(_logits(model, windows[k]), *targets[k])) for k in held) / len(held)
 
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
+    was_trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in was_trainable:
         p.requires_grad_(False)
     for n, s in {**scaled, **dense}.items():
         _swap(model, n, s)
@@ -173,7 +178,7 @@ def tune_scales(model: nn.Module, windows: Sequence[Mapping[str, torch.Tensor]],
     finally:
         for n, q in {**quant, **others}.items():
             _swap(model, n, q)
-        for p in frozen:
+        for p in was_trainable:
             p.requires_grad_(True)
     if after < before:
         with torch.no_grad():
