@@ -179,11 +179,13 @@ def test_builtin_package_falls_back_to_rtn_when_memory_is_short(tmp_path, monkey
     scales) and a warning that says so; a later load reuses it instead of trying again."""
     import json
 
+    from pocketvlm import scenes
     from pocketvlm.package import builtin, calibration
 
     monkeypatch.setattr(builtin, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(calibration, "available_memory", lambda: 2 ** 30)
-    with pytest.warns(UserWarning, match=r"needs about [\d.]+ GiB and 1\.0 GiB are available.*round-to-nearest"):
+    monkeypatch.setattr(scenes, "write_dataset", lambda *a, **k: pytest.fail("generated scenes it cannot use"))
+    with pytest.warns(UserWarning, match=r"needs about [\d.]+ GiB .*has 1\.0 GiB available: .*round-to-nearest"):
         out = builtin.packaged_path(SCENES_MODEL, "q4f16_1")
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert out.parent == tmp_path and q["scales"] == "rtn" and q["calibration"] is None

@@ -68,19 +68,20 @@ def packaged_path(name: str, mode: str) -> Path:
 
 def _calibration_data(name, src, mode, cal, folder: Path, stamp: Path):
     """The generated calibration conversations in ``folder`` (their :class:`CalibrationImages`), or None with a
-    warning when this machine's available memory is short of what calibrating needs."""
+    warning when this machine's available memory is short of what calibrating needs (checked first: the
+    estimate depends on the number of conversations, not on their content)."""
     import warnings
 
     from ..scenes import write_dataset
     from . import calibration
 
-    write_dataset(folder, cal["scenes"], seed=cal["seed"], progress=False)
-    text = calibration.prepare(mode, folder / "instruct.json", cal["scenes"], cal["tune_steps"])
-    need, have = calibration.calibration_bytes(src, mode, text), calibration.available_memory()
-    if need > have:
-        warnings.warn(f"calibrating the built-in {name} needs about {need / 2**30:.1f} GiB and {have / 2**30:.1f} "
-                      f"GiB are available: it is quantized with round-to-nearest scales instead (up to 3 points "
-                      f"less accurate on some question types). With more memory free, delete {stamp} to redo it.",
-                      stacklevel=3)
+    data = folder / "instruct.json"
+    short = calibration.memory_shortfall(src, mode, calibration.CalibrationImages(
+        data, cal["scenes"], "", cal["tune_steps"], e2e_steps=0))
+    if short:
+        warnings.warn(f"{short}: the built-in {name} is quantized with round-to-nearest scales instead (up to 3 "
+                      f"points less accurate on some question types). With more memory free, delete {stamp} to "
+                      "redo it.", stacklevel=3)
         return None
-    return text
+    write_dataset(folder, cal["scenes"], seed=cal["seed"], progress=False)
+    return calibration.prepare(mode, data, cal["scenes"], cal["tune_steps"], e2e_steps=0)

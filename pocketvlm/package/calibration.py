@@ -153,14 +153,21 @@ def calibration_bytes(source, mode, text: CalibrationText) -> int:
     return fp["total"] + q["weights"] + max(logits + states + gptq + tune, e2e)
 
 
-def check_memory(source, mode, text: CalibrationText) -> None:
+def memory_shortfall(source, mode, text: CalibrationText | CalibrationImages) -> str | None:
+    """What calibrating ``source`` needs against what this machine has, when it has less; else None."""
     need, have = calibration_bytes(source, mode, text), available_memory()
-    if need > have:
-        gib = 2 ** 30
-        raise PackageError(
-            f"calibrating {source} needs about {need / gib:.1f} GiB (the float32 model, its quantized copy, one "
-            f"window of activations and GPTQ's working set); this machine has {have / gib:.1f} GiB available. "
-            "Convert without --calibrate (error-minimising scales only) or on a machine with more memory")
+    if need <= have:
+        return None
+    gib = 2 ** 30
+    return (f"calibrating {source} needs about {need / gib:.1f} GiB (the float32 model, its quantized copy, one "
+            f"window of activations and GPTQ's working set); this machine has {have / gib:.1f} GiB available")
+
+
+def check_memory(source, mode, text: CalibrationText | CalibrationImages) -> None:
+    short = memory_shortfall(source, mode, text)
+    if short:
+        raise PackageError(f"{short}. Convert without --calibrate (error-minimising scales only) or on a machine "
+                           "with more memory")
 
 
 def check_source(source, text, mmproj=None) -> None:
