@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import PackageError
 from ..quant.blocktune import STEPS
-from ..quant.e2etune import STEPS as E2E_STEPS
+from ..quant.e2etune import STEPS as E2E_STEPS, TOPK, WINDOWS as E2E_WINDOWS
 from ..quant.calibrate import CONTEXT, WINDOWS, check_mode, default_text
 
 
@@ -114,7 +114,7 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def calibration_bytes(source, mode, text: CalibrationText) -> int:
+def calibration_bytes(source, mode, text: CalibrationText | CalibrationImages) -> int:
     """Peak bytes of a calibrated conversion: the float32 model, the quantized copies made as it goes, one
     forward window (its activations and float32 logits), the recorded layer inputs, GPTQ's working set
     (on the largest weight, a slice of rows at a time) and the block-wise tuning's; with end-to-end tuning,
@@ -148,8 +148,10 @@ def calibration_bytes(source, mode, text: CalibrationText) -> int:
         states *= 2
         tune = 6 * (4 * hidden * hidden + 3 * hidden * inter) * 4 + BATCH * text.context * inter * 4 * 8
     e2e = 0
-    if text.e2e_steps:  # every linear as levels, a float32 and a bf16 weight kept for the backward; the logits' grads
-        e2e = fp["weights"] // 4 * 7 + 4 * text.context * vocab * 4
+    if text.e2e_steps:  # every linear as levels, a float32 and a bf16 weight kept for the backward; the logits'
+        # grads; the float model's top-k targets on every tuning window (a text: up to E2E_WINDOWS of it)
+        n = text.windows if isinstance(text, CalibrationImages) else E2E_WINDOWS
+        e2e = fp["weights"] // 4 * 7 + 4 * text.context * vocab * 4 + n * text.context * TOPK * 8
     return fp["total"] + q["weights"] + max(logits + states + gptq + tune, e2e)
 
 
@@ -220,12 +222,15 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
         return record, {**text.record(), "windows": len(inputs)}
     tok = loading.load_tokenizer(loaded)
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
-    windows = calibration_windows(tok.encode(text.text), text.context, text.windows, bos)
+    ids = tok.encode(text.text)
+    windows = calibration_windows(ids, text.context, text.windows, bos)
     if windows.shape[0] < text.windows:
         import warnings
 
         warnings.warn(f"the calibration text gives {windows.shape[0]} windows of {text.context} tokens, "
                       f"fewer than the {text.windows} asked for; calibrating on those", stacklevel=2)
+    tuning = calibration_windows(ids, text.context, E2E_WINDOWS, bos) if text.e2e_steps else None
     record = calibrate_model(loaded.model, mode, windows, search=search, tune_steps=text.tune_steps,
-                             e2e_steps=text.e2e_steps, progress=progress)
-    return record, {**text.record(), "windows": int(windows.shape[0])}
+                             e2e_steps=text.e2e_steps, e2e_windows=tuning, progress=progress)
+    return record, {**text.record(), "windows": int(windows.shape[0]),
+                    **({"e2e_windows": int(tuning.shape[0])} if text.e2e_steps else {})}

@@ -29,13 +29,19 @@ SPAN = 0.2
 LR = 3e-4
 #: every HOLD_OUT-th window is held out to decide whether the tuning is kept
 HOLD_OUT = 8
+#: windows of a calibration text the tuning takes (all of the text, up to this many; GPTQ takes fewer):
+#: on Qwen2.5-Coder-0.5B q4f16_1 the default text's 145 windows took docstrings from +3.65% (its first 64) to +3.03%
+WINDOWS = 256
 
 
-def teacher_targets(model: nn.Module, windows: Sequence[Mapping[str, torch.Tensor]], topk: int = TOPK):
+def teacher_targets(model: nn.Module, windows: Sequence[Mapping[str, torch.Tensor]], topk: int = TOPK,
+                    progress: bool = False):
     """Per window: the float model's top-``topk`` next-token log-probabilities and their ids."""
+    from tqdm.auto import tqdm
+
     out = []
     with torch.no_grad():
-        for w in windows:
+        for w in tqdm(windows, desc="float model's targets", unit="window", disable=not progress):
             lp = F.log_softmax(_logits(model, w).float(), -1)
             v, i = lp.topk(topk, -1)
             out.append((v, i.int()))
