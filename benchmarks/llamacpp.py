@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketvlm.quant.calibrate import HELD_OUT_TOPICS
+from pocketvlm.quant.calibrate import HELD_OUT_MODULES, HELD_OUT_TOPICS, module_docstrings
 from pocketvlm.real_models import gemma3_gguf_path, qwen_gguf_path
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build_llamacpp.sh"
@@ -162,8 +162,7 @@ def quantize_q4_0(src: str | Path, dst: str | Path, timeout: float = 1800) -> Pa
 PROSE_TOPICS = HELD_OUT_TOPICS
 #: A second held-out text of another kind: the docstrings of these pure-Python standard-library modules
 #: (module, classes, functions; in name order), which no calibration text contains.
-DOCSTRING_MODULES = ("argparse", "pathlib", "json", "collections", "functools", "textwrap", "shutil", "subprocess",
-                     "logging", "dataclasses", "typing", "enum", "fractions", "statistics", "calendar")
+DOCSTRING_MODULES = HELD_OUT_MODULES
 
 
 def prose_text(max_chars: int = 40_000) -> str:
@@ -182,18 +181,7 @@ def write_prose_file(path: str | Path, max_chars: int = 40_000) -> Path:
 def docstring_text(max_chars: int = 120_000) -> str:
     """The docstrings (``inspect.getdoc``) of :data:`DOCSTRING_MODULES` and their public members defined
     there, each once, joined by blank lines."""
-    import importlib
-    import inspect
-
-    out: list[str] = []
-    for name in DOCSTRING_MODULES:
-        mod = importlib.import_module(name)
-        members = [getattr(mod, n) for n in sorted(vars(mod)) if not n.startswith("_")]
-        for obj in [mod] + [m for m in members if getattr(m, "__module__", None) == name]:
-            doc = inspect.getdoc(obj)
-            if doc and doc not in out:
-                out.append(doc)
-    return "\n\n".join(out)[:max_chars]
+    return "\n\n".join(module_docstrings(DOCSTRING_MODULES))[:max_chars]
 
 
 #: held-out texts by name: text function (both engines read the same characters)

@@ -38,8 +38,7 @@ MODELS = {"qwen": ("Qwen2.5-Coder-0.5B-Instruct Q4_K_M", qwen_gguf_path),
           "gemma3": ("Gemma 3 270M Q4_K_M", gemma3_gguf_path)}
 MODES = ["q8f16_1", "q4f16_1", "q4f16_1+search", "q4f16_1+gptq", "q4f16_1+tune", "q3f16_1", "q3f16_1+search",
          "q3f16_1+gptq", "q3f16_1+tune"]
-#: ``MODE+e2e``: ``convert --calibrate --e2e-steps E2E_STEPS`` (not in the default list: 15 more minutes on 2 cores)
-E2E_STEPS = 112
+#: ``MODE+e2e`` is ``convert --calibrate`` (not in the default list: it doubles the time of ``MODE+tune``)
 RESULTS = Path(__file__).resolve().parent / "results" / "perplexity.md"
 
 
@@ -92,10 +91,11 @@ def cpu_name() -> str:
 
 def quantized_copy(fp32: torch.nn.Module, mode: str, tok, bos) -> torch.nn.Module:
     """``MODE`` (RTN, what ``pocketvlm.load(path, quantization=MODE)`` does), ``MODE+search`` (error-minimising
-    scales: ``convert``'s default), ``MODE+gptq`` (``convert --calibrate --tune-steps 0`` with the default text),
-    ``MODE+tune`` (``convert --calibrate``: GPTQ, then block-wise tuning), ``MODE+e2e`` (the same, then
-    end-to-end scale tuning: ``convert --calibrate --e2e-steps E2E_STEPS``) or
-    ``MODE:decoder`` (diagnostic: decoder linears only, RTN)."""
+    scales: ``convert``'s default), ``MODE+gptq`` (``convert --calibrate --tune-steps 0 --e2e-steps 0`` with the
+    default text), ``MODE+tune`` (``convert --calibrate --e2e-steps 0``: GPTQ, then block-wise tuning),
+    ``MODE+e2e`` (``convert --calibrate``: the same, then one pass of end-to-end scale tuning over the whole
+    text) or ``MODE:decoder`` (diagnostic: decoder linears only, RTN)."""
+    from pocketvlm.quant import e2etune
     from pocketvlm.quant.blocktune import STEPS
     from pocketvlm.quant.calibrate import calibrate_model, calibration_windows, default_text
 
@@ -105,8 +105,10 @@ def quantized_copy(fp32: torch.nn.Module, mode: str, tok, bos) -> torch.nn.Modul
     if scope == "decoder":
         quantize_model(qm, base, skip=["lm_head"], embeddings=False)
     elif how in ("gptq", "tune", "e2e"):
-        calibrate_model(qm, base, calibration_windows(tok.encode(default_text()), bos_token_id=bos),
-                        tune_steps=STEPS if how in ("tune", "e2e") else 0, e2e_steps=E2E_STEPS if how == "e2e" else 0)
+        ids = tok.encode(default_text())
+        tuning = calibration_windows(ids, windows=e2etune.WINDOWS, bos_token_id=bos)
+        calibrate_model(qm, base, calibration_windows(ids, bos_token_id=bos), tune_steps=STEPS if how != "gptq" else 0,
+                        e2e_steps=e2etune.one_pass(len(tuning)) if how == "e2e" else 0, e2e_windows=tuning)
     else:
         quantize_model(qm, base, embeddings=True, search=how == "search")
     return qm

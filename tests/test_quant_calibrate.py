@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pocketvlm.errors import QuantizationError
-from pocketvlm.quant import formats, quantize_model
+from pocketvlm.quant import e2etune, formats, quantize_model
 from pocketvlm.quant.calibrate import calibrate_model, calibration_windows, check_mode, default_text
 from pocketvlm.quant.gptq import gptq_quantize
 from pocketvlm.quant.scales import magnitude_weights, search_scales
@@ -260,13 +260,16 @@ def test_convert_calibrated_package(tiny_hf, tmp_path):
     assert q["calibration"]["windows"] == 4 and q["calibration"]["text"] == str(text)
     assert q["calibration"]["tune_steps"] == 2 and "2 steps of block-wise tuning" in q["calibration"]["method"]
     assert q["scales"] == "search" and len(q["calibration"]["text_sha256"]) == 64
+    # by default, one pass of end-to-end tuning over the text's windows (all of them; GPTQ took 4)
+    assert q["calibration"]["e2e_steps"] == e2etune.one_pass(q["calibration"]["e2e_windows"]) > 0
+    assert q["calibration"]["e2e_windows"] > 4
     again = convert(tiny_hf, "q4f16_1", tmp_path / "cal2", progress=False, calibrate=str(text), calibration_windows=4,
                     tune_steps=2)
     a, b = load_package(out, verify=True).model, load_package(again).model
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)  # deterministic
     gptq = convert(tiny_hf, "q4f16_1", tmp_path / "gptq", progress=False, calibrate=str(text), calibration_windows=4,
-                   tune_steps=0)
+                   tune_steps=0, e2e_steps=0)
     g = json.loads((gptq / "config.json").read_text())["quantization"]["calibration"]
     assert g["tune_steps"] == 0 and "tuning" not in g["method"]
     e2e = convert(tiny_hf, "q4f16_1", tmp_path / "e2e", progress=False, calibrate=str(text), calibration_windows=4,
@@ -325,7 +328,8 @@ def test_convert_calibration_too_big_for_memory(tiny_hf, tmp_path, monkeypatch):
 
     need = calibration.calibration_bytes(tiny_hf, "q4f16_1", calibration.prepare("q4f16_1", True))
     assert need > 0
-    assert calibration.calibration_bytes(tiny_hf, "q4f16_1", calibration.prepare("q4f16_1", True, e2e_steps=8)) >= need
+    # the default tunes end to end too: it needs at least what GPTQ and the block-wise tuning alone need
+    assert calibration.calibration_bytes(tiny_hf, "q4f16_1", calibration.prepare("q4f16_1", True, e2e_steps=0)) <= need
     monkeypatch.setattr(calibration, "available_memory", lambda: need - 1)
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model before checking"))
     with pytest.raises(PackageError, match=r"needs about .* GiB .* available"):
@@ -353,7 +357,8 @@ def test_convert_calibrated_vlm(tmp_path):
     from pocketvlm.package import convert, load_package
 
     src = make_tiny_llava(tmp_path / "llava")
-    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=True, calibration_windows=1, tune_steps=0)
+    out = convert(src, "q4f16_1", tmp_path / "cal", progress=False, calibrate=True, calibration_windows=1, tune_steps=0,
+                  e2e_steps=0)
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert q["calibration"]["windows"] == 1
     assert not any("vision_tower" in n or "projector" in n for n in q["modules"])

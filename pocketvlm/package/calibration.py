@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import PackageError
 from ..quant.blocktune import STEPS
-from ..quant.e2etune import STEPS as E2E_STEPS, TOPK, WINDOWS as E2E_WINDOWS
+from ..quant.e2etune import STEPS as E2E_STEPS, TOPK, WINDOWS as E2E_WINDOWS, one_pass
 from ..quant.calibrate import CONTEXT, WINDOWS, check_mode, default_text
 
 
@@ -20,7 +20,7 @@ class CalibrationText:
     name: str  # the file, or "default" (Python's pydoc_data topics)
     windows: int
     tune_steps: int = STEPS
-    e2e_steps: int = E2E_STEPS
+    e2e_steps: int | None = E2E_STEPS  # None: one pass over the tuning windows
     context: int = CONTEXT
 
     def record(self) -> dict:
@@ -49,7 +49,7 @@ class CalibrationImages:
     windows: int      # conversations used, at most
     sha256: str
     tune_steps: int = STEPS
-    e2e_steps: int = E2E_STEPS
+    e2e_steps: int | None = E2E_STEPS  # None: one pass over the conversations
     context: int = CONTEXT  # for the memory estimate: a conversation with its image slots, at most about this
 
     def record(self) -> dict:
@@ -64,7 +64,8 @@ def prepare(mode, calibrate, windows: int | None = None, tune_steps: int | None 
     ``True``/``"default"`` for the default text, a text file's path, or a LLaVA-format ``.json``/``.jsonl``
     file of conversations with images (vision-language models). ``tune_steps``: block-wise tuning steps
     per layer after GPTQ (default :data:`pocketvlm.quant.blocktune.STEPS`; 0: GPTQ alone); ``e2e_steps``: then
-    steps of end-to-end scale tuning (default :data:`pocketvlm.quant.e2etune.STEPS`; 0: none)."""
+    steps of end-to-end scale tuning (default :data:`pocketvlm.quant.e2etune.STEPS`: one pass over the tuning
+    windows; 0: none)."""
     check_mode(mode)
     n = None if windows is None else int(windows)
     if n is not None and n < 1:
@@ -73,7 +74,7 @@ def prepare(mode, calibrate, windows: int | None = None, tune_steps: int | None 
     if steps < 0:
         raise PackageError(f"--tune-steps must be 0 (GPTQ alone) or more, got {tune_steps}")
     e2e = E2E_STEPS if e2e_steps is None else int(e2e_steps)
-    if e2e < 0:
+    if e2e is not None and e2e < 0:
         raise PackageError(f"--e2e-steps must be 0 (none) or more, got {e2e_steps}")
     return replace(_read(calibrate, n), tune_steps=steps, e2e_steps=e2e)
 
@@ -148,7 +149,7 @@ def calibration_bytes(source, mode, text: CalibrationText | CalibrationImages) -
         states *= 2
         tune = 6 * (4 * hidden * hidden + 3 * hidden * inter) * 4 + BATCH * text.context * inter * 4 * 8
     e2e = 0
-    if text.e2e_steps:  # every linear as levels, a float32 and a bf16 weight kept for the backward; the logits'
+    if text.e2e_steps != 0:  # every linear as levels, a float32 and a bf16 weight kept for the backward; the logits'
         # grads; the float model's top-k targets on every tuning window (a text: up to E2E_WINDOWS of it)
         n = text.windows if isinstance(text, CalibrationImages) else E2E_WINDOWS
         e2e = fp["weights"] // 4 * 7 + 4 * text.context * vocab * 4 + n * text.context * TOPK * 8
@@ -208,6 +209,11 @@ def image_windows(loaded, data: CalibrationImages) -> list[dict]:
             for s in ds.samples]
 
 
+def _resolved(text, windows: int):
+    """``text`` with its end-to-end steps as a number (the default: one pass over ``windows``)."""
+    return text if text.e2e_steps is not None else replace(text, e2e_steps=one_pass(windows))
+
+
 def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool = True,
         progress: bool = True) -> tuple[dict[str, str], dict]:
     """Tokenize the text, cut its windows (or read the conversations and their images) and calibrate
@@ -217,6 +223,7 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
 
     if isinstance(text, CalibrationImages):
         inputs = image_windows(loaded, text)
+        text = _resolved(text, len(inputs))
         record = calibrate_model(loaded.model, mode, inputs, search=search, tune_steps=text.tune_steps,
                                  e2e_steps=text.e2e_steps, progress=progress)
         return record, {**text.record(), "windows": len(inputs)}
@@ -229,7 +236,8 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
 
         warnings.warn(f"the calibration text gives {windows.shape[0]} windows of {text.context} tokens, "
                       f"fewer than the {text.windows} asked for; calibrating on those", stacklevel=2)
-    tuning = calibration_windows(ids, text.context, E2E_WINDOWS, bos) if text.e2e_steps else None
+    tuning = calibration_windows(ids, text.context, E2E_WINDOWS, bos) if text.e2e_steps != 0 else None
+    text = _resolved(text, 0 if tuning is None else tuning.shape[0])
     record = calibrate_model(loaded.model, mode, windows, search=search, tune_steps=text.tune_steps,
                              e2e_steps=text.e2e_steps, e2e_windows=tuning, progress=progress)
     return record, {**text.record(), "windows": int(windows.shape[0]),

@@ -34,8 +34,8 @@ def register_cli(sub) -> None:
                         "(default 100; 0 = GPTQ alone, about 4x faster)")
     p.add_argument("--e2e-steps", type=int, default=None,
                    help="with --calibrate: then steps (one window each) of tuning every group scale against the "
-                        "float model's next-token distribution, on every window of the text up to 256 (0 = none; "
-                        "one pass over the default text's 145 windows: 137)")
+                        "float model's next-token distribution, on every window of the text up to 256 (default: "
+                        "one pass, 224 steps on the default text; 0 = none, about half the time)")
     p.add_argument("--mmproj", default=None, help="llama.cpp mmproj file that makes a .gguf source a VLM")
     p.set_defaults(fn=cmd_convert)
 

@@ -18,7 +18,8 @@ A vision-language model can instead be calibrated on conversations with their im
 a dict of the model's inputs (``input_ids`` with the image slots, ``pixel_values``), so the language model's
 Hessians see the projected image features it answers from.
 The default text (:func:`default_text`) ships with Python: the language reference topics of
-``pydoc_data``, minus the topics :data:`HELD_OUT_TOPICS` that ``benchmarks/perplexity.py`` measures on.
+``pydoc_data``, minus the topics :data:`HELD_OUT_TOPICS` that ``benchmarks/perplexity.py`` measures on, then
+the docstrings of :data:`DOCSTRING_MODULES` (never those of :data:`HELD_OUT_MODULES`, the benchmark's other text).
 """
 from __future__ import annotations
 
@@ -37,18 +38,56 @@ from .linear import quant_linear_from_codes
 
 #: pydoc_data topics that ``benchmarks/perplexity.py`` scores: never part of the default calibration text.
 HELD_OUT_TOPICS = ("execmodel", "naming", "types", "specialnames", "typesseq")
+#: standard-library modules whose docstrings ``benchmarks/perplexity.py`` scores: never in the default text
+HELD_OUT_MODULES = ("argparse", "pathlib", "json", "collections", "functools", "textwrap", "shutil", "subprocess",
+                    "logging", "dataclasses", "typing", "enum", "fractions", "statistics", "calendar")
+#: standard-library modules (always present, importing them has no side effects) whose docstrings follow the
+#: topics in the default text. GPTQ takes the text's first windows (topics); the end-to-end tuning takes them all.
+DOCSTRING_MODULES = (
+    "abc", "ast", "asyncio", "base64", "bisect", "bz2", "cmd", "code", "codecs", "configparser", "contextlib", "copy",
+    "csv", "datetime", "decimal", "difflib", "doctest", "email.message", "email.utils", "fnmatch", "ftplib",
+    "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "html.parser", "http.client",
+    "http.cookies", "http.server", "imaplib", "inspect", "io", "ipaddress", "itertools", "locale", "lzma", "mailbox",
+    "mimetypes", "numbers", "operator", "optparse", "os", "pdb", "pickle", "pkgutil", "platform", "plistlib",
+    "poplib", "pprint", "queue", "quopri", "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve",
+    "shlex", "smtplib", "socket", "socketserver", "string", "struct", "sysconfig", "tarfile", "tempfile",
+    "threading", "timeit", "tokenize", "trace", "traceback", "types", "unittest", "urllib.parse", "urllib.request",
+    "uuid", "warnings", "wave", "weakref", "zipfile")
 CONTEXT = 512
 WINDOWS = 64
 #: modes GPTQ can round for (symmetric MLC group quantization)
 CALIBRATED_BITS = (3, 4, 8)
 
 
+def module_docstrings(names: Sequence[str], skip: Iterable[str] = ()) -> list[str]:
+    """The docstrings (``inspect.getdoc``) of the modules ``names`` and of their public members defined there
+    (in name order), each once, none of ``skip``."""
+    import importlib
+    import inspect
+    import warnings
+
+    seen, out = set(skip), []
+    with warnings.catch_warnings():  # reading a deprecated alias (typing.io) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in names:
+            mod = importlib.import_module(name)
+            members = [getattr(mod, n) for n in sorted(vars(mod)) if not n.startswith("_")]
+            for obj in [mod] + [m for m in members if getattr(m, "__module__", None) == name]:
+                doc = inspect.getdoc(obj)
+                if doc and doc not in seen:
+                    seen.add(doc)
+                    out.append(doc)
+    return out
+
+
 def default_text() -> str:
-    """The default calibration text: Python's own language reference (``pydoc_data.topics``), without
-    :data:`HELD_OUT_TOPICS`. Ships with every CPython."""
+    """The default calibration text, which ships with every CPython: Python's own language reference
+    (``pydoc_data.topics``) without :data:`HELD_OUT_TOPICS`, then the docstrings of :data:`DOCSTRING_MODULES`
+    without any that :data:`HELD_OUT_MODULES` hold."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics) if k not in HELD_OUT_TOPICS)
+    docs = module_docstrings(DOCSTRING_MODULES, skip=module_docstrings(HELD_OUT_MODULES))
+    return "\n\n".join([topics[k] for k in sorted(topics) if k not in HELD_OUT_TOPICS] + docs)
 
 
 def check_mode(mode: str | formats.QuantMode) -> formats.QuantMode:
