@@ -277,6 +277,8 @@ def test_convert_calibrated_package(tiny_hf, tmp_path):
     e = json.loads((e2e / "config.json").read_text())["quantization"]["calibration"]
     assert e["e2e_steps"] == 3 and e["method"].endswith("then 3 steps of end-to-end scale tuning")
     assert e["windows"] == 4 < e["e2e_windows"]  # the tuning takes the whole text (up to e2etune.WINDOWS), GPTQ 4
+    kl = e["e2e_held_out_kl"]  # what decided whether the tuned scales were kept
+    assert kl["kept"] == (kl["after"] < kl["before"]) and kl["before"] > 0
     assert load_package(e2e, verify=True).model.state_dict().keys() == a.state_dict().keys()
     plain = load_package(convert(tiny_hf, "q4f16_1", tmp_path / "plain", progress=False)).model
     assert a.state_dict().keys() == plain.state_dict().keys()  # the same format as an uncalibrated package

@@ -224,9 +224,10 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
     if isinstance(text, CalibrationImages):
         inputs = image_windows(loaded, text)
         text = _resolved(text, len(inputs))
+        report = {}
         record = calibrate_model(loaded.model, mode, inputs, search=search, tune_steps=text.tune_steps,
-                                 e2e_steps=text.e2e_steps, progress=progress)
-        return record, {**text.record(), "windows": len(inputs)}
+                                 e2e_steps=text.e2e_steps, progress=progress, report=report)
+        return record, {**text.record(), "windows": len(inputs), **report}
     tok = loading.load_tokenizer(loaded)
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
     ids = tok.encode(text.text)
@@ -238,7 +239,8 @@ def run(loaded, mode, text: CalibrationText | CalibrationImages, *, search: bool
                       f"fewer than the {text.windows} asked for; calibrating on those", stacklevel=2)
     tuning = calibration_windows(ids, text.context, E2E_WINDOWS, bos) if text.e2e_steps != 0 else None
     text = _resolved(text, 0 if tuning is None else tuning.shape[0])
+    report = {}
     record = calibrate_model(loaded.model, mode, windows, search=search, tune_steps=text.tune_steps,
-                             e2e_steps=text.e2e_steps, e2e_windows=tuning, progress=progress)
+                             e2e_steps=text.e2e_steps, e2e_windows=tuning, progress=progress, report=report)
     return record, {**text.record(), "windows": int(windows.shape[0]),
-                    **({"e2e_windows": int(tuning.shape[0])} if text.e2e_steps else {})}
+                    **({"e2e_windows": int(tuning.shape[0])} if text.e2e_steps else {}), **report}

@@ -209,14 +209,15 @@ def _gptq_linear(lin: nn.Linear, H: torch.Tensor, mode: str, search: bool) -> nn
 def calibrate_model(model: nn.Module, mode: str, windows: Windows, *, skip: Skip = None,
                     overrides: Mapping[str, str | None] | None = None, embeddings: bool = True, search: bool = True,
                     tune_steps: int = 0, e2e_steps: int = 0, e2e_windows: Windows | None = None,
-                    progress: bool = True) -> dict[str, str]:
+                    progress: bool = True, report: dict | None = None) -> dict[str, str]:
     """Quantize ``model`` in place like ``quantize_model(model, mode, embeddings=embeddings, search=search)``,
     with GPTQ rounding calibrated on ``windows`` (``[n, context]`` token ids, :func:`calibration_windows`, or
     a list of the model's inputs per window, e.g. ``{"input_ids", "pixel_values"}``). Returns the same record.
     ``tune_steps``: after GPTQ, tune each decoder layer's rounding and scales against the float layer's output
     for that many steps (:mod:`pocketvlm.quant.blocktune`); 0: GPTQ alone. ``e2e_steps``: then tune every
     quantized linear's group scales for that many steps (one window each) against the float model's
-    next-token distribution (:mod:`pocketvlm.quant.e2etune`), on ``e2e_windows`` (default: ``windows``); 0: none."""
+    next-token distribution (:mod:`pocketvlm.quant.e2etune`), on ``e2e_windows`` (default: ``windows``); 0: none.
+    ``report``: a dict that gets the end-to-end tuning's held-out KL before and after, and whether it was kept."""
     from tqdm.auto import tqdm
 
     mm = check_mode(mode)
@@ -308,6 +309,8 @@ def calibrate_model(model: nn.Module, mode: str, windows: Windows, *, skip: Skip
     if e2e_steps:
         linears.clear()  # the float weights are not needed any more
         mine = tail = None
-        e2etune.tune_scales(model, tuning, targets, e2e_steps, autocast=lambda: _fast_matmuls(device),
-                            progress=progress)
+        before, after = e2etune.tune_scales(model, tuning, targets, e2e_steps, autocast=lambda: _fast_matmuls(device),
+                                            progress=progress)
+        if report is not None:
+            report["e2e_held_out_kl"] = {"before": round(before, 6), "after": round(after, 6), "kept": after < before}
     return record
