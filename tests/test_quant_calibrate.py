@@ -218,6 +218,22 @@ def test_calibrated_model_is_the_same_format_and_closer(tiny_lm, mode):
     assert _kl(tiny_lm.model, cal, held) < 0.8 * _kl(tiny_lm.model, rtn, held)
 
 
+def test_default_text_holds_none_of_the_scored_texts():
+    """The default text: the language reference first (GPTQ's windows), then other modules' docstrings (the
+    end-to-end tuning's); never the topics or the modules' docstrings that benchmarks/perplexity.py scores."""
+    from pydoc_data.topics import topics
+
+    from pocketvlm.quant.calibrate import DOCSTRING_MODULES, HELD_OUT_MODULES, HELD_OUT_TOPICS, module_docstrings
+
+    text = default_text()
+    first = min(k for k in topics if k not in HELD_OUT_TOPICS)
+    assert text.startswith(topics[first]) and not set(HELD_OUT_MODULES) & set(DOCSTRING_MODULES)
+    assert not any(topics[k] in text for k in HELD_OUT_TOPICS)
+    scored = [d for d in module_docstrings(HELD_OUT_MODULES) if len(d) > 200]
+    assert len(scored) > 100 and not any(d in text for d in scored)
+    assert module_docstrings(DOCSTRING_MODULES)[-1] in text
+
+
 def test_calibration_bad_input():
     with pytest.raises(QuantizationError, match="fewer than one window of 512"):
         calibration_windows(list(range(300)), 512)

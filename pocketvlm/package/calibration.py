@@ -17,7 +17,7 @@ from ..quant.calibrate import CONTEXT, WINDOWS, check_mode, default_text
 @dataclass(frozen=True)
 class CalibrationText:
     text: str
-    name: str  # the file, or "default" (Python's pydoc_data topics)
+    name: str  # the file, or "default" (Python's pydoc_data topics and standard-library docstrings)
     windows: int
     tune_steps: int = STEPS
     e2e_steps: int | None = E2E_STEPS  # None: one pass over the tuning windows

@@ -41,7 +41,7 @@ HELD_OUT_TOPICS = ("execmodel", "naming", "types", "specialnames", "typesseq")
 #: standard-library modules whose docstrings ``benchmarks/perplexity.py`` scores: never in the default text
 HELD_OUT_MODULES = ("argparse", "pathlib", "json", "collections", "functools", "textwrap", "shutil", "subprocess",
                     "logging", "dataclasses", "typing", "enum", "fractions", "statistics", "calendar")
-#: standard-library modules (always present, importing them has no side effects) whose docstrings follow the
+#: standard-library modules (importing them has no side effects) whose docstrings follow the
 #: topics in the default text. GPTQ takes the text's first windows (topics); the end-to-end tuning takes them all.
 DOCSTRING_MODULES = (
     "abc", "ast", "asyncio", "base64", "bisect", "bz2", "cmd", "code", "codecs", "configparser", "contextlib", "copy",
@@ -61,7 +61,8 @@ CALIBRATED_BITS = (3, 4, 8)
 
 def module_docstrings(names: Sequence[str], skip: Iterable[str] = ()) -> list[str]:
     """The docstrings (``inspect.getdoc``) of the modules ``names`` and of their public members defined there
-    (in name order), each once, none of ``skip``."""
+    (in name order), each once, none of ``skip``. A module this Python cannot import is left out (the text's
+    sha256, which config.json records, then differs)."""
     import importlib
     import inspect
     import warnings
@@ -70,7 +71,10 @@ def module_docstrings(names: Sequence[str], skip: Iterable[str] = ()) -> list[st
     with warnings.catch_warnings():  # reading a deprecated alias (typing.io) warns
         warnings.simplefilter("ignore", DeprecationWarning)
         for name in names:
-            mod = importlib.import_module(name)
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:  # an optional extension this Python was built without (lzma, bz2)
+                continue
             members = [getattr(mod, n) for n in sorted(vars(mod)) if not n.startswith("_")]
             for obj in [mod] + [m for m in members if getattr(m, "__module__", None) == name]:
                 doc = inspect.getdoc(obj)
