@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 * machine: {cpu_name()}, {os.cpu_count()} cores, shared (load average at the end {load[0]:.1f}); torch {torch.__version__},
   {torch.get_num_threads()} torch threads, Python {platform.python_version()}; llama.cpp {info.get('llama_cpp_commit', '?')[:7]}
   ({args.threads} threads)
-* texts, both held out from `convert --calibrate`'s default calibration text (the *other* pydoc_data topics):
+* texts, both held out from `convert --calibrate`'s default calibration text (the *other* pydoc_data topics,
+  then the docstrings of other standard-library modules):
   * prose: pydoc_data topics {', '.join(llamacpp.PROSE_TOPICS)} (the language reference);
   * docstrings: the docstrings of {', '.join(llamacpp.DOCSTRING_MODULES)} (`inspect.getdoc`).
 * {args.windows} windows of {args.context} tokens from the start of each text, each scoring its last
