@@ -59,7 +59,7 @@ def packaged_path(name: str, mode: str) -> Path:
             print(f"calibrating {name}'s {mode} weights once (GPTQ on {text.windows} generated scenes; ~8 minutes on "
                   f"2 CPU cores, then every start loads the result) ...", file=sys.stderr)
             convert(src, mode, tmp, dtype="float32", calibrate=text.path, calibration_windows=text.windows,
-                    tune_steps=text.tune_steps, overwrite=True)
+                    tune_steps=text.tune_steps, e2e_steps=text.e2e_steps, overwrite=True)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     stamp.write_text(json.dumps(key(cal)))
