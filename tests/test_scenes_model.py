@@ -53,6 +53,7 @@ def test_deployed_form_is_a_cached_calibrated_package(deployed):
     assert pocketvlm.load(SCENES_MODEL).loaded.path == deployed.loaded.path  # converted once, then reused
     cal = json.loads((deployed.loaded.path / "config.json").read_text())["quantization"]["calibration"]
     assert cal["method"].startswith("gptq") and cal["images"] and cal["windows"] == 64 and cal["tune_steps"] == 0
+    assert cal["e2e_steps"] == 0  # as measured: no end-to-end tuning (convert --calibrate's default since 2026-12-06)
     rtn = pocketvlm.load(scenes_vlm_path(), quantization="q4f16_1")
     ours = dict(deployed.model.named_modules())
     n_quant = n_other = 0
