@@ -24,7 +24,8 @@ def register_cli(sub) -> None:
     p.add_argument("--scales", choices=("search", "rtn"), default="search",
                    help="group scales: error-minimising search (default) or MLC's plain max/offset; same format")
     p.add_argument("--calibrate", nargs="?", const=True, default=None, metavar="TEXT_FILE",
-                   help="GPTQ rounding calibrated on a text (default: Python's own language reference); for a "
+                   help="GPTQ rounding calibrated on a text (default: Python's own language reference, then other "
+                        "standard-library docstrings); for a "
                         "vision-language model also a LLaVA-format .json/.jsonl of conversations with images")
     p.add_argument("--calibration-windows", type=int, default=None,
                    help="windows of 512 tokens taken from the calibration text (default 64), or conversations "
