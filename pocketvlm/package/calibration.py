@@ -149,12 +149,12 @@ def calibration_bytes(source, mode, text: CalibrationText | CalibrationImages) -
         states *= 2
         tune = 6 * (4 * hidden * hidden + 3 * hidden * inter) * 4 + BATCH * text.context * inter * 4 * 8
     e2e = 0
-    if text.e2e_steps != 0:  # every linear as levels, a float32 and a bf16 weight kept for the backward; the logits'
-        # grads; the float model's top-k targets on every tuning window (a text: up to E2E_WINDOWS of it). Twice
-        # the float32 weights: measured 2026-12-06, Qwen2.5-Coder-0.5B q4f16_1 on the default text peaked at 8.70 GiB
-        # (`/usr/bin/time -v`), where 7/4 of them estimated 8.37
+    if text.e2e_steps != 0:  # every linear as levels, a float32 and a bf16 weight kept for the backward; the logits
+        # and their grads; the float model's top-k targets on every tuning window (a text: up to E2E_WINDOWS of it).
+        # Measured with `/usr/bin/time -v` on the default text: Qwen2.5-Coder-0.5B q4f16_1 peaked at 8.70 GiB
+        # (2026-12-06), Gemma 3 270M (262k vocabulary) at 5.88 GiB (2026-12-07), where 4 logits copies estimated 5.55
         n = text.windows if isinstance(text, CalibrationImages) else E2E_WINDOWS
-        e2e = fp["weights"] * 2 + 4 * text.context * vocab * 4 + n * text.context * TOPK * 8
+        e2e = fp["weights"] * 2 + 5 * text.context * vocab * 4 + n * text.context * TOPK * 8
     return fp["total"] + q["weights"] + max(logits + states + gptq + tune, e2e)
 
 
