@@ -206,11 +206,17 @@ class Model(nn.Module):
         """HF hidden states at indices ``layers`` (each ``[B, 1 + patches, D]``), running no layer past the last
         needed. ``interpolate_pos_encoding`` is accepted for the towers' common signature; DINOv2 always
         interpolates, as HF's does."""
+        return self.continue_states(self.embeddings(pixel_values), 0, layers)
+
+    def continue_states(self, h, start: int, layers) -> list[torch.Tensor]:
+        """The hidden states at indices ``layers`` (all ``>= start``) from ``h``, the hidden state at index
+        ``start`` (0: the embeddings' output); what training a tower's last layers runs from cached states."""
         n = len(self.encoder.layer)
         want = [layer_index(i, n) for i in layers]
-        h = self.embeddings(pixel_values)
-        states = {0: h}
-        for i, layer in enumerate(self.encoder.layer[:max(want)], start=1):
+        if min(want) < start:
+            raise ValueError(f"hidden state {min(want)} comes before the start state {start}")
+        states = {start: h}
+        for i, layer in enumerate(self.encoder.layer[start:max(want)], start=start + 1):
             h = layer(h)
             states[i] = h
         return [states[j] for j in want]

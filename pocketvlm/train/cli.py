@@ -40,6 +40,12 @@ def register_cli(sub) -> None:
     p.add_argument("--init-from", default=None, metavar="FOLDER",
                    help="stage 2: start from a previous stage-2 output's (or a recipe folder's) projector and LoRA "
                         "adapter, to continue training on more data (the LoRA options must match the adapter's)")
+    p.add_argument("--vision-lora-layers", type=int, default=0, metavar="N",
+                   help="stage 2: LoRA on the vision tower's last N blocks too (default 0: the tower stays frozen; "
+                        "DINOv2 towers)")
+    p.add_argument("--vision-lora-r", type=int, default=8)
+    p.add_argument("--vision-lora-alpha", type=float, default=16.0)
+    p.add_argument("--vision-lr", type=float, default=None, help="the tower LoRA's learning rate (default: --lr)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
@@ -70,6 +76,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                       lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                       lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
                       turns=a.turns, projector_init=a.projector_init, init_from=a.init_from,
+                      vision_lora_layers=a.vision_lora_layers, vision_lora_r=a.vision_lora_r,
+                      vision_lora_alpha=a.vision_lora_alpha, vision_lr=a.vision_lr,
                       device=a.device, dtype=a.dtype, seed=a.seed,
                       save_every=a.save_every, resume=a.resume)
     out = train(cfg)

@@ -1,10 +1,11 @@
 """LLaVA's two-stage recipe on pocketvlm's own modules.
 
 - stage 1 (``stage=1``): only the projector trains (tower and language model frozen), on captions;
-- stage 2 (``stage=2``): the projector and LoRA adapters on the language model train, on instructions.
+- stage 2 (``stage=2``): the projector and LoRA adapters on the language model train, on instructions;
+  optionally LoRA on the vision tower's last blocks too (``vision_lora_layers``; ``tower.py``).
 
-The tower is frozen in both stages, so its features are computed once per image (``cache_features``) and the
-step runs the projector, the language model and the LM head only. The LM head runs on the answer positions
+A frozen tower's features are computed once per image (``cache_features``) and the step runs the projector,
+the language model and the LM head only (with tower LoRA: the trained blocks from a cached state, too). The LM head runs on the answer positions
 only (the loss counts answer tokens, nothing else), one sample per micro-step (no padding), gradients
 accumulated over ``batch_size`` samples and averaged per answer token. On a CPU that multiplies bf16 natively
 (AVX-512-BF16 / AMX) and on CUDA the frozen language model is held in bf16 and the step runs under bf16
@@ -12,7 +13,7 @@ autocast; trainable weights and the optimizer stay float32.
 
 Output folder: ``model.safetensors`` + configs + tokenizer (a Hugging Face ``LlavaForConditionalGeneration``
 with the LoRA merged, merged in float32 on the base's float32 weights), ``projector.safetensors`` and
-``adapter/`` (peft format) apart, ``train_config.json``, ``train_log.jsonl`` (one JSON line per optimizer
+``adapter/`` (and ``vision_adapter/``; peft format) apart, ``train_config.json``, ``train_log.jsonl`` (one JSON line per optimizer
 step), and while training ``checkpoint.pt`` (resumable: ``resume=True``).
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .data import IGNORE, Encoder, load_dataset
+from . import tower
 from .lora import apply_lora, load_adapter_state, merge_lora, save_adapter
 
 PROJECTOR_INITS = ("auto", "calibrate", "keep")
@@ -66,6 +68,10 @@ class TrainConfig:
     turns: str = "chat"            # "independent": each question-answer turn learned alone (data.load_dataset)
     projector_init: str = "auto"   # auto: calibrate at stage 1, keep at stage 2; or "calibrate" / "keep"
     init_from: str | None = None   # a previous stage-2 output or recipe folder: start from its projector and LoRA
+    vision_lora_layers: int = 0    # stage 2: LoRA on the tower's last N blocks too (0: the tower stays frozen)
+    vision_lora_r: int = 8
+    vision_lora_alpha: float = 16.0
+    vision_lr: float | None = None  # the tower LoRA's learning rate (default: lr)
     resume: bool = False
     progress: bool = True
 
@@ -76,7 +82,15 @@ class TrainConfig:
         parts = [base_cfg, str(Path(self.base).resolve()), str(Path(self.data).resolve()), self.stage, self.lora_r,
                  self.lora_alpha, sorted(self.lora_targets) if self.stage == 2 else None, self.batch_size, self.seed,
                  self.turns, self.init_from and str(Path(self.init_from).resolve())]
+        if self.vision_lora_layers:
+            parts.append(self.tower_lora().as_dict())
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+    def tower_lora(self) -> tower.TowerLoRA | None:
+        if not self.vision_lora_layers:
+            return None
+        return tower.TowerLoRA(self.vision_lora_layers, self.vision_lora_r, self.vision_lora_alpha)
 
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -119,8 +133,9 @@ def load_base(folder, device="cpu"):
 
 
 @torch.no_grad()
-def cache_features(model, proc, paths, *, batch: int = 16, progress: bool = True, device="cpu") -> dict:
-    """Selected tower features (before the projector) of each image, computed once: {path: [tokens, D] bf16}."""
+def cache_features(model, proc, paths, *, batch: int = 16, progress: bool = True, device="cpu", encode=None) -> dict:
+    """Selected tower features (before the projector) of each image, computed once: {path: [tokens, D] bf16};
+    or ``{path: encode(pixel_values)[i]}``."""
     from tqdm.auto import tqdm
 
     from ..image import load_image, preprocess
@@ -132,9 +147,11 @@ def cache_features(model, proc, paths, *, batch: int = 16, progress: bool = True
             chunk = paths[i:i + batch]
             pix = torch.cat([preprocess(load_image(str(p)), proc, dtype=torch.float32, device=device).pixel_values
                              for p in chunk])
-            feats = model.image_hidden_states(pix)
-            for p, f in zip(chunk, feats):
-                out[str(p)] = f.to(torch.bfloat16).cpu().clone()
+            if encode is not None:
+                out.update(zip(map(str, chunk), encode(pix)))
+            else:
+                for p, f in zip(chunk, model.image_hidden_states(pix)):
+                    out[str(p)] = f.to(torch.bfloat16).cpu().clone()
             bar.update(len(chunk))
     return out
 
@@ -205,23 +222,38 @@ def trained_parts(cfg: TrainConfig) -> dict:
     if have != want:
         raise ConfigError(f"{adapter} holds LoRA r={have[0]} alpha={have[1]} on {', '.join(have[2])}; this run "
                           f"asks for r={want[0]} alpha={want[1]} on {', '.join(want[2])}: use the adapter's settings")
-    return {"projector": load_file(str(need[0])), "adapter": load_file(str(need[1]))}
+    parts = {"projector": load_file(str(need[0])), "adapter": load_file(str(need[1]))}
+    vdir = folder / tower.FOLDER
+    vfiles = ((vdir / "adapter_config.json", vdir / "adapter_model.safetensors") if vdir.is_dir() else
+              (folder / f"{tower.FOLDER}_config.json", folder / f"{tower.FOLDER}_model.safetensors"))
+    spec = cfg.tower_lora()
+    if vfiles[0].is_file():
+        have = tower.spec_of(json.loads(vfiles[0].read_text()))
+        if spec is None or have.as_dict() != spec.as_dict():
+            raise ConfigError(f"{folder} holds vision-tower LoRA on the last {have.layers} blocks, r={have.r} "
+                              f"alpha={have.alpha}; this run asks for "
+                              + (f"{spec.layers} blocks, r={spec.r} alpha={spec.alpha}" if spec else "none")
+                              + ": use the adapter's settings (--vision-lora-layers/-r/-alpha)")
+        parts["vision"] = load_file(str(vfiles[1]))
+    return parts
 
 
-def load_trained(model, projector: dict, adapter: dict | None = None) -> None:
+def load_trained(model, projector: dict, adapter: dict | None = None, vision: dict | None = None) -> None:
     """A trained projector state (``model.multi_modal_projector.*``) and, when given, peft-named LoRA tensors
-    into the model (its LoRA layers already applied), in float32."""
+    of the language model and of the tower into the model (its LoRA layers already applied), in float32."""
     model.model.multi_modal_projector.load_state_dict(
         {k.split("multi_modal_projector.", 1)[1]: v.float() for k, v in projector.items()})
     if adapter is not None:
         load_adapter_state(model.model.language_model, {k: v.float() for k, v in adapter.items()},
                            prefix="model.language_model.")
+    if vision is not None:
+        tower.load(model, vision)
 
 
 def _start_from(model, init: dict) -> None:
     """Load a previous run's projector and adapter into the model (LoRA already applied)."""
     try:
-        load_trained(model, init["projector"], init["adapter"])
+        load_trained(model, init["projector"], init["adapter"], init.get("vision"))
     except RuntimeError as e:
         raise ConfigError(f"the init_from parts do not fit this base: {e}") from None
 
@@ -243,7 +275,8 @@ def _step_loss(model, sample, feats, dtype, device):
     if not bool(keep.any()):
         raise ConfigError(f"sample {sample.id!r} has no answer token to learn from")
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-        img = model.model.multi_modal_projector(feats.to(device)[None].float())
+        x = feats() if callable(feats) else feats.to(device).float()   # callable: runs the trained tower blocks
+        img = model.model.multi_modal_projector(x[None])
         emb = model.embed(ids, img)
         h = model.model.language_model(inputs_embeds=emb, **_packing(sample, device))
         logits = model.lm_head(h[:, :-1][keep])
@@ -258,6 +291,9 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"stage must be 1 (projector) or 2 (projector + LoRA), got {cfg.stage}")
     if cfg.projector_init not in PROJECTOR_INITS:
         raise ConfigError(f"projector_init must be {', '.join(PROJECTOR_INITS)}, got {cfg.projector_init!r}")
+    spec = cfg.tower_lora()
+    if spec is not None and cfg.stage != 2:
+        raise ConfigError("vision-tower LoRA trains at stage 2, with the language model's adapters")
     init = trained_parts(cfg) if cfg.init_from else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,12 +313,22 @@ def train(cfg: TrainConfig) -> Path:
     targets = []
     if cfg.stage == 2:
         targets = apply_lora(lm, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, prefix="model.language_model.")
+    start = None
+    if spec is not None:
+        start = tower.first_trained(model, spec)
+        tower.apply(model, spec)
     if init is not None:
         _start_from(model, init)
     model.model.multi_modal_projector.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    vision = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(tower.PREFIX)]
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(tower.PREFIX)]
+    groups = [{"params": params, "scale": 1.0}]
+    if vision:
+        groups.append({"params": vision, "scale": (cfg.vision_lr if cfg.vision_lr is not None else cfg.lr) / cfg.lr
+                       if cfg.lr else 1.0})
+    params = params + vision
     n_train = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
 
     per_epoch = math.ceil(len(ds.samples) / cfg.batch_size)
     total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
@@ -301,10 +347,14 @@ def train(cfg: TrainConfig) -> Path:
     elif log_f.exists():
         log_f.unlink()
 
-    feats = cache_features(model, proc, [s.image for s in ds.samples], progress=cfg.progress, device=cfg.device)
+    encode = None if start is None else (lambda pix: tower.cache_states(model, pix, start))
+    feats = cache_features(model, proc, [s.image for s in ds.samples], progress=cfg.progress, device=cfg.device,
+                           encode=encode)
     calibration = None
     if step == 0 and init is None and (cfg.projector_init == "calibrate"
                                        or (cfg.projector_init == "auto" and cfg.stage == 1)):
+        if start is not None:
+            raise ConfigError("projector_init='calibrate' with vision-tower LoRA: calibrate the projector at stage 1")
         calibration = calibrate_projector(model, feats, seed=cfg.seed)
         print(f"projector calibrated: {calibration}", flush=True)
     (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "total_steps": total,
@@ -327,12 +377,15 @@ def train(cfg: TrainConfig) -> Path:
         group = [ds.samples[idx[(pos + j) % len(idx)]] for j in range(cfg.batch_size)]
         lr = lr_at(step, total, cfg)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["scale"]
         opt.zero_grad(set_to_none=True)
         n_tok = sum(sum(1 for t in s.labels[1:] if t != IGNORE) for s in group)
         loss_sum = 0.0
         for s in group:
-            loss, _ = _step_loss(model, s, feats[str(s.image)], dtype, cfg.device)
+            f = feats[str(s.image)]
+            if start is not None:
+                f = (lambda c=f: tower.features(model, c, start, cfg.device))
+            loss, _ = _step_loss(model, s, f, dtype, cfg.device)
             (loss / n_tok).backward()
             loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -375,23 +428,35 @@ def finish(cfg: TrainConfig, trained, targets) -> Path:
 
         adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     lora = {"targets": cfg.lora_targets, "r": cfg.lora_r, "alpha": cfg.lora_alpha}
-    fresh = merged_llava(base, proj, adapter, lora)
+    vision = None
+    if cfg.tower_lora() is not None:
+        from safetensors.torch import load_file
+
+        folder = tower.save(trained, out / tower.FOLDER, cfg.tower_lora(), base_model=str(base))
+        vision = {"state": load_file(str(folder / "adapter_model.safetensors")), "spec": cfg.tower_lora()}
+    fresh = merged_llava(base, proj, adapter, lora, vision)
     save_llava(fresh, base, out)
     return out
 
 
-def merged_llava(base: Path, projector: dict, adapter: dict | None = None, lora: dict | None = None):
+def merged_llava(base: Path, projector: dict, adapter: dict | None = None, lora: dict | None = None,
+                 vision: dict | None = None):
     """The base folder's float32 LLaVA with a trained projector state (``model.multi_modal_projector.*``) and,
-    when given, peft-named LoRA tensors (``lora``: targets, r, alpha) merged in float32."""
+    when given, peft-named LoRA tensors (``lora``: targets, r, alpha) merged in float32; ``vision``: the
+    tower's LoRA (``{"state", "spec": TowerLoRA}``) merged likewise."""
     from .. import loading
 
     model = loading.load_hf(Path(base)).model
     lm = model.model.language_model
     if adapter is not None:
         apply_lora(lm, lora["targets"], lora["r"], lora["alpha"])
-    load_trained(model, projector, adapter)
+    if vision is not None:
+        tower.apply(model, vision["spec"])
+    load_trained(model, projector, adapter, vision and vision["state"])
     if adapter is not None:
         merge_lora(lm)
+    if vision is not None:
+        tower.merge(model)
     return model
 
 

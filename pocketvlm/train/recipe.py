@@ -1,5 +1,6 @@
 """A trained LLaVA as a recipe: the real parts it was built from (by built-in name) plus only what training
-made (projector and LoRA adapters, a few MB), rebuilt into a full model folder on first use.
+made (projector and LoRA adapters, a few MB; LoRA on the tower's last blocks too, when trained), rebuilt into
+a full model folder on first use.
 
 ``recipe.json`` names the language model and vision tower, the assembly options, the LoRA settings and the
 sha256 of each shipped file; ``build`` checks them, assembles the base (``assemble_llava``), loads the
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptWeightsError
+from . import tower
 
 RECIPE = "recipe.json"
 
@@ -49,6 +51,16 @@ def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str =
         acfg["base_model_name_or_path"] = None
         (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
         files["adapter_model.safetensors"] = _sha256(out / "adapter_model.safetensors")
+    vision_lora = None
+    vadapter = trained / tower.FOLDER
+    if vadapter.exists():
+        a = load_file(str(vadapter / "adapter_model.safetensors"))
+        save_file({k: v.to(dtype).contiguous() for k, v in a.items()}, str(out / f"{tower.FOLDER}_model.safetensors"))
+        acfg = json.loads((vadapter / "adapter_config.json").read_text())
+        acfg["base_model_name_or_path"] = None
+        (out / f"{tower.FOLDER}_config.json").write_text(json.dumps(acfg, indent=2))
+        files[f"{tower.FOLDER}_model.safetensors"] = _sha256(out / f"{tower.FOLDER}_model.safetensors")
+        vision_lora = tower.spec_of(acfg).as_dict()
     vcfg = cfg["vision_config"]
     layers = cfg["vision_feature_layer"]
     recipe = {"llm": llm, "vision": vision, "image_size": vcfg["image_size"],
@@ -57,6 +69,8 @@ def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str =
               "lora": {"r": tc["lora_r"], "alpha": tc["lora_alpha"], "targets": list(tc["lora_targets"])}
               if adapter.exists() else None,
               "files": files, "note": note}
+    if vision_lora:
+        recipe["vision_lora"] = vision_lora
     (out / RECIPE).write_text(json.dumps(recipe, indent=2))
     return out
 
@@ -97,7 +111,12 @@ def build(recipe_dir, out, resolve_part) -> Path:
         proj = load_file(str(recipe_dir / "projector.safetensors"))
         bar.update()
         adapter = load_file(str(recipe_dir / "adapter_model.safetensors")) if r.get("lora") else None
-        model = merged_llava(base, proj, adapter, r.get("lora"))
+        vision = None
+        if r.get("vision_lora"):
+            v = r["vision_lora"]
+            vision = {"state": load_file(str(recipe_dir / f"{tower.FOLDER}_model.safetensors")),
+                      "spec": tower.TowerLoRA(v["layers"], v["r"], v["alpha"], tuple(v["targets"]))}
+        model = merged_llava(base, proj, adapter, r.get("lora"), vision)
         bar.update()
         staging = Path(tmp) / "model"
         staging.mkdir()
@@ -107,6 +126,10 @@ def build(recipe_dir, out, resolve_part) -> Path:
             (staging / "adapter").mkdir()  # folder for a bare adapter)
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copyfile(recipe_dir / name, staging / "adapter" / name)
+        if vision:
+            (staging / tower.FOLDER).mkdir()
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(recipe_dir / f"{tower.FOLDER}_{name.split('_', 1)[1]}", staging / tower.FOLDER / name)
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)
