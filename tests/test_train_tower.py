@@ -54,7 +54,8 @@ def test_stage2_trains_the_towers_last_block_and_merges_it(base, tuned, tok):
     log = _log(tuned)
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], [r["loss"] for r in log]  # measured 6.46 -> 4.80
     vcfg = json.loads((tuned / tower.FOLDER / "adapter_config.json").read_text())
-    assert (vcfg["r"], vcfg["layers_to_transform"], vcfg["target_modules"]) == (2, [1], sorted(tower.VISION_LORA_TARGETS))
+    want = (2, [1], sorted(tower.VISION_LORA_TARGETS))
+    assert (vcfg["r"], vcfg["layers_to_transform"], vcfg["target_modules"]) == want
     adapter = load_file(str(tuned / tower.FOLDER / "adapter_model.safetensors"))
     assert len(adapter) == 2 * 6 and all(".encoder.layer.1." in k for k in adapter)
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)

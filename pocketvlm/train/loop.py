@@ -5,16 +5,16 @@
   optionally LoRA on the vision tower's last blocks too (``vision_lora_layers``; ``tower.py``).
 
 A frozen tower's features are computed once per image (``cache_features``) and the step runs the projector,
-the language model and the LM head only (with tower LoRA: the trained blocks from a cached state, too). The LM head runs on the answer positions
-only (the loss counts answer tokens, nothing else), one sample per micro-step (no padding), gradients
-accumulated over ``batch_size`` samples and averaged per answer token. On a CPU that multiplies bf16 natively
-(AVX-512-BF16 / AMX) and on CUDA the frozen language model is held in bf16 and the step runs under bf16
-autocast; trainable weights and the optimizer stay float32.
+the language model and the LM head only (with tower LoRA: the trained blocks from a cached state, too). The
+LM head runs on the answer positions only (the loss counts answer tokens, nothing else), one sample per
+micro-step (no padding), gradients accumulated over ``batch_size`` samples and averaged per answer token. On a
+CPU that multiplies bf16 natively (AVX-512-BF16 / AMX) and on CUDA the frozen language model is held in bf16 and
+the step runs under bf16 autocast; trainable weights and the optimizer stay float32.
 
 Output folder: ``model.safetensors`` + configs + tokenizer (a Hugging Face ``LlavaForConditionalGeneration``
 with the LoRA merged, merged in float32 on the base's float32 weights), ``projector.safetensors`` and
-``adapter/`` (and ``vision_adapter/``; peft format) apart, ``train_config.json``, ``train_log.jsonl`` (one JSON line per optimizer
-step), and while training ``checkpoint.pt`` (resumable: ``resume=True``).
+``adapter/`` (and ``vision_adapter/``; peft format) apart, ``train_config.json``, ``train_log.jsonl`` (one JSON
+line per optimizer step), and while training ``checkpoint.pt`` (resumable: ``resume=True``).
 """
 from __future__ import annotations
 
@@ -85,7 +85,6 @@ class TrainConfig:
         if self.vision_lora_layers:
             parts.append(self.tower_lora().as_dict())
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
 
     def tower_lora(self) -> tower.TowerLoRA | None:
         if not self.vision_lora_layers:
