@@ -321,10 +321,10 @@ def train(cfg: TrainConfig) -> Path:
     model.model.multi_modal_projector.requires_grad_(True)
     vision = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(tower.PREFIX)]
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(tower.PREFIX)]
-    groups = [{"params": params, "scale": 1.0}]
+    groups = [{"params": params, "scale": 1.0}]   # scale: the group's lr over the schedule's (cfg.lr's)
     if vision:
-        groups.append({"params": vision, "scale": (cfg.vision_lr if cfg.vision_lr is not None else cfg.lr) / cfg.lr
-                       if cfg.lr else 1.0})
+        vision_scale = cfg.vision_lr / cfg.lr if cfg.vision_lr is not None and cfg.lr else 1.0
+        groups.append({"params": vision, "scale": vision_scale})
     params = params + vision
     n_train = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
@@ -427,12 +427,12 @@ def finish(cfg: TrainConfig, trained, targets) -> Path:
 
         adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     lora = {"targets": cfg.lora_targets, "r": cfg.lora_r, "alpha": cfg.lora_alpha}
-    vision = None
-    if cfg.tower_lora() is not None:
+    vision, spec = None, cfg.tower_lora()
+    if spec is not None:   # merged as saved (float16), as the language model's adapter is
         from safetensors.torch import load_file
 
-        folder = tower.save(trained, out / tower.FOLDER, cfg.tower_lora(), base_model=str(base))
-        vision = {"state": load_file(str(folder / "adapter_model.safetensors")), "spec": cfg.tower_lora()}
+        folder = tower.save(trained, out / tower.FOLDER, spec, base_model=str(base))
+        vision = {"state": load_file(str(folder / "adapter_model.safetensors")), "spec": spec}
     fresh = merged_llava(base, proj, adapter, lora, vision)
     save_llava(fresh, base, out)
     return out

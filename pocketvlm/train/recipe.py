@@ -44,22 +44,11 @@ def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str =
     files["projector.safetensors"] = _sha256(out / "projector.safetensors")
     adapter = trained / "adapter"
     if adapter.exists():
-        a = load_file(str(adapter / "adapter_model.safetensors"))
-        save_file({k: v.to(dtype).contiguous() for k, v in a.items()}, str(out / "adapter_model.safetensors"))
-        acfg = json.loads((adapter / "adapter_config.json").read_text())
-        # the training machine's base folder means nothing elsewhere: the base is rebuilt from the recipe
-        acfg["base_model_name_or_path"] = None
-        (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
-        files["adapter_model.safetensors"] = _sha256(out / "adapter_model.safetensors")
+        files.update(_ship_adapter(adapter, out, "adapter_", dtype)[0])
     vision_lora = None
-    vadapter = trained / tower.FOLDER
-    if vadapter.exists():
-        a = load_file(str(vadapter / "adapter_model.safetensors"))
-        save_file({k: v.to(dtype).contiguous() for k, v in a.items()}, str(out / f"{tower.FOLDER}_model.safetensors"))
-        acfg = json.loads((vadapter / "adapter_config.json").read_text())
-        acfg["base_model_name_or_path"] = None
-        (out / f"{tower.FOLDER}_config.json").write_text(json.dumps(acfg, indent=2))
-        files[f"{tower.FOLDER}_model.safetensors"] = _sha256(out / f"{tower.FOLDER}_model.safetensors")
+    if (trained / tower.FOLDER).exists():
+        shipped, acfg = _ship_adapter(trained / tower.FOLDER, out, f"{tower.FOLDER}_", dtype)
+        files.update(shipped)
         vision_lora = tower.spec_of(acfg).as_dict()
     vcfg = cfg["vision_config"]
     layers = cfg["vision_feature_layer"]
@@ -73,6 +62,20 @@ def write_recipe(trained: Path, out: Path, *, llm: str, vision: str, note: str =
         recipe["vision_lora"] = vision_lora
     (out / RECIPE).write_text(json.dumps(recipe, indent=2))
     return out
+
+
+def _ship_adapter(src: Path, out: Path, prefix: str, dtype) -> tuple[dict, dict]:
+    """A peft adapter folder's tensors (in ``dtype``) and config as ``out/<prefix>model.safetensors`` and
+    ``out/<prefix>config.json``; returns ({file: sha256}, the config)."""
+    from safetensors.torch import load_file, save_file
+
+    a = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v.to(dtype).contiguous() for k, v in a.items()}, str(out / f"{prefix}model.safetensors"))
+    acfg = json.loads((src / "adapter_config.json").read_text())
+    # the training machine's base folder means nothing elsewhere: the base is rebuilt from the recipe
+    acfg["base_model_name_or_path"] = None
+    (out / f"{prefix}config.json").write_text(json.dumps(acfg, indent=2))
+    return {f"{prefix}model.safetensors": _sha256(out / f"{prefix}model.safetensors")}, acfg
 
 
 #: Bumped when the assembly itself changes (what a rebuilt folder holds besides the shipped tensors), so a
@@ -122,14 +125,14 @@ def build(recipe_dir, out, resolve_part) -> Path:
         staging.mkdir()
         save_llava(model, base, staging)
         shutil.copyfile(recipe_dir / RECIPE, staging / RECIPE)
-        if r.get("lora"):  # the adapters apart, in peft's layout (not at the top: transformers would take the
-            (staging / "adapter").mkdir()  # folder for a bare adapter)
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copyfile(recipe_dir / name, staging / "adapter" / name)
-        if vision:
-            (staging / tower.FOLDER).mkdir()
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copyfile(recipe_dir / f"{tower.FOLDER}_{name.split('_', 1)[1]}", staging / tower.FOLDER / name)
+        # the adapters apart, in peft's layout (not at the top: transformers would take the folder for a bare
+        # adapter); the recipe holds them as <prefix>model.safetensors / <prefix>config.json
+        for wanted, folder, prefix in ((r.get("lora"), "adapter", "adapter_"),
+                                       (vision, tower.FOLDER, f"{tower.FOLDER}_")):
+            if wanted:
+                (staging / folder).mkdir()
+                for part in ("config.json", "model.safetensors"):
+                    shutil.copyfile(recipe_dir / f"{prefix}{part}", staging / folder / f"adapter_{part}")
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)

@@ -63,7 +63,7 @@ def apply(model, spec: TowerLoRA) -> list[str]:
 def _indices(model) -> list[int]:
     from ..models.clip import layer_index
 
-    tower, blocks = _blocks(model)
+    _, blocks = _blocks(model)
     return [layer_index(i, len(blocks)) for i in model.config.feature_layers]
 
 
@@ -72,7 +72,7 @@ def cache_states(model, pix: torch.Tensor, start: int) -> list[dict]:
     """Per image of ``pix``: the hidden state at ``start`` and the selected feature states below it (bf16)."""
     tower, _ = _blocks(model)
     keep = sorted({start, *(j for j in _indices(model) if j < start)})
-    states = tower.continue_states(tower.embeddings(pix.to(tower.embeddings.cls_token.dtype)), 0, keep)
+    states = tower.hidden_states(pix.to(tower.embeddings.cls_token.dtype), keep)
     return [{j: s[b].to(torch.bfloat16).cpu().clone() for j, s in zip(keep, states)} for b in range(len(pix))]
 
 
