@@ -77,6 +77,19 @@ def layer_index(i: int, n_layers: int) -> int:
     return j
 
 
+def run_blocks(blocks, h: torch.Tensor, start: int, layers) -> list[torch.Tensor]:
+    """The hidden states at HF indices ``layers`` (all ``>= start``) from ``h``, the state at index ``start``
+    (0: the encoder's input), running ``blocks`` no further than the last one needed."""
+    want = [layer_index(i, len(blocks)) for i in layers]
+    if min(want) < start:
+        raise ValueError(f"hidden state {min(want)} comes before the start state {start}")
+    states = {start: h}
+    for i, block in enumerate(blocks[start:max(want)], start=start + 1):
+        h = block(h)
+        states[i] = h
+    return [states[j] for j in want]
+
+
 def interpolate_positions(pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Square grid of position embeddings ``[N, D]`` -> ``[height*width, D]``, bicubic as HF does."""
     n, dim = pos.shape
@@ -185,14 +198,7 @@ class VisionTransformer(nn.Module):
 
     def hidden_states(self, pixel_values, layers, interpolate_pos_encoding=False) -> list[torch.Tensor]:
         """HF hidden states at indices ``layers`` (each ``[B, tokens, D]``), running no layer past the last needed."""
-        n = len(self.encoder.layers)
-        want = [layer_index(i, n) for i in layers]
-        h = self.embed(pixel_values, interpolate_pos_encoding)
-        states = {0: h}
-        for i, layer in enumerate(self.encoder.layers[:max(want)], start=1):
-            h = layer(h)
-            states[i] = h
-        return [states[j] for j in want]
+        return run_blocks(self.encoder.layers, self.embed(pixel_values, interpolate_pos_encoding), 0, layers)
 
     def pool(self, last_hidden):
         return self.post_layernorm(last_hidden[:, 0])
@@ -212,6 +218,9 @@ class Model(nn.Module):
 
     transformer_cls = VisionTransformer
     has_class_token = True
+    #: what LoRA on the tower's blocks targets by default, and where the blocks are (``pocketvlm.train.tower``)
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    blocks_path = "vision_model.encoder.layers"
 
     def __init__(self, cfg: Config, max_seq_len: int | None = None):
         super().__init__()
@@ -223,6 +232,10 @@ class Model(nn.Module):
 
     def hidden_states(self, pixel_values, layers, interpolate_pos_encoding: bool = False):
         return self.vision_model.hidden_states(pixel_values, layers, interpolate_pos_encoding)
+
+    def continue_states(self, h, start: int, layers) -> list[torch.Tensor]:
+        """The hidden states at ``layers`` from ``h``, the state at index ``start`` (see ``run_blocks``)."""
+        return run_blocks(self.vision_model.encoder.layers, h, start, layers)
 
     def pooled(self, pixel_values, interpolate_pos_encoding: bool = False):
         """HF's ``pooler_output``: ``post_layernorm`` of the last layer's class token ``[B, D]``."""

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import ConfigError, ImageError
 from . import base, clip
-from .clip import ACT, MLP, check_size, interpolate_positions, layer_index, select_features
+from .clip import ACT, MLP, check_size, interpolate_positions, run_blocks, select_features
 
 __all__ = ["Config", "Model", "sanitize", "select_features"]
 
@@ -194,6 +194,8 @@ class Model(nn.Module):
     ``output_layer`` (default the last layer, before ``layernorm``)."""
 
     has_class_token = True
+    lora_targets = ("query", "key", "value", "dense", "fc1", "fc2")   # see clip.Model
+    blocks_path = "encoder.layer"
 
     def __init__(self, cfg: Config, max_seq_len: int | None = None):
         super().__init__()
@@ -211,15 +213,7 @@ class Model(nn.Module):
     def continue_states(self, h, start: int, layers) -> list[torch.Tensor]:
         """The hidden states at indices ``layers`` (all ``>= start``) from ``h``, the hidden state at index
         ``start`` (0: the embeddings' output); what training a tower's last layers runs from cached states."""
-        n = len(self.encoder.layer)
-        want = [layer_index(i, n) for i in layers]
-        if min(want) < start:
-            raise ValueError(f"hidden state {min(want)} comes before the start state {start}")
-        states = {start: h}
-        for i, layer in enumerate(self.encoder.layer[start:max(want)], start=start + 1):
-            h = layer(h)
-            states[i] = h
-        return [states[j] for j in want]
+        return run_blocks(self.encoder.layer, h, start, layers)
 
     def forward(self, pixel_values, output_layer: int = -1, interpolate_pos_encoding: bool = True):
         return self.hidden_states(pixel_values, [output_layer])[0]

@@ -41,8 +41,8 @@ def register_cli(sub) -> None:
                    help="stage 2: start from a previous stage-2 output's (or a recipe folder's) projector and LoRA "
                         "adapter, to continue training on more data (the LoRA options must match the adapter's)")
     p.add_argument("--vision-lora-layers", type=int, default=0, metavar="N",
-                   help="stage 2: LoRA on the vision tower's last N blocks too (default 0: the tower stays frozen; "
-                        "DINOv2 towers)")
+                   help="stage 2: LoRA on the vision tower's last N blocks up to its deepest feature layer too "
+                        "(default 0: the tower stays frozen)")
     p.add_argument("--vision-lora-r", type=int, default=8)
     p.add_argument("--vision-lora-alpha", type=float, default=16.0)
     p.add_argument("--vision-lr", type=float, default=None, help="the tower LoRA's learning rate (default: --lr)")

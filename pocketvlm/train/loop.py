@@ -228,7 +228,7 @@ def trained_parts(cfg: TrainConfig) -> dict:
     spec = cfg.tower_lora()
     if vfiles[0].is_file():
         have = tower.spec_of(json.loads(vfiles[0].read_text()))
-        if spec is None or have.as_dict() != spec.as_dict():
+        if spec is None or not have.same_shape(spec):
             raise ConfigError(f"{folder} holds vision-tower LoRA on the last {have.layers} blocks, r={have.r} "
                               f"alpha={have.alpha}; this run asks for "
                               + (f"{spec.layers} blocks, r={spec.r} alpha={spec.alpha}" if spec else "none")

@@ -1,11 +1,13 @@
 """LoRA on the vision tower's last layers, trained with the projector and the language model's adapters.
 
-A frozen tower's features are computed once per image. With LoRA on its last ``layers`` blocks, what is
+A frozen tower's features are computed once per image. With LoRA on its last ``layers`` blocks (the last
+up to the deepest selected feature layer: for CLIP's usual penultimate layer, not the very last), what is
 cached instead is the hidden state entering the first trained block (and any selected feature layer below
 it); each step runs only the trained blocks (a few percent of the language model's cost at ViT-S size), so
 the tower can learn to gather what the language model must find across image tokens (the tallest bar, the
-letters of a word) into the patches themselves. Supported for towers that can run from a cached state
-(``continue_states``: DINOv2). The adapter is saved in peft's format apart (``layers_to_transform``) and
+letters of a word) into the patches themselves. Every tower family (DINOv2, CLIP, SigLIP) says where its
+blocks are (``blocks_path``), what LoRA targets in them by default (``lora_targets``, HF names) and runs from a
+cached state (``continue_states``). The adapter is saved in peft's format apart (``layers_to_transform``) and
 merged into the tower's weights of the output folder, so ``transformers`` loads the trained model as is.
 """
 from __future__ import annotations
@@ -19,45 +21,61 @@ import torch
 from ..errors import ConfigError
 from .lora import apply_lora, load_adapter_state, merge_lora, save_adapter
 
-VISION_LORA_TARGETS = ("query", "key", "value", "dense", "fc1", "fc2")
 PREFIX = "model.vision_tower."
 FOLDER = "vision_adapter"   # in a training output; a recipe folder holds its files as vision_adapter_*
 
 
 @dataclass(frozen=True)
 class TowerLoRA:
-    layers: int            # the last ``layers`` blocks of the tower
+    layers: int            # how many blocks (see ``trained_blocks``)
     r: int = 8
     alpha: float = 16.0
-    targets: tuple = VISION_LORA_TARGETS
+    targets: tuple = ()    # () = the tower family's ``lora_targets``
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "r": self.r, "alpha": float(self.alpha), "targets": sorted(self.targets)}
 
+    def same_shape(self, other: "TowerLoRA") -> bool:
+        """Equal blocks, rank and alpha (targets are the tower's unless a recipe names them)."""
+        return (self.layers, self.r, float(self.alpha)) == (other.layers, other.r, float(other.alpha))
+
 
 def _blocks(model):
     tower = model.model.vision_tower
-    if not hasattr(tower, "continue_states"):
-        raise ConfigError(f"LoRA on the vision tower needs a tower that runs from a cached state (DINOv2), "
-                          f"not {type(tower).__module__.rsplit('.', 1)[-1]}")
-    return tower, tower.encoder.layer
+    return tower, tower.get_submodule(tower.blocks_path)
+
+
+def targets_of(model, spec: TowerLoRA) -> tuple:
+    return tuple(spec.targets) or model.model.vision_tower.lora_targets
+
+
+def trained_blocks(model, spec: TowerLoRA) -> range:
+    """The ``spec.layers`` blocks that end at the deepest selected feature layer (the tower's last ones for
+    ``vision_feature_layer=-1``; a block past the deepest feature layer would change nothing the LLM sees)."""
+    deepest = max(_indices(model))
+    if not 1 <= spec.layers <= deepest:
+        raise ConfigError(f"vision LoRA layers must be 1..{deepest} (the tower's blocks up to its deepest feature "
+                          f"layer, hidden state {deepest}), got {spec.layers}")
+    return range(deepest - spec.layers, deepest)
 
 
 def first_trained(model, spec: TowerLoRA) -> int:
     """Index of the hidden state entering the first trained block."""
-    _, blocks = _blocks(model)
-    if not 1 <= spec.layers <= len(blocks):
-        raise ConfigError(f"vision LoRA layers must be 1..{len(blocks)} (the tower's blocks), got {spec.layers}")
-    return len(blocks) - spec.layers
+    return trained_blocks(model, spec).start
 
 
 def apply(model, spec: TowerLoRA) -> list[str]:
-    """LoRA layers on the tower's last ``spec.layers`` blocks; returns their full names."""
-    _, blocks = _blocks(model)
-    start, found = first_trained(model, spec), []
-    for i in range(start, len(blocks)):
-        found += apply_lora(blocks[i], spec.targets, spec.r, spec.alpha, prefix=f"{PREFIX}encoder.layer.{i}.")
+    """LoRA layers on the blocks of ``trained_blocks``; returns their full names."""
+    tower, blocks = _blocks(model)
+    found = []
+    for i in trained_blocks(model, spec):
+        found += apply_lora(blocks[i], targets_of(model, spec), spec.r, spec.alpha,
+                            prefix=f"{PREFIX}{tower.blocks_path}.{i}.")
     return found
+
+
+def _dtype(tower) -> torch.dtype:
+    return next(tower.parameters()).dtype
 
 
 def _indices(model) -> list[int]:
@@ -72,7 +90,7 @@ def cache_states(model, pix: torch.Tensor, start: int) -> list[dict]:
     """Per image of ``pix``: the hidden state at ``start`` and the selected feature states below it (bf16)."""
     tower, _ = _blocks(model)
     keep = sorted({start, *(j for j in _indices(model) if j < start)})
-    states = tower.hidden_states(pix.to(tower.embeddings.cls_token.dtype), keep)
+    states = tower.hidden_states(pix.to(_dtype(tower)), keep)
     return [{j: s[b].to(torch.bfloat16).cpu().clone() for j, s in zip(keep, states)} for b in range(len(pix))]
 
 
@@ -83,7 +101,7 @@ def features(model, cached: dict, start: int, device) -> torch.Tensor:
 
     tower, _ = _blocks(model)
     idx = _indices(model)
-    dtype = tower.embeddings.cls_token.dtype
+    dtype = _dtype(tower)
     run = [j for j in idx if j > start]
     ran = dict(zip(run, tower.continue_states(cached[start].to(device, dtype)[None], start, run))) if run else {}
     states = [ran[j] if j in ran else cached[j].to(device, dtype)[None] for j in idx]
@@ -93,11 +111,12 @@ def features(model, cached: dict, start: int, device) -> torch.Tensor:
 
 def save(model, folder: Path, spec: TowerLoRA, base_model: str | None = None) -> Path:
     """The tower's adapter in peft's format; ``layers_to_transform`` names the trained blocks."""
-    tower, blocks = _blocks(model)
-    out = save_adapter(tower, folder, r=spec.r, alpha=spec.alpha, targets=spec.targets, prefix=PREFIX,
+    tower = model.model.vision_tower
+    out = save_adapter(tower, folder, r=spec.r, alpha=spec.alpha, targets=targets_of(model, spec), prefix=PREFIX,
                        base_model=base_model)
     cfg = json.loads((out / "adapter_config.json").read_text())
-    cfg.update(layers_to_transform=list(range(len(blocks) - spec.layers, len(blocks))), layers_pattern="layer")
+    cfg.update(layers_to_transform=list(trained_blocks(model, spec)),
+               layers_pattern=tower.blocks_path.rsplit(".", 1)[-1])
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
