@@ -51,15 +51,15 @@ def packaged_path(name: str, mode: str) -> Path:
         return out
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     with tempfile.TemporaryDirectory(prefix=f"{name}-calibration-", dir=cache_dir()) as data:
-        text = _calibration_data(name, src, mode, cal, Path(data), stamp) if cal else None
-        if text is None:
+        conversations = _calibration_data(name, src, mode, cal, Path(data), stamp) if cal else None
+        if conversations is None:
             cal = None
             convert(src, mode, tmp, dtype="float32", scales="rtn", overwrite=True)
         else:
-            print(f"calibrating {name}'s {mode} weights once (GPTQ on {text.windows} generated scenes; ~8 minutes on "
-                  f"2 CPU cores, then every start loads the result) ...", file=sys.stderr)
-            convert(src, mode, tmp, dtype="float32", calibrate=text.path, calibration_windows=text.windows,
-                    tune_steps=text.tune_steps, e2e_steps=text.e2e_steps, overwrite=True)
+            print(f"calibrating {name}'s {mode} weights once (GPTQ on {cal['scenes']} generated scenes; ~8 minutes "
+                  f"on 2 CPU cores, then every start loads the result) ...", file=sys.stderr)
+            convert(src, mode, tmp, dtype="float32", calibrate=conversations, calibration_windows=cal["scenes"],
+                    tune_steps=cal["tune_steps"], e2e_steps=0, overwrite=True)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     stamp.write_text(json.dumps(key(cal)))
@@ -67,7 +67,7 @@ def packaged_path(name: str, mode: str) -> Path:
 
 
 def _calibration_data(name, src, mode, cal, folder: Path, stamp: Path):
-    """The generated calibration conversations in ``folder`` (their :class:`CalibrationImages`), or None with a
+    """The generated calibration conversations (``folder/instruct.json``, for ``convert``), or None with a
     warning when this machine's available memory is short of what calibrating needs (checked first: the
     estimate depends on the number of conversations, not on their content)."""
     import warnings
@@ -84,4 +84,4 @@ def _calibration_data(name, src, mode, cal, folder: Path, stamp: Path):
                       "redo it.", stacklevel=3)
         return None
     write_dataset(folder, cal["scenes"], seed=cal["seed"], progress=False)
-    return calibration.prepare(mode, data, cal["scenes"], cal["tune_steps"], e2e_steps=0)
+    return data
