@@ -46,6 +46,7 @@ def register_cli(sub) -> None:
     p.add_argument("--vision-lora-r", type=int, default=8)
     p.add_argument("--vision-lora-alpha", type=float, default=16.0)
     p.add_argument("--vision-lr", type=float, default=None, help="the tower LoRA's learning rate (default: --lr)")
+    p.add_argument("--projector-lr", type=float, default=None, help="the projector's learning rate (default: --lr)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +78,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                       lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
                       turns=a.turns, projector_init=a.projector_init, init_from=a.init_from,
                       vision_lora_layers=a.vision_lora_layers, vision_lora_r=a.vision_lora_r,
-                      vision_lora_alpha=a.vision_lora_alpha, vision_lr=a.vision_lr,
+                      vision_lora_alpha=a.vision_lora_alpha, vision_lr=a.vision_lr, projector_lr=a.projector_lr,
                       device=a.device, dtype=a.dtype, seed=a.seed,
                       save_every=a.save_every, resume=a.resume)
     out = train(cfg)

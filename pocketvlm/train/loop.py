@@ -72,6 +72,7 @@ class TrainConfig:
     vision_lora_r: int = 8
     vision_lora_alpha: float = 16.0
     vision_lr: float | None = None  # the tower LoRA's learning rate (default: lr)
+    projector_lr: float | None = None   # the projector's learning rate (default: lr)
     resume: bool = False
     progress: bool = True
 
@@ -282,6 +283,21 @@ def _step_loss(model, sample, feats, dtype, device):
     return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
 
 
+def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """The trainable parameters by learning rate: the tower's LoRA (``vision_lr``), the projector
+    (``projector_lr``), the language model's LoRA (``lr``); ``scale`` is a group's lr over the schedule's."""
+    def scale(lr):
+        return lr / cfg.lr if lr is not None and cfg.lr else 1.0
+
+    prefixes = {tower.PREFIX: scale(cfg.vision_lr), "model.multi_modal_projector.": scale(cfg.projector_lr)}
+    by_group: dict = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            key = next((k for k in prefixes if n.startswith(k)), "")
+            by_group.setdefault(key, []).append(p)
+    return [{"params": ps, "scale": prefixes.get(k, 1.0)} for k, ps in by_group.items()]
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one stage; returns the output folder (a LLaVA folder with the trained parts merged)."""
     from tqdm.auto import tqdm
@@ -319,13 +335,8 @@ def train(cfg: TrainConfig) -> Path:
     if init is not None:
         _start_from(model, init)
     model.model.multi_modal_projector.requires_grad_(True)
-    vision = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(tower.PREFIX)]
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(tower.PREFIX)]
-    groups = [{"params": params, "scale": 1.0}]   # scale: the group's lr over the schedule's (cfg.lr's)
-    if vision:
-        vision_scale = cfg.vision_lr / cfg.lr if cfg.vision_lr is not None and cfg.lr else 1.0
-        groups.append({"params": vision, "scale": vision_scale})
-    params = params + vision
+    groups = _param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
     n_train = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
 
