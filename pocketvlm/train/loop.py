@@ -85,6 +85,8 @@ class TrainConfig:
                  self.turns, self.init_from and str(Path(self.init_from).resolve())]
         if self.vision_lora_layers:
             parts.append(self.tower_lora().as_dict())
+        if self.projector_lr is not None:   # its own optimizer group
+            parts.append({"projector_lr": self.projector_lr})
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
     def tower_lora(self) -> tower.TowerLoRA | None:
@@ -289,13 +291,15 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
     def scale(lr):
         return lr / cfg.lr if lr is not None and cfg.lr else 1.0
 
-    prefixes = {tower.PREFIX: scale(cfg.vision_lr), "model.multi_modal_projector.": scale(cfg.projector_lr)}
-    by_group: dict = {}
+    prefixes = {tower.PREFIX: scale(cfg.vision_lr)}
+    if cfg.projector_lr is not None:   # else the projector stays in the language model's group (as before)
+        prefixes["model.multi_modal_projector."] = scale(cfg.projector_lr)
+    by_group: dict = {"": []}
     for n, p in model.named_parameters():
         if p.requires_grad:
             key = next((k for k in prefixes if n.startswith(k)), "")
             by_group.setdefault(key, []).append(p)
-    return [{"params": ps, "scale": prefixes.get(k, 1.0)} for k, ps in by_group.items()]
+    return [{"params": ps, "scale": prefixes.get(k, 1.0)} for k, ps in by_group.items() if ps]
 
 
 def train(cfg: TrainConfig) -> Path:
