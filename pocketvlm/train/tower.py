@@ -42,7 +42,7 @@ class TowerLoRA:
 
 def _blocks(model):
     tower = model.model.vision_tower
-    return tower, tower.get_submodule(tower.blocks_path)
+    return tower.get_submodule(tower.blocks_path)
 
 
 def targets_of(model, spec: TowerLoRA) -> tuple:
@@ -66,7 +66,7 @@ def first_trained(model, spec: TowerLoRA) -> int:
 
 def apply(model, spec: TowerLoRA) -> list[str]:
     """LoRA layers on the blocks of ``trained_blocks``; returns their full names."""
-    tower, blocks = _blocks(model)
+    tower, blocks = model.model.vision_tower, _blocks(model)
     found = []
     for i in trained_blocks(model, spec):
         found += apply_lora(blocks[i], targets_of(model, spec), spec.r, spec.alpha,
@@ -81,14 +81,13 @@ def _dtype(tower) -> torch.dtype:
 def _indices(model) -> list[int]:
     from ..models.clip import layer_index
 
-    _, blocks = _blocks(model)
-    return [layer_index(i, len(blocks)) for i in model.config.feature_layers]
+    return [layer_index(i, len(_blocks(model))) for i in model.config.feature_layers]
 
 
 @torch.no_grad()
 def cache_states(model, pix: torch.Tensor, start: int) -> list[dict]:
     """Per image of ``pix``: the hidden state at ``start`` and the selected feature states below it (bf16)."""
-    tower, _ = _blocks(model)
+    tower = model.model.vision_tower
     keep = sorted({start, *(j for j in _indices(model) if j < start)})
     states = tower.hidden_states(pix.to(_dtype(tower)), keep)
     return [{j: s[b].to(torch.bfloat16).cpu().clone() for j, s in zip(keep, states)} for b in range(len(pix))]
@@ -99,7 +98,7 @@ def features(model, cached: dict, start: int, device) -> torch.Tensor:
     blocks (gradients flow into their LoRA layers)."""
     from ..models.clip import select_features
 
-    tower, _ = _blocks(model)
+    tower = model.model.vision_tower
     idx = _indices(model)
     dtype = _dtype(tower)
     run = [j for j in idx if j > start]
